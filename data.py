@@ -1,0 +1,232 @@
+"""
+Datasets as uint8 tensors, and a loader that keeps them on the GPU.
+
+    shapes   built in: one of 10 shapes on a cluttered background, generated in memory from a
+             seed in seconds, with a per-image object mask (ground truth for attention maps)
+    cifar10  the standard python batches (cifar-10-batches-py), downloaded when absent
+    folder   DIR/train/<class>/*, DIR/test/<class>/* images, decoded once and cached as .npz
+
+load(...) returns a dict: x_train, x_test uint8 (n, 3, H, W); y_train, y_test int64 (n,);
+mask_test bool (n, H, W) or None; classes, a list of names.
+"""
+import hashlib
+import os
+import pickle
+import tarfile
+import urllib.request
+
+import numpy as np
+import torch
+
+SHAPES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond", "frame", "bars", "half-disk"]
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# -----------------------------------------------------------------------------
+# the built-in dataset
+
+
+def _shape_masks(label, u, v):
+    """Object masks for unit coordinates (u, v) around each centre: (n, H, W) bool.
+    u, v: (n, H, W), |u|, |v| <= 1 covers the shape's bounding box."""
+    r = np.sqrt(u * u + v * v)
+    m, au, av = np.maximum(abs(u), abs(v)), abs(u), abs(v)
+    masks = [
+        r <= 1,                                                    # disk
+        m <= 0.8,                                                  # square
+        (v <= 0.8) & (au <= 0.5 * (v + 1.0)) & (v >= -1.0),        # triangle (apex up)
+        (r <= 1) & (r >= 0.55),                                    # ring
+        ((au <= 0.3) | (av <= 0.3)) & (m <= 1),                    # plus
+        (abs(au - av) <= 0.3) & (m <= 0.9),                        # cross (x)
+        au + av <= 1,                                              # diamond
+        (m <= 0.9) & (m >= 0.5),                                   # frame (hollow square)
+        (au <= 1) & (av >= 0.25) & (av <= 0.75),                   # bars (=)
+        (r <= 1) & (v >= 0),                                       # half-disk
+    ]
+    return np.choose(label[:, None, None], masks)
+
+
+def make_shapes(n, seed, size=32):
+    """n images of one of 10 shapes in a saturated random colour (radius 7-12 px, random position)
+    over a dull random gradient crossed by 3-6 dull distractor strokes, plus pixel noise.
+    Returns x uint8 (n, 3, size, size), y int64 (n,), mask bool (n, size, size)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, len(SHAPES), n)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)  # (H, W)
+
+    def dull(*shape):  # low-saturation colours: a grey level plus a little tint
+        return rng.uniform(0.2, 0.8, shape[:-1] + (1,)) + rng.uniform(-0.1, 0.1, shape)
+
+    # background: a random linear gradient between two dull colours
+    c0, c1 = dull(n, 3)[:, :, None, None], dull(n, 3)[:, :, None, None]
+    ang = rng.uniform(0, 2 * np.pi, (n, 1, 1))
+    t = ((np.cos(ang) * xx + np.sin(ang) * yy) / (2 * size) + 0.5)[:, None]  # (n, 1, H, W)
+    img = (c0 * (1 - t) + c1 * t).astype(np.float32)  # (n, 3, H, W)
+    # distractor strokes: 3-6 line segments per image
+    ts = np.linspace(0, 1, 2 * size)[None, :, None]  # (1, T, 1)
+    for s in range(6):
+        idx = np.nonzero(rng.uniform(size=n) < (1.0 if s < 3 else 0.5))[0]
+        p0, p1 = rng.uniform(0, size - 1, (len(idx), 2)), rng.uniform(0, size - 1, (len(idx), 2))
+        pts = np.rint(p0[:, None] + ts * (p1 - p0)[:, None]).astype(int)  # (m, T, 2) pixel (x, y)
+        b = np.repeat(idx, pts.shape[1])
+        img[b, :, pts[..., 1].ravel(), pts[..., 0].ravel()] = np.repeat(dull(len(idx), 3), pts.shape[1], 0)
+    # the object, on top, in a saturated colour: one channel high, one low, one anywhere
+    rad = rng.uniform(7, 12, (n, 1, 1))
+    cx, cy = (rng.uniform(0, 1, (n, 1, 1)) * (size - 2 * rad) + rad for _ in range(2))
+    mask = _shape_masks(y, (xx - cx) / rad, (yy - cy) / rad)  # (n, H, W)
+    col = np.stack([rng.uniform(0.85, 1, n), rng.uniform(0, 0.15, n), rng.uniform(0, 1, n)], 1)
+    col = np.take_along_axis(col, rng.permuted(np.tile(np.arange(3), (n, 1)), axis=1), 1)  # (n, 3)
+    img = np.where(mask[:, None], col[:, :, None, None], img)
+    img += rng.normal(0, 0.05, img.shape).astype(np.float32)
+    x = (img.clip(0, 1) * 255).round().astype(np.uint8)
+    return torch.from_numpy(x), torch.from_numpy(y).long(), torch.from_numpy(mask)
+
+
+def load_shapes(n_train=20000, n_test=2000, seed=0):
+    x_tr, y_tr, _ = make_shapes(n_train, seed)
+    x_te, y_te, m_te = make_shapes(n_test, seed + 10_000)
+    return dict(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, mask_test=m_te, classes=SHAPES)
+
+# -----------------------------------------------------------------------------
+# CIFAR-10 (the official python batches)
+
+
+def _md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_batches(folder, names):
+    xs, ys = [], []
+    for name in names:
+        with open(os.path.join(folder, name), "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (n, 3072) -> (n, 3, 32, 32)
+        ys.append(np.asarray(d[b"labels"], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def load_cifar10(data_dir):
+    """CIFAR-10 from DATA_DIR/cifar-10-batches-py; fetched from the official address (md5 checked)
+    and unpacked when absent."""
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    if not os.path.isdir(folder):
+        os.makedirs(data_dir, exist_ok=True)
+        tgz = os.path.join(data_dir, "cifar-10-python.tar.gz")
+        if not os.path.exists(tgz):
+            print(f"CIFAR-10 not found in {data_dir}: downloading {CIFAR_URL} (163 MB)")
+            try:
+                urllib.request.urlretrieve(CIFAR_URL, tgz + ".part")
+            except OSError as e:
+                raise SystemExit(f"error: could not download CIFAR-10 ({e}); put cifar-10-python.tar.gz "
+                                 f"in {data_dir} by hand, or use --dataset shapes")
+            os.replace(tgz + ".part", tgz)
+        if _md5(tgz) != CIFAR_MD5:
+            raise SystemExit(f"error: {tgz} fails its md5 check (corrupt or partial download); delete it and rerun")
+        with tarfile.open(tgz) as tar:
+            tar.extractall(data_dir, filter="data")
+    x_tr, y_tr = _read_batches(folder, [f"data_batch_{i}" for i in range(1, 6)])
+    x_te, y_te = _read_batches(folder, ["test_batch"])
+    return dict(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, mask_test=None, classes=CIFAR_CLASSES)
+
+# -----------------------------------------------------------------------------
+# image folders (ImageNet-style layout)
+
+
+def _decode(path, size):
+    """Decode with Pillow, resize the shorter side to `size`, centre-crop to size x size: (3, size, size)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        s = size / min(im.size)
+        im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BILINEAR)
+        l, t = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+        return np.asarray(im.crop((l, t, l + size, t + size)), dtype=np.uint8).transpose(2, 0, 1)
+
+
+def load_folder(data_dir, image_size):
+    """DATA_DIR/{train,test}/<class>/<image>; decoded once, cached as DATA_DIR/cache_<size>.npz."""
+    cache = os.path.join(data_dir, f"cache_{image_size}.npz")
+    if os.path.exists(cache):
+        z = np.load(cache)
+        return dict(x_train=torch.from_numpy(z["x_train"]), y_train=torch.from_numpy(z["y_train"]),
+                    x_test=torch.from_numpy(z["x_test"]), y_test=torch.from_numpy(z["y_test"]),
+                    mask_test=None, classes=list(z["classes"]))
+    split_dirs = [os.path.join(data_dir, s) for s in ("train", "test")]
+    for d in split_dirs:
+        if not os.path.isdir(d):
+            raise SystemExit(f"error: {d} not found; --dataset folder needs DATA_DIR/train/<class>/* "
+                             f"and DATA_DIR/test/<class>/*")
+    classes = sorted(os.listdir(split_dirs[0]))
+    out = {"classes": np.array(classes)}
+    for split, d in zip(("train", "test"), split_dirs):
+        files = [(os.path.join(d, c, f), i) for i, c in enumerate(classes)
+                 for f in sorted(os.listdir(os.path.join(d, c)))]
+        if not files:
+            raise SystemExit(f"error: no images under {d}/<class>/")
+        print(f"decoding {len(files)} {split} images from {d} (once; cached in {cache})")
+        out[f"x_{split}"] = np.stack([_decode(p, image_size) for p, _ in files])
+        out[f"y_{split}"] = np.array([i for _, i in files], dtype=np.int64)
+    np.savez(cache + ".tmp.npz", **out)
+    os.replace(cache + ".tmp.npz", cache)
+    return load_folder(data_dir, image_size)
+
+
+def load(name, data_dir="data", image_size=32, seed=0, n_train=20000, n_test=2000):
+    if name == "shapes":
+        return load_shapes(n_train, n_test, seed)
+    if name == "cifar10":
+        return load_cifar10(data_dir)
+    if name == "folder":
+        return load_folder(data_dir, image_size)
+    raise SystemExit(f"error: unknown dataset {name!r}; choose shapes, cifar10 or folder")
+
+# -----------------------------------------------------------------------------
+# GPU-resident batches with augmentation done on the device
+
+
+def normalize(x_uint8, mean, std):
+    """uint8 (B, 3, H, W) -> float (x / 255 - mean) / std."""
+    return (x_uint8.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def random_crop_flip(x, pad, generator=None):
+    """Per-image random crop (zero padding `pad`) and horizontal flip, on a (B, C, H, W) batch."""
+    B, C, H, W = x.shape
+    dev = x.device
+    if pad:
+        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+        dy, dx = (torch.randint(0, 2 * pad + 1, (B,), device=dev, generator=generator) for _ in range(2))
+        iy = dy[:, None] + torch.arange(H, device=dev)  # (B, H)
+        ix = dx[:, None] + torch.arange(W, device=dev)  # (B, W)
+        b, c = torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None]
+        x = xp[b, c, iy[:, None, :, None], ix[:, None, None, :]]  # (B, C, H, W)
+    flip = torch.rand(B, device=dev, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+class GPULoader:
+    """Batches from uint8 tensors that already sit on `device`: shuffled each epoch when
+    training, augmented in one batched op, normalised to float. No worker processes."""
+
+    def __init__(self, x, y, batch_size, mean, std, train, pad=4, seed=0):
+        self.x, self.y, self.bs, self.train, self.pad = x, y, batch_size, train, pad
+        self.mean, self.std = mean.to(x.device), std.to(x.device)
+        self.gen = torch.Generator(device=x.device).manual_seed(seed)
+
+    def __len__(self):
+        return len(self.x) // self.bs if self.train else -(-len(self.x) // self.bs)
+
+    def __iter__(self):
+        n = len(self.x)
+        order = torch.randperm(n, device=self.x.device, generator=self.gen) if self.train else None
+        for i in range(len(self)):
+            idx = order[i * self.bs:(i + 1) * self.bs] if self.train else slice(i * self.bs, (i + 1) * self.bs)
+            xb = self.x[idx]
+            if self.train:
+                xb = random_crop_flip(xb, self.pad, self.gen)
+            yield normalize(xb, self.mean, self.std), self.y[idx]

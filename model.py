@@ -1,0 +1,228 @@
+"""
+A small Vision Transformer whose attention is one switch: softmax | pure | linear.
+
+    ViT: patch embedding (conv) -> [CLS] + tokens + learned positions
+         -> n_layer pre-LN blocks (x + Attn(LN(x)), x + MLP(LN(x))) -> LN -> linear head on CLS
+
+The three attentions (see infsa.py):
+    softmax  softmax(q k^T / sqrt(d_h)) v, through PyTorch's fused SDPA kernel
+    pure     Pure-InfSA: sum_{t=1..K} gamma^t A_hat^t v, A_hat the Frobenius-normalised ReLU affinity
+    linear   Linear-InfSA: gamma * sum_j a_j v_j, the same context vector for every token
+gamma = sigmoid(logit), one learnable value per head, trained like any weight.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import infsa
+
+ATTN_KINDS = ("softmax", "pure", "linear")
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 32     # input images are image_size x image_size
+    patch_size: int = 4      # non-overlapping square patches -> (image_size / patch_size)^2 tokens
+    in_chans: int = 3
+    n_classes: int = 10
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128        # width; head size d_h = n_embd / n_head
+    mlp_ratio: float = 2.0   # MLP hidden width = mlp_ratio * n_embd
+    dropout: float = 0.0
+    drop_path: float = 0.0   # stochastic depth: max per-block drop rate (linear in depth)
+    attn: str = "linear"     # softmax | pure | linear
+    hops: int = 3            # K, Neumann terms per layer (pure)
+    gamma_init: float = 0.9  # initial discount gamma for every head (pure, linear)
+    chunk: int = 0           # rows of A_hat per block for pure (0 = build A_hat at once)
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.attn not in ATTN_KINDS:
+            raise ValueError(f"attn must be one of {', '.join(ATTN_KINDS)}; got {self.attn!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
+        if not 0 < self.gamma_init < 1:
+            raise ValueError(f"gamma_init must lie in (0, 1); got {self.gamma_init}")
+        if self.hops < 1:
+            raise ValueError(f"hops must be >= 1; got {self.hops}")
+
+    @property
+    def n_tokens(self):
+        return (self.image_size // self.patch_size) ** 2 + 1  # patches + CLS
+
+
+def paper_4l64h(attn="linear", image_size=224):
+    """InfViT 4L-64H as in the paper: 4 pre-LN blocks, 64 heads, patch 16, CLS, 1000 classes.
+    Width 1024 is inferred from the reported 53.5M parameters (this gives 52.4M at 224^2)."""
+    return ViTConfig(image_size=image_size, patch_size=16, n_classes=1000, n_layer=4, n_head=64,
+                     n_embd=1024, mlp_ratio=4.0, attn=attn)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with fused qkv; `kind` picks the mixing rule.
+    Set `self.keep_maps = True` to store per-head maps in `self.maps` on the next forward
+    (model.attention_maps does this); training never pays for them."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.n_head = cfg, cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        logit = math.log(cfg.gamma_init / (1 - cfg.gamma_init))
+        self.gamma_logit = nn.Parameter(torch.full((cfg.n_head,), logit))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.keep_maps, self.maps = False, None
+
+    def gamma(self):
+        """gamma_h = sigmoid(logit_h), one per head, in (0, 1)."""
+        return torch.sigmoid(self.gamma_logit)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        H, d = self.n_head, C // self.n_head
+        q, k, v = self.qkv(x).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, N, d)
+        g = self.gamma().to(q.dtype).view(H, 1, 1)  # (H, 1, 1), broadcasts over (B, H, N, d)
+        kind = self.cfg.attn
+        if self.keep_maps:
+            self.maps = self._maps(q, k)
+        if kind == "softmax":
+            y = infsa.softmax_attention(q, k, v)  # (B, H, N, d)
+        elif kind == "pure":
+            y = infsa.pure_infsa(q, k, v, g, self.cfg.hops, chunk=self.cfg.chunk or None)
+        else:  # linear: one context vector per head, broadcast to every token after proj
+            y = infsa.linear_infsa(q, k, v, g, expand=False)  # (B, H, 1, d)
+        y = y.transpose(1, 2).reshape(B, y.shape[2], C)  # (B, N or 1, C)
+        return self.drop(self.proj(y))  # (B, 1, C) for linear: broadcast by the residual add
+
+    @torch.no_grad()
+    def _maps(self, q, k):
+        """Per-head maps for pictures: softmax -> P (B,H,N,N) and its CLS row (B,H,N);
+        pure -> A_hat (B,H,N,N) and its Katz in-centrality (B,H,N); linear -> scores a (B,H,N)."""
+        q, k = q.float(), k.float()
+        if self.cfg.attn == "softmax":
+            _, P = infsa.softmax_attention_materialized(q, k, k)
+            return {"P": P, "cls": P[:, :, 0, :]}
+        if self.cfg.attn == "pure":
+            A = infsa.affinity(q, k)
+            g = self.gamma().double().view(-1, 1, 1)  # (H, 1, 1): Katz with each head's own gamma
+            return {"A": A, "katz": infsa.katz_centrality(A.double(), g).float(), "gamma": g.flatten().float()}
+        return {"a": infsa.linear_infsa_scores(q, k)}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.n_embd)
+        self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, drop_path=0.0):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), Attention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
+        self.drop_path = drop_path
+
+    def _dp(self, y):
+        """Stochastic depth: drop the whole branch for a random subset of images while training."""
+        if not self.training or self.drop_path == 0.0:
+            return y
+        keep = torch.rand(y.shape[0], 1, 1, device=y.device) >= self.drop_path  # (B, 1, 1)
+        return y * keep.to(y.dtype) / (1 - self.drop_path)
+
+    def forward(self, x):
+        x = x + self._dp(self.attn(self.ln_1(x)))
+        return x + self._dp(self.mlp(self.ln_2(x)))
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg, verbose=True):
+        super().__init__()
+        self.cfg = cfg
+        self.patch = nn.Conv2d(cfg.in_chans, cfg.n_embd, cfg.patch_size, cfg.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
+        self.pos = nn.Parameter(torch.randn(1, cfg.n_tokens, cfg.n_embd) * 0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+        dp = [cfg.drop_path * i / max(cfg.n_layer - 1, 1) for i in range(cfg.n_layer)]
+        self.blocks = nn.ModuleList([Block(cfg, p) for p in dp])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.n_classes)
+        self.apply(self._init)
+        if verbose:
+            print(f"ViT ({cfg.attn}): {self.num_params() / 1e6:.2f}M parameters, {cfg.n_tokens} tokens")
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, images, targets=None, label_smoothing=0.0):
+        x = self.patch(images).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos  # (B, N, C)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x[:, 0]))  # (B, n_classes), from CLS
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+        return logits, loss
+
+    @torch.no_grad()
+    def attention_maps(self, images):
+        """Run one forward pass and return (logits, [maps of layer 0, 1, ...]); see Attention._maps.
+        Token 0 is CLS; tokens 1.. are patches in row-major order."""
+        mods = [b.attn for b in self.blocks]
+        for m in mods:
+            m.keep_maps = True
+        try:
+            logits, _ = self(images)
+            return logits, [m.maps for m in mods]
+        finally:
+            for m in mods:
+                m.keep_maps, m.maps = False, None
+
+    def gammas(self):
+        """Learned gamma per layer and head, (n_layer, n_head)."""
+        return torch.stack([b.attn.gamma().detach() for b in self.blocks])
+
+    def flops_per_image(self, training=False):
+        """Matmul FLOPs of one image (2 per multiply-add), attention included:
+        per layer qkv 6Nd^2, proj 2Nd^2 (2d^2 for linear: one context vector), MLP 4 r N d^2;
+        attention softmax 4N^2 d, pure (2 + 2K) N^2 d, linear ~6 N d. Training = 3x forward."""
+        c = self.cfg
+        N, d, L = c.n_tokens, c.n_embd, c.n_layer
+        attn = {"softmax": 4 * N * N * d, "pure": (2 + 2 * c.hops) * N * N * d, "linear": 6 * N * d}[c.attn]
+        proj = 2 * d * d * (1 if c.attn == "linear" else N)
+        layer = 6 * N * d * d + proj + 4 * c.mlp_ratio * N * d * d + attn
+        embed = 2 * (N - 1) * c.in_chans * c.patch_size ** 2 * d
+        fwd = embed + L * layer + 2 * d * c.n_classes
+        return 3 * fwd if training else fwd
+
+
+# Dense bf16 matmul peaks (vendor datasheets, TFLOP/s) for MFU; pass your own with --peak_tflops.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "4090": 165.0}
+
+
+def peak_tflops(device_name):
+    """Datasheet bf16 peak for a GPU name, or None when unknown (then MFU is not reported)."""
+    for key, val in PEAK_TFLOPS.items():
+        if key in device_name:
+            return val
+    return None
