@@ -41,7 +41,7 @@ image_size = 32
 patch_size = 4
 n_layer = 4
 n_head = 4
-n_embd = 128
+n_embd = 96                 # width; head size d_h = n_embd / n_head
 mlp_ratio = 2.0
 hops = 3                    # Neumann terms per layer (pure)
 gamma_init = 0.9            # initial gamma of every head (pure, linear)
@@ -49,7 +49,7 @@ chunk = 0                   # pure: rows of A_hat per block (0 = whole matrix)
 dropout = 0.0
 drop_path = 0.0             # stochastic depth rate of the last block
 # optimisation
-epochs = 12
+epochs = 10                 # passes over the training set
 batch_size = 128
 lr = 2e-3                   # peak learning rate (AdamW)
 min_lr = 1e-5               # cosine floor
