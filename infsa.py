@@ -37,10 +37,11 @@ def _check_qkv(q, k, v=None):
 
 
 def _check_gamma(gamma):
-    """gamma must lie in (0, 1). Python numbers are always checked; tensors only on the CPU,
-    because checking a CUDA tensor would synchronise the GPU on every call."""
+    """gamma must lie in (0, 1). Python numbers are always checked; constant tensors only on the
+    CPU (checking a CUDA tensor would synchronise the GPU on every call). A trained gamma,
+    sigmoid(logit), is in (0, 1) by construction and is not checked."""
     if isinstance(gamma, torch.Tensor):
-        if gamma.device.type == "cpu" and not torch.compiler.is_compiling():
+        if gamma.device.type == "cpu" and not gamma.requires_grad and not torch.compiler.is_compiling():
             bad = (gamma <= 0) | (gamma >= 1)
             if bool(bad.any()):
                 raise ValueError("gamma must lie in (0, 1) for the Neumann series to converge; "

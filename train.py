@@ -69,6 +69,7 @@ PRESETS = {
                   epochs=60, lr=1e-3, warmup=0.1, weight_decay=0.05, drop_path=0.1, label_smoothing=0.1),
 }
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+DEFAULTS = {k: globals()[k] for k in config_keys}
 CHOICES = {"attn": ATTN_KINDS, "dataset": ("shapes", "cifar10", "folder"), "init_from": ("scratch", "resume"),
            "preset": ("",) + tuple(PRESETS)}
 
@@ -130,7 +131,7 @@ def parse_args(argv, cfg):
     return cfg, {k for k, _ in pairs}
 
 
-def lr_at(step, total):
+def lr_at(step, total, lr, min_lr, warmup):
     """Linear warm-up to lr over the first `warmup` fraction of steps, then cosine to min_lr."""
     w = max(1, int(warmup * total))
     if step < w:
@@ -258,7 +259,7 @@ def main(cfg, given=()):
         t0, pending = time.time(), []
         for xb, yb in train_loader:
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total)
+                group["lr"] = lr_at(step, total, lr, min_lr, warmup)
             with ctx:
                 logits, loss = fwd(xb, yb, label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -280,7 +281,7 @@ def main(cfg, given=()):
                 train_time, seen, t0 = train_time + dt, seen + len(pending) * batch_size, time.time()
                 ips = len(pending) * batch_size / dt
                 rec = dict(step=step, epoch=epoch, loss=losses.mean().item(), acc=accs.mean().item(),
-                           lr=lr_at(step - 1, total), img_s=ips)
+                           lr=lr_at(step - 1, total, lr, min_lr, warmup), img_s=ips)
                 log.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{ips:.0f}")
                 pending = []
@@ -311,4 +312,4 @@ def main(cfg, given=()):
 
 
 if __name__ == "__main__":
-    main(*parse_args(sys.argv[1:], {k: globals()[k] for k in config_keys}))
+    main(*parse_args(sys.argv[1:], dict(DEFAULTS)))

@@ -1,0 +1,480 @@
+"""
+Pictures and numbers from trained checkpoints: where does each kind of attention look?
+
+    python sample_attention.py --out_dir out                       # maps.png, curves.png for out/ckpt.pt
+    python sample_attention.py --compare out_s out_p out_l         # compare.png: one column per run
+    python sample_attention.py --compare out_s out_p out_l --metrics   # + quality table, morf_lerf.png
+    python sample_attention.py --toy                               # toy.png: one hop vs Katz, 5 tokens
+
+Token maps (heads averaged, or one head with --head h; CLS dropped; patches on their grid):
+    softmax  cls      CLS row of the attention matrix P of a layer
+             rollout  CLS row of the rollout (P_l + I)/2 ... (P_1 + I)/2 up to layer l
+    pure     katz     Katz in-centrality ((I - gamma A^T)^-1 - I) 1 of A_hat (each head its own gamma)
+             hopT     CLS row of A_hat^T, T = 1..hops: where a walk from CLS is after T hops
+    linear   a        the pooled scores a of Linear-InfSA
+The metrics score --map (default cls | katz | a) of --layer (default the last).
+
+Attention quality (built-in shapes dataset only; its test images carry object masks):
+    a patch is "object" when the mask covers at least --cover (default half) of its pixels
+    ROC-AUC   per image: the chance an object patch outscores a background patch (ties count half)
+    PR-AUC    per image: average precision of the patches ranked by score
+    MoRF/LeRF blank the patches (set them to the dataset mean) most / least relevant first, in
+              --steps equal steps, and follow p, the mean probability of the true class;
+              MoRF-AOC = 1 - area under p (high: the map finds what the model needs)
+              LeRF-AUC = area under p      (high: the map's last patches are the spare ones)
+    random    the same numbers for random scores / a random order (fixed seed): the floor.
+"""
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+import data
+import infsa
+import train
+from model import ViT, ViTConfig
+
+DEFAULT_MAP = {"softmax": "cls", "pure": "katz", "linear": "a"}
+CMAP = "inferno"
+# the paper's ImageNet numbers (%, bounding-box ground truth): MoRF-AOC, ROC-AUC, PR-AUC
+PAPER = {"softmax": (42.6, 53.8, 56.2), "pure": (71.7, 77.3, 72.4), "linear": (76.0, 75.9, 76.1)}
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+# -----------------------------------------------------------------------------
+# metrics (numpy, one image at a time)
+
+
+def average_ranks(s):
+    """1-based ranks of s in ascending order; tied values share the mean of their ranks."""
+    _, inv, cnt = np.unique(s, return_inverse=True, return_counts=True)
+    last = np.cumsum(cnt)  # rank of the last member of each group of ties
+    return (last - (cnt - 1) / 2)[inv]
+
+
+def roc_auc(s, y):
+    """ROC-AUC = (R_+ - n_+ (n_+ + 1) / 2) / (n_+ n_-), R_+ the rank sum of the positives
+    (Mann-Whitney): P(score of a positive > score of a negative), ties count 1/2."""
+    y = np.asarray(y, bool)
+    n1, n0 = y.sum(), (~y).sum()
+    return (average_ranks(np.asarray(s, float))[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def average_precision(s, y):
+    """PR-AUC as average precision, AP = sum_k (R_k - R_{k-1}) P_k over the distinct score
+    thresholds, highest first (tied scores enter together). All ties -> AP = prevalence."""
+    s, y = np.asarray(s, float), np.asarray(y, bool)
+    u, inv = np.unique(-s, return_inverse=True)  # groups of equal score, highest first
+    tp = np.cumsum(np.bincount(inv, weights=y, minlength=len(u)))
+    n = np.cumsum(np.bincount(inv, minlength=len(u)))
+    recall = tp / y.sum()
+    return float(np.sum(np.diff(recall, prepend=0.0) * tp / n))
+
+
+def patch_labels(mask, patch, cover=0.5):
+    """Object patches: mask (B, H, W) bool -> (B, g*g) bool, True where the covered fraction >= cover."""
+    B, H, W = mask.shape
+    frac = mask.float().view(B, H // patch, patch, W // patch, patch).mean((2, 4))  # (B, g, g)
+    return (frac >= cover).flatten(1)  # (B, g*g)
+
+
+def area(p):
+    """Area under a curve p sampled at equal steps of x over [0, 1] (trapezoid rule)."""
+    p = np.asarray(p, float)
+    return float((p[1:] + p[:-1]).sum() / 2 / (len(p) - 1))
+
+
+def removal_rank(scores, how, gen):
+    """rank[b, p] = step at which patch p goes (0 = first): 'morf' score descending, 'lerf'
+    ascending, 'random' a random order. Ties are broken at random. scores (B, P) -> (B, P)."""
+    perm = torch.rand(scores.shape, generator=gen).argsort(1)  # random order first...
+    if how != "random":  # ...then a stable sort by score keeps it among ties
+        perm = perm.gather(1, scores.gather(1, perm).sort(1, descending=how == "morf", stable=True).indices)
+    return perm.argsort(1)
+
+
+def blank_patches(x, rank, k, patch):
+    """x (B, C, H, W), normalised, with the patches of rank < k set to 0 (the dataset mean)."""
+    B, C, H, W = x.shape
+    keep = (rank >= k).view(B, 1, H // patch, W // patch).to(x.dtype)  # (B, 1, g, g)
+    return x * keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)  # (B, 1, H, W) mask
+
+# -----------------------------------------------------------------------------
+# runs, images, token maps
+
+
+def load_run(path, dev):
+    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    ckpt = train.load_checkpoint(path)
+    model = ViT(ViTConfig(**ckpt["model_args"]), verbose=False)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        die(f"{path}: the weights do not fit the checkpoint's own model_args; retrain or pick another checkpoint")
+    return dict(model=model.to(dev).eval(), ckpt=ckpt, path=path, kind=ckpt["model_args"]["attn"],
+                patch=ckpt["model_args"]["patch_size"], mean=ckpt["mean"].to(dev), std=ckpt["std"].to(dev))
+
+
+def test_split(ckpt):
+    """The run's whole test split: x uint8 (n, 3, H, W), y (n,), mask (n, H, W) or None, classes."""
+    c = ckpt["config"]
+    if c["dataset"] == "shapes":  # regenerate only the test images, exactly as data.load_shapes does
+        x, y, m = data.make_shapes(c["n_test"], c["seed"] + 10_000)
+        return x, y, m, data.SHAPES
+    d = data.load(c["dataset"], c["data_dir"], c["image_size"], c["seed"], c["n_train"], c["n_test"])
+    return d["x_test"], d["y_test"], None, d["classes"]
+
+
+def token_scores(layers, kind, hops, head=-1):
+    """Every token map of a run, {'name@layer': (B, N)} with CLS at 0, from model.attention_maps."""
+    pick = (lambda t: t.mean(1)) if head < 0 else (lambda t: t[:, head])  # (B, H, ...) -> (B, ...)
+    out, R = {}, None
+    for l, m in enumerate(layers, 1):
+        if kind == "softmax":
+            out[f"cls@{l}"] = pick(m["cls"])
+            P = pick(m["P"])  # (B, N, N)
+            Pr = 0.5 * P + 0.5 * torch.eye(P.shape[-1], device=P.device)  # residual: rows still sum to 1
+            R = Pr if R is None else Pr @ R
+            out[f"rollout@{l}"] = R[:, 0]
+        elif kind == "pure":
+            out[f"katz@{l}"] = pick(m["katz"])
+            r = m["A"][:, :, 0]  # (B, H, N): CLS row of A_hat, one hop
+            for t in range(1, hops + 1):
+                out[f"hop{t}@{l}"] = pick(r)
+                r = (r.unsqueeze(-2) @ m["A"]).squeeze(-2)  # (B, H, N): one hop further
+        else:
+            out[f"a@{l}"] = pick(m["a"])
+    return out
+
+
+@torch.no_grad()
+def run_maps(run, x_uint8, head):
+    """(probabilities (B, classes), token maps {name: (B, N)}) for uint8 images, on the run's device."""
+    x = data.normalize(x_uint8.to(run["mean"].device), run["mean"], run["std"])
+    logits, layers = run["model"].attention_maps(x)
+    cfg = run["model"].cfg
+    return logits.softmax(-1), token_scores(layers, run["kind"], cfg.hops, head)
+
+# -----------------------------------------------------------------------------
+# pictures
+
+
+def save(fig, path):
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def overlay(ax, img, s=None, mask=None, title=""):
+    """img uint8 (C, H, W); s (N-1,) patch scores, min-max scaled, drawn patch for patch over a grey
+    copy of the image; mask (H, W): the object's outline in cyan."""
+    C, H, W = img.shape
+    im = img.permute(1, 2, 0).float().numpy() / 255  # (H, W, C)
+    if s is None:
+        ax.imshow(im, extent=(0, W, H, 0))
+    else:
+        g = int(round(len(s) ** 0.5))
+        s = s.float().cpu().view(g, g).numpy()  # (g, g), row-major like the tokens
+        ax.imshow(im.mean(-1), cmap="gray", vmin=0, vmax=1, extent=(0, W, H, 0))
+        ax.imshow((s - s.min()) / (s.max() - s.min() + 1e-12), cmap=CMAP, vmin=0, vmax=1, alpha=0.7,
+                  extent=(0, W, H, 0), interpolation="nearest")
+    if mask is not None:
+        ax.contour(np.arange(W) + 0.5, np.arange(H) + 0.5, mask.numpy(), levels=[0.5], colors="cyan", linewidths=0.8)
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def image_grid(rows, cols, panels, path, suptitle):
+    """panels(r, c, ax) draws one cell; adds the shared colour bar of the [0, 1] scaled maps."""
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols + 0.6, 1.85 * rows + 0.5), squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            panels(r, c, axes[r, c])
+    sm = plt.cm.ScalarMappable(cmap=CMAP, norm=plt.Normalize(0, 1))
+    fig.colorbar(sm, ax=axes, shrink=0.8, pad=0.02, label="score (each map scaled min to max)")
+    fig.suptitle(suptitle, fontsize=10)
+    save(fig, path)
+
+
+def map_columns(run, layer):
+    """The maps maps.png shows for a run: every layer's own map, then the multi-step ones of `layer`."""
+    L, hops = run["model"].cfg.n_layer, run["model"].cfg.hops
+    base = [f"{DEFAULT_MAP[run['kind']]}@{l}" for l in range(1, L + 1)]
+    extra = {"softmax": [f"rollout@{layer}"], "pure": [f"hop{t}@{layer}" for t in range(1, hops + 1)]}
+    return base + extra.get(run["kind"], [])
+
+
+def caption(name):
+    m, l = name.split("@")
+    return {"cls": f"CLS row L{l}", "rollout": f"rollout to L{l}", "katz": f"Katz in L{l}", "a": f"scores a L{l}"
+            }.get(m, f"CLS row of Â^{m[3:]} L{l}")
+
+
+def pred_label(ax, probs, y, classes):
+    p = probs.cpu()
+    ax.set_xlabel(f"{classes[int(p.argmax())]} {p.max():.2f} (true {p[y]:.2f})", fontsize=7)
+
+
+def head_text(head):
+    return "heads averaged" if head < 0 else f"head {head}"
+
+
+def draw_maps(run, x, y, mask, idx, classes, args, path):
+    probs, maps = run_maps(run, x[idx], args.head)
+    cols = map_columns(run, args.layer)
+
+    def panel(r, c, ax):
+        i = idx[r]
+        if c == 0:
+            overlay(ax, x[i], None, mask[i] if mask is not None else None, f"#{i} {classes[int(y[i])]}")
+            pred_label(ax, probs[r], y[i], classes)
+        else:
+            overlay(ax, x[i], maps[cols[c - 1]][r, 1:], mask[i] if mask is not None else None, caption(cols[c - 1]))
+    image_grid(len(idx), len(cols) + 1, panel, path,
+               f"{run['kind']} attention, {head_text(args.head)} ({run['path']}); cyan: object outline; "
+               f"label under the image: prediction, p")
+
+
+def draw_compare(runs, x, y, mask, idx, classes, args, path):
+    out = [run_maps(run, x[idx], args.head) for run in runs]
+
+    def panel(r, c, ax):
+        i = idx[r]
+        if c == 0:
+            return overlay(ax, x[i], None, mask[i] if mask is not None else None, f"#{i} {classes[int(y[i])]}")
+        probs, maps = out[c - 1]
+        name = runs[c - 1]["map"]
+        overlay(ax, x[i], maps[name][r, 1:], mask[i] if mask is not None else None,
+                f"{runs[c - 1]['label']}: {caption(name)}")
+        pred_label(ax, probs[r], y[i], classes)
+    image_grid(len(idx), len(runs) + 1, panel, path, f"the same test images, {head_text(args.head)}; "
+               f"cyan: object outline; under each map: prediction, p (true class p)")
+
+
+def read_log(path):
+    """Records of log.jsonl; when the steps start over (a new run in the same folder), the last run only."""
+    recs = []
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if recs and r["step"] < recs[-1]["step"]:
+                recs = []
+            recs.append(r)
+    return recs
+
+
+def draw_curves(runs, path):
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for k, run in enumerate(runs):
+        log = os.path.join(os.path.dirname(run["path"]), "log.jsonl")
+        if not os.path.exists(log):
+            print(f"no {log}: no training curves for {run['label']}")
+            continue
+        recs, col = read_log(log), f"C{k}"
+        tr, te = [r for r in recs if "loss" in r], [r for r in recs if "test_acc" in r]
+        a0.plot([r["step"] for r in tr], [r["loss"] for r in tr], col, lw=1, label=f"{run['label']} train")
+        a0.plot([r["step"] for r in te], [r["test_loss"] for r in te], col, ls="--", marker="o", ms=3,
+                label=f"{run['label']} test")
+        a1.plot([r["step"] for r in tr], [100 * r["acc"] for r in tr], col, lw=1, label=f"{run['label']} train")
+        a1.plot([r["step"] for r in te], [100 * r["test_acc"] for r in te], col, ls="--", marker="o", ms=3,
+                label=f"{run['label']} test" + (f" ({100 * te[-1]['test_acc']:.1f}%)" if te else ""))
+    a0.set(xlabel="step", ylabel="cross-entropy (train: with label smoothing)", title="loss")
+    a1.set(xlabel="step", ylabel="accuracy (%)", title="accuracy", ylim=(0, 100))
+    for a in (a0, a1):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    save(fig, path)
+
+
+def toy_scores(gamma=0.9, walks=4000, seed=0):
+    """On infsa.toy_graph: one-hop in-degree (column sums of A), Katz in-centrality, expected visits
+    1^T (I - gamma A)^-1 of the absorbing chain (one walk from every token) and a Monte-Carlo check."""
+    A = infsa.toy_graph()
+    chain = infsa.absorbing_chain(A, gamma)
+    mc = infsa.random_walk_visits(chain.M, walks=walks, generator=torch.Generator().manual_seed(seed))
+    return A, A.sum(0), infsa.katz_centrality(A, gamma), chain.fundamental.sum(0), mc.sum(0)
+
+
+def draw_toy(path, gamma=0.9):
+    A, deg, katz, visits, mc = toy_scores(gamma)
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), gridspec_kw=dict(width_ratios=[1.6, 1, 1, 1]))
+    ax, pos = axes[0], {1: (0, 1), 2: (0, -1), 0: (1, 0), 3: (2, 0), 4: (3, 0)}
+    for i, j in A.nonzero().tolist():
+        (x0, y0), (x1, y1) = pos[i], pos[j]
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="-|>", lw=1.5, shrinkA=17, shrinkB=17))
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.12, f"{A[i, j]:g}", ha="center", fontsize=9, color="C3")
+    for t, (px, py) in pos.items():
+        ax.scatter(px, py, s=900, c=[katz[t].item()], cmap="viridis", vmin=0, vmax=katz.max().item(), edgecolors="k")
+        ax.text(px, py, str(t), ha="center", va="center", fontsize=12, color="w" if katz[t] < 2 else "k")
+    ax.set(xlim=(-0.5, 3.5), ylim=(-1.5, 1.5), title="tokens; arrow i → j: i attends to j (weight A_ij)")
+    ax.axis("off")
+    panels = [(deg, "one hop: in-degree (column sums of A)"), (katz, f"Katz in-centrality, γ = {gamma}"),
+              (visits, "absorbing chain γA: expected visits\n(one walk from each token; dots: Monte Carlo)")]
+    for a, (v, title) in zip(axes[1:], panels):
+        top = int(v.argmax())
+        a.bar(range(5), v.numpy(), color=["C1" if t == top else "C0" for t in range(5)])
+        a.set(xticks=range(5), xlabel="token", title=title)
+        a.set_title(title, fontsize=9)
+        a.text(top, v[top].item(), "top", ha="center", va="bottom", fontsize=8)
+    axes[3].plot(range(5), mc.numpy(), "k.", ms=10)
+    fig.suptitle("one hop ranks token 0 first; multi-hop propagation ranks token 4 first "
+                 "(everything flowing into 0 flows on to 3, then 4)", fontsize=10)
+    save(fig, path)
+    for name, v in [("in-degree", deg), ("Katz in", katz), ("visits", visits), ("visits (MC)", mc)]:
+        print(f"{name:>12}: " + "  ".join(f"{t}:{v[t]:.2f}" for t in range(5)) + f"   -> token {int(v.argmax())} first")
+
+# -----------------------------------------------------------------------------
+# numbers
+
+
+@torch.no_grad()
+def quality(run, x, y, mask, args):
+    """Mean ROC-AUC and PR-AUC of run['map'] against the object patches, MoRF / LeRF / random
+    curves p_s, s = 0..steps (mean true-class probability, k_s = round(s P / steps) patches blanked)."""
+    model, patch, gen = run["model"], run["patch"], torch.Generator().manual_seed(0)
+    labels = patch_labels(mask, patch, args.cover).numpy()  # (n, P)
+    P, steps = labels.shape[1], args.steps
+    curves = {h: [] for h in ("morf", "lerf", "random")}
+    scores, correct = [], 0
+    for b in range(0, len(x), 250):
+        xb, yb = x[b:b + 250], y[b:b + 250].to(run["mean"].device)
+        probs, maps = run_maps(run, xb, args.head)
+        s = maps[run["map"]][:, 1:].float().cpu()  # (B, P), CLS dropped
+        scores.append(s.numpy())
+        correct += (probs.argmax(-1) == yb).sum().item()
+        xn = data.normalize(xb.to(yb.device), run["mean"], run["std"])
+        p_of = lambda xi: model(xi)[0].softmax(-1).gather(1, yb[:, None])[:, 0].cpu()  # (B,)
+        p0, p1 = probs.gather(1, yb[:, None])[:, 0].cpu(), p_of(torch.zeros_like(xn))  # clean, all blanked
+        for how in curves:
+            rank = removal_rank(s, how, gen).to(xn.device)
+            mid = [p_of(blank_patches(xn, rank, round(k * P / steps), patch)) for k in range(1, steps)]
+            curves[how].append(torch.stack([p0, *mid, p1], 1))  # (B, steps + 1)
+    scores = np.concatenate(scores)
+    rng = np.random.default_rng(0)
+    ok = [i for i in range(len(x)) if 0 < labels[i].sum() < P]  # both kinds of patch present
+    noise = rng.random(scores.shape)
+    res = dict(n=len(x), n_scored=len(ok), acc=correct / len(x),
+               roc=np.mean([roc_auc(scores[i], labels[i]) for i in ok]),
+               pr=np.mean([average_precision(scores[i], labels[i]) for i in ok]),
+               roc_rand=np.mean([roc_auc(noise[i], labels[i]) for i in ok]),
+               pr_rand=np.mean([average_precision(noise[i], labels[i]) for i in ok]))
+    res["curves"] = {h: torch.cat(c).mean(0).numpy() for h, c in curves.items()}
+    res["morf_aoc"], res["lerf_auc"] = 1 - area(res["curves"]["morf"]), area(res["curves"]["lerf"])
+    res["morf_aoc_rand"], res["lerf_auc_rand"] = 1 - area(res["curves"]["random"]), area(res["curves"]["random"])
+    return res
+
+
+def print_table(runs, results, args):
+    print(f"\nattention quality on the first {results[0]['n']} test images (%; random baseline in parentheses; "
+          f"object patch: mask covers >= {args.cover:g}; {args.steps} blanking steps; {head_text(args.head)})\n")
+    print("| run | map | test acc | MoRF-AOC | LeRF-AUC | ROC-AUC | PR-AUC |")
+    print("|---|---|---|---|---|---|---|")
+    for run, r in zip(runs, results):
+        cells = [f"{100 * r[k]:.1f} ({100 * r[k + '_rand']:.1f})" for k in ("morf_aoc", "lerf_auc", "roc", "pr")]
+        print(f"| {run['label']} | {run['map']} | {100 * r['acc']:.1f} | " + " | ".join(cells) + " |")
+    print("\npaper (ImageNet-1K, bounding boxes; MoRF-AOC / ROC-AUC / PR-AUC): "
+          + ", ".join(f"{k} {' / '.join(map(str, v))}" for k, v in PAPER.items()))
+
+
+def draw_morf_lerf(runs, results, path):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for k, (run, r) in enumerate(zip(runs, results)):
+        f = np.linspace(0, 1, len(r["curves"]["morf"]))
+        for ax, how, a in ((axes[0], "morf", r["morf_aoc"]), (axes[1], "lerf", r["lerf_auc"])):
+            ax.plot(f, r["curves"][how], f"C{k}", marker="o", ms=3,
+                    label=f"{run['label']} ({run['map']}): {'AOC' if how == 'morf' else 'AUC'} {a:.3f}")
+            ax.plot(f, r["curves"]["random"], f"C{k}", ls=":", lw=1,
+                    label=f"{run['label']} random order: {1 - area(r['curves']['random']) if how == 'morf' else area(r['curves']['random']):.3f}")
+    axes[0].set(title="MoRF: most relevant patches blanked first (lower curve = better map)", ylabel="mean p(true class)")
+    axes[1].set(title="LeRF: least relevant patches blanked first (higher curve = better map)")
+    for ax in axes:
+        ax.set(xlabel="fraction of patches blanked (set to the dataset mean)", ylim=(0, 1))
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save(fig, path)
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out_dir", default="out", help="run folder: reads OUT_DIR/ckpt.pt, writes the PNGs here")
+    ap.add_argument("--ckpt", help="checkpoint to read instead of OUT_DIR/ckpt.pt")
+    ap.add_argument("--compare", nargs="+", metavar="CKPT", help="checkpoints or run folders side by side")
+    ap.add_argument("--toy", action="store_true", help="draw the 5-token graph (no checkpoint needed)")
+    ap.add_argument("--images", default="0,1,2,3", help="test-image indices to draw, comma separated")
+    ap.add_argument("--head", type=int, default=-1, help="one head's maps; -1 averages the heads")
+    ap.add_argument("--layer", type=int, default=-1, help="layer (1..L) of the metric / rollout / hop maps; -1 = last")
+    ap.add_argument("--map", default="auto", help="metric map: cls | rollout | katz | hop1.. | a; auto = cls/katz/a")
+    ap.add_argument("--metrics", action="store_true", help="attention quality table and morf_lerf.png")
+    ap.add_argument("--n_metric", type=int, default=500, help="test images used by --metrics")
+    ap.add_argument("--steps", type=int, default=8, help="MoRF/LeRF blanking steps")
+    ap.add_argument("--cover", type=float, default=0.5, help="mask fraction that makes a patch 'object'")
+    ap.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda | cuda:1")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.toy:
+        return draw_toy(os.path.join(args.out_dir, "toy.png"))
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {dev} but CUDA is not available; use --device cpu")
+    if args.steps < 2 or not 0 < args.cover <= 1 or args.n_metric < 1:
+        die("--steps must be >= 2, --cover in (0, 1], --n_metric >= 1")
+    runs = [load_run(p, dev) for p in (args.compare or [args.ckpt or os.path.join(args.out_dir, "ckpt.pt")])]
+    ref = runs[0]["ckpt"]["config"]
+    for run in runs:
+        cfg, mcfg, kinds = run["ckpt"]["config"], run["model"].cfg, [r["kind"] for r in runs]
+        run["label"] = run["kind"] if kinds.count(run["kind"]) == 1 else f"{run['kind']} ({run['path']})"
+        if any(cfg.get(k) != ref.get(k) for k in ("dataset", "image_size", "seed", "n_test", "data_dir")):
+            die(f"{run['path']} was tested on other images than {runs[0]['path']} (dataset / seed / n_test differ)")
+        if not -1 <= args.head < mcfg.n_head:
+            die(f"--head {args.head} out of range: {run['path']} has {mcfg.n_head} heads (0..{mcfg.n_head - 1}, -1 = mean)")
+        if args.layer == 0 or not -1 <= args.layer <= mcfg.n_layer:
+            die(f"--layer {args.layer} out of range: {run['path']} has layers 1..{mcfg.n_layer} (-1 = last)")
+        names = {"softmax": ["cls", "rollout"], "pure": ["katz"] + [f"hop{t}" for t in range(1, mcfg.hops + 1)],
+                 "linear": ["a"]}[run["kind"]]
+        name = DEFAULT_MAP[run["kind"]] if args.map == "auto" else args.map
+        if name not in names:
+            die(f"--map {args.map} is not a map of {run['kind']} attention; it has {', '.join(names)}")
+        run["map"] = f"{name}@{mcfg.n_layer if args.layer == -1 else args.layer}"
+    args.layer = runs[0]["model"].cfg.n_layer if args.layer == -1 else args.layer
+    if args.metrics and ref["dataset"] != "shapes":
+        die(f"--metrics needs object masks, which only the built-in shapes dataset has (this run used "
+            f"{ref['dataset']}); drop --metrics or train with --dataset shapes")
+    x, y, mask, classes = test_split(runs[0]["ckpt"])
+    try:
+        idx = [int(i) for i in args.images.split(",")]
+    except ValueError:
+        die(f"--images takes comma-separated integers like 0,1,2,3; got {args.images!r}")
+    bad = [i for i in idx if not 0 <= i < len(x)]
+    if bad:
+        die(f"image index {bad[0]} out of range: the test split has {len(x)} images (0..{len(x) - 1})")
+    if args.compare:
+        draw_compare(runs, x, y, mask, idx, classes, args, os.path.join(args.out_dir, "compare.png"))
+    else:
+        draw_maps(runs[0], x, y, mask, idx, classes, args, os.path.join(args.out_dir, "maps.png"))
+    draw_curves(runs, os.path.join(args.out_dir, "curves.png"))
+    if args.metrics:
+        n = min(args.n_metric, len(x))
+        results = [quality(run, x[:n], y[:n], mask[:n], args) for run in runs]
+        print_table(runs, results, args)
+        draw_morf_lerf(runs, results, os.path.join(args.out_dir, "morf_lerf.png"))
+        return results
+
+
+if __name__ == "__main__":
+    main()

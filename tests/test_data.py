@@ -1,0 +1,111 @@
+"""data.py: the built-in dataset, the CIFAR-10 and folder readers (on files made here), GPU-style augmentation."""
+import hashlib
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+def test_shapes_deterministic_with_masks_that_mark_the_object():
+    x, y, m = data.make_shapes(64, seed=3)
+    x2, y2, m2 = data.make_shapes(64, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(m, m2)
+    assert x.dtype == torch.uint8 and x.shape == (64, 3, 32, 32) and set(y.tolist()) <= set(range(10))
+    assert not torch.equal(data.make_shapes(64, seed=4)[0], x)
+    for i in range(64):  # the object is one saturated colour: inside the mask, pixels agree up to noise
+        inside = x[i].float()[:, m[i]]  # (3, n_pixels)
+        assert m[i].sum() > 20 and inside.std(1).max() < 0.1 * 255
+        assert (inside.mean(1).max() - inside.mean(1).min()) > 0.5 * 255  # one channel high, one low
+
+
+def test_shape_masks_by_hand():
+    u, v = np.meshgrid(np.linspace(-1, 1, 5), np.linspace(-1, 1, 5))
+    n = len(data.SHAPES)
+    masks = data._shape_masks(np.arange(n), np.repeat(u[None], n, 0), np.repeat(v[None], n, 0))
+    assert masks[0].sum() == 13  # disk: lattice points with u^2 + v^2 <= 1 on a step-0.5 grid
+    assert masks[6].sum() == 13  # diamond |u| + |v| <= 1: the same 13 points
+    assert masks[3][2, 2] == 0 and masks[0][2, 2] == 1  # ring has a hole, disk does not
+
+
+def _write_cifar_batch(path, n, seed):
+    rng = np.random.default_rng(seed)
+    d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist()}
+    with open(path, "wb") as f:
+        pickle.dump(d, f)
+    return d
+
+
+def test_cifar10_reader_on_batches_in_the_official_format(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = [_write_cifar_batch(folder / f"data_batch_{i}", 4, i) for i in range(1, 6)]
+    test = _write_cifar_batch(folder / "test_batch", 3, 9)
+    d = data.load("cifar10", str(tmp_path))
+    assert d["x_train"].shape == (20, 3, 32, 32) and d["x_test"].shape == (3, 3, 32, 32) and d["mask_test"] is None
+    # row-major 3072 = 3 x 32 x 32 (R plane, G plane, B plane)
+    assert d["x_train"][5, 1, 2, 3] == batches[1][b"data"][1][1024 + 2 * 32 + 3]
+    assert d["y_test"].tolist() == test[b"labels"]
+
+
+def test_cifar10_bad_archive_is_a_clear_error(tmp_path, monkeypatch):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.addfile(tarfile.TarInfo("x"), io.BytesIO(b""))
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(buf.getvalue())
+    with pytest.raises(SystemExit, match="md5"):
+        data.load("cifar10", str(tmp_path))
+    # a good archive (its md5 made to match) is unpacked and read
+    folder = tmp_path / "src" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_cifar_batch(folder / name, 2, 0)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    monkeypatch.setattr(data, "CIFAR_MD5", hashlib.md5((tmp_path / "cifar-10-python.tar.gz").read_bytes()).hexdigest())
+    assert data.load("cifar10", str(tmp_path))["x_train"].shape == (10, 3, 32, 32)
+
+
+def test_folder_reader_decodes_resizes_and_caches(tmp_path):
+    from PIL import Image
+    for split, n in (("train", 3), ("test", 2)):
+        for c, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40, 20), colour).save(tmp_path / split / c / f"{i}.png")
+    d = data.load("folder", str(tmp_path), image_size=16)
+    assert d["classes"] == ["cat", "dog"] and d["x_train"].shape == (6, 3, 16, 16)
+    assert d["y_train"].tolist() == [0, 0, 0, 1, 1, 1] and d["x_test"][0, 0].float().mean() == 255
+    assert (tmp_path / "cache_16.npz").exists()
+    d2 = data.load("folder", str(tmp_path), image_size=16)
+    assert torch.equal(d2["x_train"], d["x_train"]) and d2["classes"] == d["classes"]
+    with pytest.raises(SystemExit, match="train/<class>"):
+        data.load("folder", str(tmp_path / "missing"))
+
+
+def test_random_crop_is_a_shifted_window_and_flip_mirrors():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    out = data.random_crop_flip(x, 2, g)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        windows = [padded[i, :, a:a + 8, b:b + 8] for a in range(5) for b in range(5)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+    flips = data.random_crop_flip(x.repeat(50, 1, 1, 1), 0, g)
+    mirrored = (flips == x.repeat(50, 1, 1, 1).flip(-1)).flatten(1).all(1)
+    assert 0.3 < mirrored.float().mean() < 0.7  # about half the images are mirrored, the rest unchanged
+    assert ((flips == x.repeat(50, 1, 1, 1)).flatten(1).all(1) | mirrored).all()
+
+
+def test_gpu_loader_epochs_cover_the_data_once():
+    x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 4, 4).contiguous()
+    y = torch.arange(10)
+    ld = data.GPULoader(x, y, 3, torch.zeros(3), torch.ones(3) / 255, train=True, pad=0)
+    seen = torch.cat([yb for _, yb in ld])
+    assert len(ld) == 3 and len(seen) == 9 and len(set(seen.tolist())) == 9
+    for xb, yb in data.GPULoader(x, y, 4, torch.zeros(3), torch.ones(3) / 255, train=False):
+        torch.testing.assert_close(xb[:, 0, 0, 0], yb.float())  # normalised with mean 0, std 1/255 -> the raw value

@@ -1,0 +1,111 @@
+"""train.py end to end on tiny configs (CPU): each attention kind, resume, checkpoints, CLI errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_train", "192", "--n_test", "64", "--batch_size", "64", "--n_layer", "2", "--n_head", "2",
+        "--n_embd", "16", "--epochs", "1", "--log_every", "1", "--device", "cpu"]
+
+
+def run(argv):
+    cfg, given = train.parse_args(argv, dict(train.DEFAULTS))
+    return train.main(cfg, given)
+
+
+def cli(*argv):
+    return subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("attn", ["softmax", "pure", "linear"])
+def test_tiny_run_each_kind(attn, tmp_path):
+    s = run(TINY + ["--attn", attn, "--out_dir", str(tmp_path)])
+    assert s["attn"] == attn and s["steps"] == 3 and 0 <= s["test_acc"] <= 1
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["model_args"]["attn"] == attn and ckpt["step"] == 3
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3] and "test_acc" in log[-1]
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(TINY + ["--epochs", "2", "--out_dir", str(a)])
+    save = train.save_checkpoint
+
+    def save_then_crash(obj, path):  # the run dies right after its first checkpoint
+        save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(TINY + ["--epochs", "2", "--out_dir", str(b)])
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    assert torch.load(b / "ckpt.pt", weights_only=False)["step"] == 3
+    s = run(TINY + ["--epochs", "2", "--out_dir", str(b), "--init_from", "resume"])
+    assert s["steps"] == 6
+    wa = torch.load(a / "ckpt.pt", weights_only=False)["model"]
+    wb = torch.load(b / "ckpt.pt", weights_only=False)["model"]
+    for k in wa:  # an interrupted run, resumed, ends with the weights of an uninterrupted one
+        torch.testing.assert_close(wb[k], wa[k], msg=k)
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    run(TINY + ["--out_dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        run(TINY + ["--out_dir", str(tmp_path), "--init_from", "resume", "--attn", "softmax"])
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    r = cli("--init_from", "resume", "--out_dir", str(tmp_path))
+    assert r.returncode != 0 and "not a readable checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"not a checkpoint"
+    r = cli("--init_from", "resume", "--out_dir", str(tmp_path / "none"))
+    assert r.returncode != 0 and "no checkpoint" in r.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run(TINY + ["--out_dir", str(tmp_path)])
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit):  # an absurd learning rate drives the loss to inf / nan
+        run(TINY + ["--out_dir", str(tmp_path), "--lr", "1e30", "--warmup", "0", "--grad_clip", "0", "--epochs", "3"])
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--atn", "linear"], "unknown option --atn; valid options:"),
+    (["--attn", "cosine"], "--attn must be one of softmax | pure | linear"),
+    (["--epochs", "ten"], "--epochs takes a int"),
+    (["--compile", "maybe"], "--compile takes true or false"),
+    (["linear"], "unexpected argument"),
+    (["--attn"], "--attn needs a value"),
+])
+def test_cli_errors(argv, msg):
+    r = cli(*argv)
+    assert r.returncode == 2 and msg in r.stderr and r.stdout == ""
+
+
+def test_cli_equals_form_and_help():
+    cfg, given = train.parse_args(["--attn=pure", "--lr", "0.01", "--compile=false"], dict(train.DEFAULTS))
+    assert (cfg["attn"], cfg["lr"], cfg["compile"], given) == ("pure", 0.01, False, {"attn", "lr", "compile"})
+    r = cli("-h")
+    assert r.returncode == 0 and "--attn 'linear'  (softmax | pure | linear)" in r.stdout
+
+
+def test_preset_applies_before_explicit_overrides():
+    cfg, _ = train.parse_args(["--n_embd", "64", "--preset", "cifar"], dict(train.DEFAULTS))
+    assert cfg["n_embd"] == 64 and cfg["n_layer"] == train.PRESETS["cifar"]["n_layer"]
+
+
+def test_lr_schedule():
+    total = 100
+    lrs = [train.lr_at(s, total, 1e-3, 1e-5, 0.1) for s in range(total)]
+    assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
+    assert lrs[-1] < 2e-5 and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
