@@ -10,6 +10,7 @@ load(...) returns a dict: x_train, x_test uint8 (n, 3, H, W); y_train, y_test in
 mask_test bool (n, H, W) or None; classes, a list of names.
 """
 import hashlib
+import io
 import os
 import pickle
 import tarfile
@@ -155,7 +156,7 @@ def load_folder(data_dir, image_size):
         z = np.load(cache)
         return dict(x_train=torch.from_numpy(z["x_train"]), y_train=torch.from_numpy(z["y_train"]),
                     x_test=torch.from_numpy(z["x_test"]), y_test=torch.from_numpy(z["y_test"]),
-                    mask_test=None, classes=list(z["classes"]))
+                    mask_test=None, classes=[str(c) for c in z["classes"]])
     split_dirs = [os.path.join(data_dir, s) for s in ("train", "test")]
     for d in split_dirs:
         if not os.path.isdir(d):
@@ -184,6 +185,42 @@ def load(name, data_dir="data", image_size=32, seed=0, n_train=20000, n_test=200
     if name == "folder":
         return load_folder(data_dir, image_size)
     raise SystemExit(f"error: unknown dataset {name!r}; choose shapes, cifar10 or folder")
+
+# -----------------------------------------------------------------------------
+# distribution shift: common corruptions at one fixed severity
+
+CORRUPTIONS = ("noise", "blur", "contrast", "jpeg")
+
+
+def corrupt(x, kind, seed=0):
+    """A corrupted copy of uint8 images x (n, 3, H, W), same dtype and device:
+    noise     x + N(0, 0.08^2) on the [0, 1] scale
+    blur      Gaussian blur, sigma 1 px (5 x 5 kernel)
+    contrast  (x - mean) * 0.4 + mean, mean per image
+    jpeg      re-encoded with Pillow at quality 15"""
+    f = x.float() / 255
+    if kind == "noise":
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        f = f + 0.08 * torch.randn(f.shape, generator=g, device=x.device)
+    elif kind == "blur":
+        t = torch.arange(5, device=x.device, dtype=torch.float32) - 2
+        k1 = torch.exp(-t ** 2 / 2)
+        k = (k1[:, None] * k1[None, :] / k1.sum() ** 2).expand(3, 1, 5, 5)  # (3, 1, 5, 5) depthwise
+        f = torch.nn.functional.conv2d(torch.nn.functional.pad(f, (2, 2, 2, 2), mode="replicate"), k, groups=3)
+    elif kind == "contrast":
+        m = f.mean((1, 2, 3), keepdim=True)
+        f = (f - m) * 0.4 + m
+    elif kind == "jpeg":
+        from PIL import Image
+        out = []
+        for img in x.cpu().permute(0, 2, 3, 1).numpy():  # (H, W, 3) each
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=15)
+            out.append(np.asarray(Image.open(buf)).transpose(2, 0, 1))
+        return torch.from_numpy(np.stack(out)).to(x.device)
+    else:
+        raise ValueError(f"kind must be one of {', '.join(CORRUPTIONS)}; got {kind!r}")
+    return (f.clamp(0, 1) * 255).round().to(torch.uint8)
 
 # -----------------------------------------------------------------------------
 # GPU-resident batches with augmentation done on the device

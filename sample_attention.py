@@ -1,27 +1,26 @@
 """
 Pictures and numbers from trained checkpoints: where does each kind of attention look?
 
-    python sample_attention.py --out_dir out                       # maps.png, curves.png for out/ckpt.pt
-    python sample_attention.py --compare out_s out_p out_l         # compare.png: one column per run
-    python sample_attention.py --compare out_s out_p out_l --metrics   # + quality table, morf_lerf.png
-    python sample_attention.py --toy                               # toy.png: one hop vs Katz, 5 tokens
+    python sample_attention.py --out_dir out                          # maps.png, curves.png of out/ckpt.pt
+    python sample_attention.py --compare out_s out_p out_l --metrics  # compare.png, curves.png, the quality
+                                                                      # table and morf_lerf.png, one per run
+    python sample_attention.py --toy                                  # toy.png: one hop vs Katz, 5 tokens
 
 Token maps (heads averaged, or one head with --head h; CLS dropped; patches on their grid):
     softmax  cls      CLS row of the attention matrix P of a layer
              rollout  CLS row of the rollout (P_l + I)/2 ... (P_1 + I)/2 up to layer l
-    pure     katz     Katz in-centrality ((I - gamma A^T)^-1 - I) 1 of A_hat (each head its own gamma)
+    pure     katz     Katz in-centrality ((I - gamma A^T)^-1 - I) 1 of A_hat, each head its own gamma
              hopT     CLS row of A_hat^T, T = 1..hops: where a walk from CLS is after T hops
     linear   a        the pooled scores a of Linear-InfSA
-The metrics score --map (default cls | katz | a) of --layer (default the last).
-
-Attention quality (built-in shapes dataset only; its test images carry object masks):
-    a patch is "object" when the mask covers at least --cover (default half) of its pixels
-    ROC-AUC   per image: the chance an object patch outscores a background patch (ties count half)
-    PR-AUC    per image: average precision of the patches ranked by score
-    MoRF/LeRF blank the patches (set them to the dataset mean) most / least relevant first, in
-              --steps equal steps, and follow p, the mean probability of the true class;
-              MoRF-AOC = 1 - area under p (high: the map finds what the model needs)
-              LeRF-AUC = area under p      (high: the map's last patches are the spare ones)
+--metrics scores --map (default cls | katz | a) of --layer (default the last) on the built-in shapes
+dataset, whose test images carry object masks; a patch is "object" when the mask covers >= --cover
+(default half) of its pixels:
+    ROC-AUC   per image, the chance that an object patch outscores a background patch (ties count half)
+    PR-AUC    per image, the average precision of the patches ranked by score
+    MoRF/LeRF blank the patches (set them to the dataset mean) most / least relevant first in --steps
+              equal steps and follow p, the mean probability of the true class over the images;
+              MoRF-AOC = 1 - area under p (high: the map finds what the model needs),
+              LeRF-AUC = area under p (high: the patches the map ranks last are the ones it can spare)
     random    the same numbers for random scores / a random order (fixed seed): the floor.
 """
 import argparse
@@ -42,7 +41,7 @@ from model import ViT, ViTConfig
 
 DEFAULT_MAP = {"softmax": "cls", "pure": "katz", "linear": "a"}
 CMAP = "inferno"
-# the paper's ImageNet numbers (%, bounding-box ground truth): MoRF-AOC, ROC-AUC, PR-AUC
+# the paper's ImageNet-1K numbers (%, bounding-box ground truth): MoRF-AOC / ROC-AUC / PR-AUC
 PAPER = {"softmax": (42.6, 53.8, 56.2), "pure": (71.7, 77.3, 72.4), "linear": (76.0, 75.9, 76.1)}
 
 
@@ -51,7 +50,7 @@ def die(msg):
     sys.exit(2)
 
 # -----------------------------------------------------------------------------
-# metrics (numpy, one image at a time)
+# metrics (numpy, one image at a time) and patch blanking
 
 
 def average_ranks(s):
@@ -62,29 +61,28 @@ def average_ranks(s):
 
 
 def roc_auc(s, y):
-    """ROC-AUC = (R_+ - n_+ (n_+ + 1) / 2) / (n_+ n_-), R_+ the rank sum of the positives
-    (Mann-Whitney): P(score of a positive > score of a negative), ties count 1/2."""
+    """ROC-AUC = (R_+ - n_+ (n_+ + 1) / 2) / (n_+ n_-), R_+ the rank sum of the positives (Mann-Whitney):
+    the chance that a positive outscores a negative, ties counted 1/2."""
     y = np.asarray(y, bool)
     n1, n0 = y.sum(), (~y).sum()
-    return (average_ranks(np.asarray(s, float))[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return float((average_ranks(np.asarray(s, float))[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def average_precision(s, y):
-    """PR-AUC as average precision, AP = sum_k (R_k - R_{k-1}) P_k over the distinct score
-    thresholds, highest first (tied scores enter together). All ties -> AP = prevalence."""
+    """PR-AUC as average precision: AP = sum_k (R_k - R_{k-1}) P_k over the distinct score thresholds,
+    highest first (tied scores enter together, so all-equal scores give the prevalence)."""
     s, y = np.asarray(s, float), np.asarray(y, bool)
     u, inv = np.unique(-s, return_inverse=True)  # groups of equal score, highest first
     tp = np.cumsum(np.bincount(inv, weights=y, minlength=len(u)))
     n = np.cumsum(np.bincount(inv, minlength=len(u)))
-    recall = tp / y.sum()
-    return float(np.sum(np.diff(recall, prepend=0.0) * tp / n))
+    return float(np.sum(np.diff(tp / y.sum(), prepend=0.0) * tp / n))
 
 
 def patch_labels(mask, patch, cover=0.5):
     """Object patches: mask (B, H, W) bool -> (B, g*g) bool, True where the covered fraction >= cover."""
     B, H, W = mask.shape
     frac = mask.float().view(B, H // patch, patch, W // patch, patch).mean((2, 4))  # (B, g, g)
-    return (frac >= cover).flatten(1)  # (B, g*g)
+    return (frac >= cover).flatten(1)  # (B, g*g), row-major like the tokens
 
 
 def area(p):
@@ -94,11 +92,11 @@ def area(p):
 
 
 def removal_rank(scores, how, gen):
-    """rank[b, p] = step at which patch p goes (0 = first): 'morf' score descending, 'lerf'
-    ascending, 'random' a random order. Ties are broken at random. scores (B, P) -> (B, P)."""
-    perm = torch.rand(scores.shape, generator=gen).argsort(1)  # random order first...
-    if how != "random":  # ...then a stable sort by score keeps it among ties
-        perm = perm.gather(1, scores.gather(1, perm).sort(1, descending=how == "morf", stable=True).indices)
+    """rank[b, p] = when patch p is blanked (0 = first): 'morf' by score descending, 'lerf' ascending,
+    'random' in a random order. Ties are broken at random. scores (B, P) -> (B, P)."""
+    perm = torch.rand(scores.shape, generator=gen).argsort(1)  # a random order, then a stable sort by score
+    if how != "random":
+        perm = perm.gather(1, scores.gather(1, perm).sort(dim=1, descending=how == "morf", stable=True).indices)
     return perm.argsort(1)
 
 
@@ -106,7 +104,7 @@ def blank_patches(x, rank, k, patch):
     """x (B, C, H, W), normalised, with the patches of rank < k set to 0 (the dataset mean)."""
     B, C, H, W = x.shape
     keep = (rank >= k).view(B, 1, H // patch, W // patch).to(x.dtype)  # (B, 1, g, g)
-    return x * keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)  # (B, 1, H, W) mask
+    return x * keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)  # (B, 1, H, W) broadcast
 
 # -----------------------------------------------------------------------------
 # runs, images, token maps
@@ -125,29 +123,28 @@ def load_run(path, dev):
 
 
 def test_split(ckpt):
-    """The run's whole test split: x uint8 (n, 3, H, W), y (n,), mask (n, H, W) or None, classes."""
+    """The run's test split: x uint8 (n, 3, H, W), y (n,), mask (n, H, W) or None, class names."""
     c = ckpt["config"]
-    if c["dataset"] == "shapes":  # regenerate only the test images, exactly as data.load_shapes does
-        x, y, m = data.make_shapes(c["n_test"], c["seed"] + 10_000)
-        return x, y, m, data.SHAPES
+    if c["dataset"] == "shapes":  # only the test images, generated exactly as data.load_shapes does
+        return (*data.make_shapes(c["n_test"], c["seed"] + 10_000), data.SHAPES)
     d = data.load(c["dataset"], c["data_dir"], c["image_size"], c["seed"], c["n_train"], c["n_test"])
     return d["x_test"], d["y_test"], None, d["classes"]
 
 
 def token_scores(layers, kind, hops, head=-1):
-    """Every token map of a run, {'name@layer': (B, N)} with CLS at 0, from model.attention_maps."""
+    """Every map of a run, {'name@layer': (B, N)} with CLS at token 0, from model.attention_maps."""
     pick = (lambda t: t.mean(1)) if head < 0 else (lambda t: t[:, head])  # (B, H, ...) -> (B, ...)
     out, R = {}, None
     for l, m in enumerate(layers, 1):
         if kind == "softmax":
             out[f"cls@{l}"] = pick(m["cls"])
             P = pick(m["P"])  # (B, N, N)
-            Pr = 0.5 * P + 0.5 * torch.eye(P.shape[-1], device=P.device)  # residual: rows still sum to 1
+            Pr = 0.5 * P + 0.5 * torch.eye(P.shape[-1], device=P.device)  # the residual path; rows sum to 1
             R = Pr if R is None else Pr @ R
             out[f"rollout@{l}"] = R[:, 0]
         elif kind == "pure":
             out[f"katz@{l}"] = pick(m["katz"])
-            r = m["A"][:, :, 0]  # (B, H, N): CLS row of A_hat, one hop
+            r = m["A"][:, :, 0]  # (B, H, N): CLS row of A_hat
             for t in range(1, hops + 1):
                 out[f"hop{t}@{l}"] = pick(r)
                 r = (r.unsqueeze(-2) @ m["A"]).squeeze(-2)  # (B, H, N): one hop further
@@ -158,11 +155,10 @@ def token_scores(layers, kind, hops, head=-1):
 
 @torch.no_grad()
 def run_maps(run, x_uint8, head):
-    """(probabilities (B, classes), token maps {name: (B, N)}) for uint8 images, on the run's device."""
+    """(class probabilities (B, n_classes), token_scores) of a run for uint8 images."""
     x = data.normalize(x_uint8.to(run["mean"].device), run["mean"], run["std"])
     logits, layers = run["model"].attention_maps(x)
-    cfg = run["model"].cfg
-    return logits.softmax(-1), token_scores(layers, run["kind"], cfg.hops, head)
+    return logits.softmax(-1), token_scores(layers, run["kind"], run["model"].cfg.hops, head)
 
 # -----------------------------------------------------------------------------
 # pictures
@@ -175,133 +171,97 @@ def save(fig, path):
 
 
 def overlay(ax, img, s=None, mask=None, title=""):
-    """img uint8 (C, H, W); s (N-1,) patch scores, min-max scaled, drawn patch for patch over a grey
-    copy of the image; mask (H, W): the object's outline in cyan."""
+    """img uint8 (C, H, W) in colour, or, with patch scores s (g*g,), in grey under s scaled to [0, 1]
+    and drawn patch for patch; mask (H, W): the object's outline in cyan."""
     C, H, W = img.shape
-    im = img.permute(1, 2, 0).float().numpy() / 255  # (H, W, C)
+    im, ext = img.permute(1, 2, 0).float().numpy() / 255, (0, W, H, 0)  # (H, W, C)
     if s is None:
-        ax.imshow(im, extent=(0, W, H, 0))
+        ax.imshow(im, extent=ext)
     else:
         g = int(round(len(s) ** 0.5))
-        s = s.float().cpu().view(g, g).numpy()  # (g, g), row-major like the tokens
-        ax.imshow(im.mean(-1), cmap="gray", vmin=0, vmax=1, extent=(0, W, H, 0))
+        s = s.float().cpu().view(g, g).numpy()  # (g, g)
+        ax.imshow(im.mean(-1), cmap="gray", vmin=0, vmax=1, extent=ext)
         ax.imshow((s - s.min()) / (s.max() - s.min() + 1e-12), cmap=CMAP, vmin=0, vmax=1, alpha=0.7,
-                  extent=(0, W, H, 0), interpolation="nearest")
+                  extent=ext, interpolation="nearest")
     if mask is not None:
         ax.contour(np.arange(W) + 0.5, np.arange(H) + 0.5, mask.numpy(), levels=[0.5], colors="cyan", linewidths=0.8)
     ax.set_title(title, fontsize=8)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def image_grid(rows, cols, panels, path, suptitle):
-    """panels(r, c, ax) draws one cell; adds the shared colour bar of the [0, 1] scaled maps."""
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols + 0.6, 1.85 * rows + 0.5), squeeze=False)
-    for r in range(rows):
-        for c in range(cols):
-            panels(r, c, axes[r, c])
-    sm = plt.cm.ScalarMappable(cmap=CMAP, norm=plt.Normalize(0, 1))
-    fig.colorbar(sm, ax=axes, shrink=0.8, pad=0.02, label="score (each map scaled min to max)")
-    fig.suptitle(suptitle, fontsize=10)
-    save(fig, path)
-
-
-def map_columns(run, layer):
-    """The maps maps.png shows for a run: every layer's own map, then the multi-step ones of `layer`."""
-    L, hops = run["model"].cfg.n_layer, run["model"].cfg.hops
-    base = [f"{DEFAULT_MAP[run['kind']]}@{l}" for l in range(1, L + 1)]
-    extra = {"softmax": [f"rollout@{layer}"], "pure": [f"hop{t}@{layer}" for t in range(1, hops + 1)]}
-    return base + extra.get(run["kind"], [])
+    ax.set(xticks=[], yticks=[])
 
 
 def caption(name):
     m, l = name.split("@")
-    return {"cls": f"CLS row L{l}", "rollout": f"rollout to L{l}", "katz": f"Katz in L{l}", "a": f"scores a L{l}"
-            }.get(m, f"CLS row of Â^{m[3:]} L{l}")
+    return {"cls": f"CLS row L{l}", "rollout": f"rollout to L{l}", "katz": f"Katz in L{l}",
+            "a": f"scores a L{l}"}.get(m, f"CLS row of Â^{m[3:]} L{l}")
 
 
-def pred_label(ax, probs, y, classes):
-    p = probs.cpu()
-    ax.set_xlabel(f"{classes[int(p.argmax())]} {p.max():.2f} (true {p[y]:.2f})", fontsize=7)
+def draw_grid(cols, x, y, mask, idx, classes, head, path, title):
+    """One row per test image: the image, then one overlay per (run, map name, header) of cols;
+    under the first map of each run, its prediction and p (and p of the true class)."""
+    out = {id(run): run_maps(run, x[idx], head) for run, _, _ in cols}
+    fig, axes = plt.subplots(len(idx), len(cols) + 1, figsize=(1.7 * len(cols) + 2.6, 1.9 * len(idx) + 0.5),
+                             squeeze=False, layout="constrained")
+    for r, i in enumerate(idx):
+        m = mask[i] if mask is not None else None
+        overlay(axes[r, 0], x[i], None, m, f"#{i} {classes[int(y[i])]}")
+        for c, (run, name, header) in enumerate(cols, 1):
+            probs, maps = out[id(run)]
+            overlay(axes[r, c], x[i], maps[name][r, 1:], m, header)
+            if c == 1 or cols[c - 2][0] is not run:
+                p = probs[r].cpu()
+                axes[r, c].set_xlabel(f"{classes[int(p.argmax())]} {p.max():.2f} ({p[y[i]]:.2f})", fontsize=7)
+    sm = plt.cm.ScalarMappable(cmap=CMAP, norm=plt.Normalize(0, 1))
+    fig.colorbar(sm, ax=axes, shrink=0.6, label="score, each map scaled min to max")
+    fig.suptitle(title, fontsize=9)
+    save(fig, path)
 
 
-def head_text(head):
-    return "heads averaged" if head < 0 else f"head {head}"
-
-
-def draw_maps(run, x, y, mask, idx, classes, args, path):
-    probs, maps = run_maps(run, x[idx], args.head)
-    cols = map_columns(run, args.layer)
-
-    def panel(r, c, ax):
-        i = idx[r]
-        if c == 0:
-            overlay(ax, x[i], None, mask[i] if mask is not None else None, f"#{i} {classes[int(y[i])]}")
-            pred_label(ax, probs[r], y[i], classes)
-        else:
-            overlay(ax, x[i], maps[cols[c - 1]][r, 1:], mask[i] if mask is not None else None, caption(cols[c - 1]))
-    image_grid(len(idx), len(cols) + 1, panel, path,
-               f"{run['kind']} attention, {head_text(args.head)} ({run['path']}); cyan: object outline; "
-               f"label under the image: prediction, p")
-
-
-def draw_compare(runs, x, y, mask, idx, classes, args, path):
-    out = [run_maps(run, x[idx], args.head) for run in runs]
-
-    def panel(r, c, ax):
-        i = idx[r]
-        if c == 0:
-            return overlay(ax, x[i], None, mask[i] if mask is not None else None, f"#{i} {classes[int(y[i])]}")
-        probs, maps = out[c - 1]
-        name = runs[c - 1]["map"]
-        overlay(ax, x[i], maps[name][r, 1:], mask[i] if mask is not None else None,
-                f"{runs[c - 1]['label']}: {caption(name)}")
-        pred_label(ax, probs[r], y[i], classes)
-    image_grid(len(idx), len(runs) + 1, panel, path, f"the same test images, {head_text(args.head)}; "
-               f"cyan: object outline; under each map: prediction, p (true class p)")
+def map_columns(run, layer):
+    """maps.png of one run: every layer's own map, then the multi-step ones (rollout / hops) of `layer`."""
+    L, hops, kind = run["model"].cfg.n_layer, run["model"].cfg.hops, run["kind"]
+    names = [f"{DEFAULT_MAP[kind]}@{l}" for l in range(1, L + 1)]
+    names += {"softmax": [f"rollout@{layer}"], "pure": [f"hop{t}@{layer}" for t in range(1, hops + 1)]}.get(kind, [])
+    return [(run, n, caption(n)) for n in names]
 
 
 def read_log(path):
     """Records of log.jsonl; when the steps start over (a new run in the same folder), the last run only."""
     recs = []
-    with open(path) as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if recs and r["step"] < recs[-1]["step"]:
-                recs = []
-            recs.append(r)
+    for line in open(path):
+        try:
+            r = json.loads(line)
+        except ValueError:  # a line cut short by a crash
+            continue
+        recs = recs if not recs or r["step"] >= recs[-1]["step"] else []
+        recs.append(r)
     return recs
 
 
 def draw_curves(runs, path):
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     for k, run in enumerate(runs):
         log = os.path.join(os.path.dirname(run["path"]), "log.jsonl")
         if not os.path.exists(log):
             print(f"no {log}: no training curves for {run['label']}")
             continue
-        recs, col = read_log(log), f"C{k}"
+        recs = read_log(log)
         tr, te = [r for r in recs if "loss" in r], [r for r in recs if "test_acc" in r]
-        a0.plot([r["step"] for r in tr], [r["loss"] for r in tr], col, lw=1, label=f"{run['label']} train")
-        a0.plot([r["step"] for r in te], [r["test_loss"] for r in te], col, ls="--", marker="o", ms=3,
-                label=f"{run['label']} test")
-        a1.plot([r["step"] for r in tr], [100 * r["acc"] for r in tr], col, lw=1, label=f"{run['label']} train")
-        a1.plot([r["step"] for r in te], [100 * r["test_acc"] for r in te], col, ls="--", marker="o", ms=3,
-                label=f"{run['label']} test" + (f" ({100 * te[-1]['test_acc']:.1f}%)" if te else ""))
-    a0.set(xlabel="step", ylabel="cross-entropy (train: with label smoothing)", title="loss")
-    a1.set(xlabel="step", ylabel="accuracy (%)", title="accuracy", ylim=(0, 100))
-    for a in (a0, a1):
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
+        for ax, key, scale in ((axes[0], "loss", 1), (axes[1], "acc", 100)):
+            ax.plot([r["step"] for r in tr], [scale * r[key] for r in tr], f"C{k}", lw=1, label=f"{run['label']} train")
+            last = f" ({scale * te[-1]['test_' + key]:.3g})" if te else ""
+            ax.plot([r["step"] for r in te], [scale * r["test_" + key] for r in te], f"C{k}", ls="--", marker="o",
+                    ms=3, label=f"{run['label']} test{last}")
+    axes[0].set(xlabel="step", ylabel="cross-entropy (train: with label smoothing)", title="loss")
+    axes[1].set(xlabel="step", ylabel="accuracy (%; train: augmented batches)", title="accuracy", ylim=(0, 100))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     save(fig, path)
 
 
 def toy_scores(gamma=0.9, walks=4000, seed=0):
-    """On infsa.toy_graph: one-hop in-degree (column sums of A), Katz in-centrality, expected visits
-    1^T (I - gamma A)^-1 of the absorbing chain (one walk from every token) and a Monte-Carlo check."""
+    """On infsa.toy_graph A: one-hop in-degree 1^T A, Katz in-centrality, the expected visits 1^T (I - gamma A)^-1
+    of the absorbing chain gamma A (one walk from every token) and a Monte-Carlo estimate of them."""
     A = infsa.toy_graph()
     chain = infsa.absorbing_chain(A, gamma)
     mc = infsa.random_walk_visits(chain.M, walks=walks, generator=torch.Generator().manual_seed(seed))
@@ -310,31 +270,31 @@ def toy_scores(gamma=0.9, walks=4000, seed=0):
 
 def draw_toy(path, gamma=0.9):
     A, deg, katz, visits, mc = toy_scores(gamma)
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), gridspec_kw=dict(width_ratios=[1.6, 1, 1, 1]))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), width_ratios=[1.3, 1, 1, 1], layout="constrained")
     ax, pos = axes[0], {1: (0, 1), 2: (0, -1), 0: (1, 0), 3: (2, 0), 4: (3, 0)}
     for i, j in A.nonzero().tolist():
         (x0, y0), (x1, y1) = pos[i], pos[j]
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="-|>", lw=1.5, shrinkA=17, shrinkB=17))
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.12, f"{A[i, j]:g}", ha="center", fontsize=9, color="C3")
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="-|>", lw=1.5, shrinkA=17, shrinkB=17))
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.13, f"{A[i, j]:g}", ha="center", fontsize=10, color="C3")
     for t, (px, py) in pos.items():
         ax.scatter(px, py, s=900, c=[katz[t].item()], cmap="viridis", vmin=0, vmax=katz.max().item(), edgecolors="k")
         ax.text(px, py, str(t), ha="center", va="center", fontsize=12, color="w" if katz[t] < 2 else "k")
-    ax.set(xlim=(-0.5, 3.5), ylim=(-1.5, 1.5), title="tokens; arrow i → j: i attends to j (weight A_ij)")
+    ax.set(xlim=(-0.5, 3.5), ylim=(-1.5, 1.5))
+    ax.set_title("arrow i → j: token i attends to j, weight A_ij\n(node colour: Katz in-centrality)", fontsize=9)
     ax.axis("off")
-    panels = [(deg, "one hop: in-degree (column sums of A)"), (katz, f"Katz in-centrality, γ = {gamma}"),
-              (visits, "absorbing chain γA: expected visits\n(one walk from each token; dots: Monte Carlo)")]
-    for a, (v, title) in zip(axes[1:], panels):
-        top = int(v.argmax())
-        a.bar(range(5), v.numpy(), color=["C1" if t == top else "C0" for t in range(5)])
-        a.set(xticks=range(5), xlabel="token", title=title)
+    for a, v, title in ((axes[1], deg, "one hop: in-degree (column sums of A)"),
+                        (axes[2], katz, f"Katz in-centrality, γ = {gamma}"),
+                        (axes[3], visits, "absorbing chain γA: expected visits,\none walk from each token (dots: Monte Carlo)")):
+        bars = a.bar(range(5), v.numpy(), color=["C1" if t == int(v.argmax()) else "C0" for t in range(5)])
+        a.bar_label(bars, fmt="%.2f", padding=6, fontsize=8)
+        a.set(xticks=range(5), xlabel="token", ylim=(0, 1.15 * v.max().item()))
         a.set_title(title, fontsize=9)
-        a.text(top, v[top].item(), "top", ha="center", va="bottom", fontsize=8)
     axes[3].plot(range(5), mc.numpy(), "k.", ms=10)
-    fig.suptitle("one hop ranks token 0 first; multi-hop propagation ranks token 4 first "
-                 "(everything flowing into 0 flows on to 3, then 4)", fontsize=10)
+    fig.suptitle("orange: ranked first. One hop ranks token 0 first; multi-hop propagation ranks token 4 first: "
+                 "what flows into 0 flows on to 3, then to 4", fontsize=10)
     save(fig, path)
-    for name, v in [("in-degree", deg), ("Katz in", katz), ("visits", visits), ("visits (MC)", mc)]:
-        print(f"{name:>12}: " + "  ".join(f"{t}:{v[t]:.2f}" for t in range(5)) + f"   -> token {int(v.argmax())} first")
+    for name, v in (("in-degree", deg), ("Katz in", katz), ("visits", visits), ("visits (MC)", mc)):
+        print(f"{name:>12}: " + "  ".join(f"{t}:{v[t]:.2f}" for t in range(5)) + f"  -> token {int(v.argmax())} first")
 
 # -----------------------------------------------------------------------------
 # numbers
@@ -342,13 +302,12 @@ def draw_toy(path, gamma=0.9):
 
 @torch.no_grad()
 def quality(run, x, y, mask, args):
-    """Mean ROC-AUC and PR-AUC of run['map'] against the object patches, MoRF / LeRF / random
-    curves p_s, s = 0..steps (mean true-class probability, k_s = round(s P / steps) patches blanked)."""
+    """Mean per-image ROC-AUC and PR-AUC of run['map'] against the object patches (random scores beside),
+    and the MoRF / LeRF / random-order curves p_s, s = 0..steps, with round(s P / steps) patches blanked."""
     model, patch, gen = run["model"], run["patch"], torch.Generator().manual_seed(0)
     labels = patch_labels(mask, patch, args.cover).numpy()  # (n, P)
     P, steps = labels.shape[1], args.steps
-    curves = {h: [] for h in ("morf", "lerf", "random")}
-    scores, correct = [], 0
+    curves, scores, correct = {"morf": [], "lerf": [], "random": []}, [], 0
     for b in range(0, len(x), 250):
         xb, yb = x[b:b + 250], y[b:b + 250].to(run["mean"].device)
         probs, maps = run_maps(run, xb, args.head)
@@ -356,32 +315,32 @@ def quality(run, x, y, mask, args):
         scores.append(s.numpy())
         correct += (probs.argmax(-1) == yb).sum().item()
         xn = data.normalize(xb.to(yb.device), run["mean"], run["std"])
-        p_of = lambda xi: model(xi)[0].softmax(-1).gather(1, yb[:, None])[:, 0].cpu()  # (B,)
-        p0, p1 = probs.gather(1, yb[:, None])[:, 0].cpu(), p_of(torch.zeros_like(xn))  # clean, all blanked
+
+        def p_true(xi):  # (B,): probability of the true class
+            return model(xi)[0].softmax(-1).gather(1, yb[:, None])[:, 0].cpu()
+        p0, p1 = probs.gather(1, yb[:, None])[:, 0].cpu(), p_true(torch.zeros_like(xn))  # clean, all blanked
         for how in curves:
             rank = removal_rank(s, how, gen).to(xn.device)
-            mid = [p_of(blank_patches(xn, rank, round(k * P / steps), patch)) for k in range(1, steps)]
+            mid = [p_true(blank_patches(xn, rank, round(k * P / steps), patch)) for k in range(1, steps)]
             curves[how].append(torch.stack([p0, *mid, p1], 1))  # (B, steps + 1)
-    scores = np.concatenate(scores)
-    rng = np.random.default_rng(0)
-    ok = [i for i in range(len(x)) if 0 < labels[i].sum() < P]  # both kinds of patch present
-    noise = rng.random(scores.shape)
+    scores, noise = np.concatenate(scores), np.random.default_rng(0).random(labels.shape)
+    ok = [i for i in range(len(x)) if 0 < labels[i].sum() < P]  # images with both kinds of patch
     res = dict(n=len(x), n_scored=len(ok), acc=correct / len(x),
-               roc=np.mean([roc_auc(scores[i], labels[i]) for i in ok]),
-               pr=np.mean([average_precision(scores[i], labels[i]) for i in ok]),
-               roc_rand=np.mean([roc_auc(noise[i], labels[i]) for i in ok]),
-               pr_rand=np.mean([average_precision(noise[i], labels[i]) for i in ok]))
-    res["curves"] = {h: torch.cat(c).mean(0).numpy() for h, c in curves.items()}
+               curves={h: torch.cat(c).mean(0).numpy() for h, c in curves.items()})
+    for key, fn in (("roc", roc_auc), ("pr", average_precision)):
+        res[key] = np.mean([fn(scores[i], labels[i]) for i in ok])
+        res[key + "_rand"] = np.mean([fn(noise[i], labels[i]) for i in ok])
     res["morf_aoc"], res["lerf_auc"] = 1 - area(res["curves"]["morf"]), area(res["curves"]["lerf"])
     res["morf_aoc_rand"], res["lerf_auc_rand"] = 1 - area(res["curves"]["random"]), area(res["curves"]["random"])
     return res
 
 
 def print_table(runs, results, args):
-    print(f"\nattention quality on the first {results[0]['n']} test images (%; random baseline in parentheses; "
-          f"object patch: mask covers >= {args.cover:g}; {args.steps} blanking steps; {head_text(args.head)})\n")
-    print("| run | map | test acc | MoRF-AOC | LeRF-AUC | ROC-AUC | PR-AUC |")
-    print("|---|---|---|---|---|---|---|")
+    r0, heads = results[0], "heads averaged" if args.head < 0 else f"head {args.head}"
+    skip = f"; ROC/PR over the {r0['n_scored']} with both kinds of patch" if r0["n_scored"] < r0["n"] else ""
+    print(f"\nattention quality on the first {r0['n']} test images{skip} (%, random baseline in parentheses; "
+          f"object patch: mask covers >= {args.cover:g} of it; {args.steps} blanking steps; {heads})\n")
+    print("| run | map | acc | MoRF-AOC | LeRF-AUC | ROC-AUC | PR-AUC |\n|---|---|---|---|---|---|---|")
     for run, r in zip(runs, results):
         cells = [f"{100 * r[k]:.1f} ({100 * r[k + '_rand']:.1f})" for k in ("morf_aoc", "lerf_auc", "roc", "pr")]
         print(f"| {run['label']} | {run['map']} | {100 * r['acc']:.1f} | " + " | ".join(cells) + " |")
@@ -390,19 +349,18 @@ def print_table(runs, results, args):
 
 
 def draw_morf_lerf(runs, results, path):
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True, layout="constrained")
     for k, (run, r) in enumerate(zip(runs, results)):
-        f = np.linspace(0, 1, len(r["curves"]["morf"]))
-        for ax, how, a in ((axes[0], "morf", r["morf_aoc"]), (axes[1], "lerf", r["lerf_auc"])):
-            ax.plot(f, r["curves"][how], f"C{k}", marker="o", ms=3,
-                    label=f"{run['label']} ({run['map']}): {'AOC' if how == 'morf' else 'AUC'} {a:.3f}")
-            ax.plot(f, r["curves"]["random"], f"C{k}", ls=":", lw=1,
-                    label=f"{run['label']} random order: {1 - area(r['curves']['random']) if how == 'morf' else area(r['curves']['random']):.3f}")
-    axes[0].set(title="MoRF: most relevant patches blanked first (lower curve = better map)", ylabel="mean p(true class)")
-    axes[1].set(title="LeRF: least relevant patches blanked first (higher curve = better map)")
+        f, c = np.linspace(0, 1, len(r["curves"]["morf"])), r["curves"]
+        for ax, how, name, a, a0 in ((axes[0], "morf", "AOC", r["morf_aoc"], r["morf_aoc_rand"]),
+                                     (axes[1], "lerf", "AUC", r["lerf_auc"], r["lerf_auc_rand"])):
+            ax.plot(f, c[how], f"C{k}", marker="o", ms=3, label=f"{run['label']} ({run['map']}): {name} {a:.3f}")
+            ax.plot(f, c["random"], f"C{k}", ls=":", lw=1, label=f"{run['label']}, random order: {name} {a0:.3f}")
+    axes[0].set_title("MoRF: most relevant patches first (lower curve: better map)", fontsize=9)
+    axes[1].set_title("LeRF: least relevant patches first (higher curve: better map)", fontsize=9)
+    axes[0].set_ylabel("mean p(true class)")
     for ax in axes:
         ax.set(xlabel="fraction of patches blanked (set to the dataset mean)", ylim=(0, 1))
-        ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     save(fig, path)
@@ -414,15 +372,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out_dir", default="out", help="run folder: reads OUT_DIR/ckpt.pt, writes the PNGs here")
     ap.add_argument("--ckpt", help="checkpoint to read instead of OUT_DIR/ckpt.pt")
-    ap.add_argument("--compare", nargs="+", metavar="CKPT", help="checkpoints or run folders side by side")
-    ap.add_argument("--toy", action="store_true", help="draw the 5-token graph (no checkpoint needed)")
+    ap.add_argument("--compare", nargs="+", metavar="CKPT", help="checkpoints or run folders, side by side")
+    ap.add_argument("--toy", action="store_true", help="only draw the 5-token graph (no checkpoint needed)")
     ap.add_argument("--images", default="0,1,2,3", help="test-image indices to draw, comma separated")
     ap.add_argument("--head", type=int, default=-1, help="one head's maps; -1 averages the heads")
-    ap.add_argument("--layer", type=int, default=-1, help="layer (1..L) of the metric / rollout / hop maps; -1 = last")
-    ap.add_argument("--map", default="auto", help="metric map: cls | rollout | katz | hop1.. | a; auto = cls/katz/a")
+    ap.add_argument("--layer", type=int, default=-1, help="layer (1..L) of the metric / rollout / hop maps; -1: last")
+    ap.add_argument("--map", default="auto", help="metric map: cls | rollout | katz | hop1.. | a; auto: cls/katz/a")
     ap.add_argument("--metrics", action="store_true", help="attention quality table and morf_lerf.png")
-    ap.add_argument("--n_metric", type=int, default=500, help="test images used by --metrics")
-    ap.add_argument("--steps", type=int, default=8, help="MoRF/LeRF blanking steps")
+    ap.add_argument("--n_metric", type=int, default=500, help="test images the metrics use")
+    ap.add_argument("--steps", type=int, default=8, help="MoRF / LeRF blanking steps")
     ap.add_argument("--cover", type=float, default=0.5, help="mask fraction that makes a patch 'object'")
     ap.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda | cuda:1")
     args = ap.parse_args(argv)
@@ -433,40 +391,44 @@ def main(argv=None):
     if dev.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {dev} but CUDA is not available; use --device cpu")
     if args.steps < 2 or not 0 < args.cover <= 1 or args.n_metric < 1:
-        die("--steps must be >= 2, --cover in (0, 1], --n_metric >= 1")
+        die("--steps must be >= 2, --cover in (0, 1] and --n_metric >= 1")
     runs = [load_run(p, dev) for p in (args.compare or [args.ckpt or os.path.join(args.out_dir, "ckpt.pt")])]
-    ref = runs[0]["ckpt"]["config"]
+    ref, kinds = runs[0]["ckpt"]["config"], [r["kind"] for r in runs]
     for run in runs:
-        cfg, mcfg, kinds = run["ckpt"]["config"], run["model"].cfg, [r["kind"] for r in runs]
+        cfg, L = run["model"].cfg, run["model"].cfg.n_layer
         run["label"] = run["kind"] if kinds.count(run["kind"]) == 1 else f"{run['kind']} ({run['path']})"
-        if any(cfg.get(k) != ref.get(k) for k in ("dataset", "image_size", "seed", "n_test", "data_dir")):
+        if any(run["ckpt"]["config"].get(k) != ref.get(k) for k in ("dataset", "image_size", "seed", "n_test")):
             die(f"{run['path']} was tested on other images than {runs[0]['path']} (dataset / seed / n_test differ)")
-        if not -1 <= args.head < mcfg.n_head:
-            die(f"--head {args.head} out of range: {run['path']} has {mcfg.n_head} heads (0..{mcfg.n_head - 1}, -1 = mean)")
-        if args.layer == 0 or not -1 <= args.layer <= mcfg.n_layer:
-            die(f"--layer {args.layer} out of range: {run['path']} has layers 1..{mcfg.n_layer} (-1 = last)")
-        names = {"softmax": ["cls", "rollout"], "pure": ["katz"] + [f"hop{t}" for t in range(1, mcfg.hops + 1)],
+        if not -1 <= args.head < cfg.n_head:
+            die(f"--head {args.head} out of range: {run['path']} has heads 0..{cfg.n_head - 1} (-1: their mean)")
+        if args.layer == 0 or not -1 <= args.layer <= L:
+            die(f"--layer {args.layer} out of range: {run['path']} has layers 1..{L} (-1: the last)")
+        names = {"softmax": ["cls", "rollout"], "pure": ["katz"] + [f"hop{t}" for t in range(1, cfg.hops + 1)],
                  "linear": ["a"]}[run["kind"]]
         name = DEFAULT_MAP[run["kind"]] if args.map == "auto" else args.map
         if name not in names:
             die(f"--map {args.map} is not a map of {run['kind']} attention; it has {', '.join(names)}")
-        run["map"] = f"{name}@{mcfg.n_layer if args.layer == -1 else args.layer}"
-    args.layer = runs[0]["model"].cfg.n_layer if args.layer == -1 else args.layer
+        run["map"] = f"{name}@{L if args.layer == -1 else args.layer}"
     if args.metrics and ref["dataset"] != "shapes":
         die(f"--metrics needs object masks, which only the built-in shapes dataset has (this run used "
             f"{ref['dataset']}); drop --metrics or train with --dataset shapes")
-    x, y, mask, classes = test_split(runs[0]["ckpt"])
     try:
         idx = [int(i) for i in args.images.split(",")]
     except ValueError:
         die(f"--images takes comma-separated integers like 0,1,2,3; got {args.images!r}")
-    bad = [i for i in idx if not 0 <= i < len(x)]
-    if bad:
-        die(f"image index {bad[0]} out of range: the test split has {len(x)} images (0..{len(x) - 1})")
+    x, y, mask, classes = test_split(runs[0]["ckpt"])
+    if any(not 0 <= i < len(x) for i in idx):
+        die(f"--images {args.images}: an index is out of range; the test split has {len(x)} images (0..{len(x) - 1})")
+    heads = "heads averaged" if args.head < 0 else f"head {args.head}"
+    note = "cyan: object outline; under a map: the prediction, its p and (p of the true class)"
     if args.compare:
-        draw_compare(runs, x, y, mask, idx, classes, args, os.path.join(args.out_dir, "compare.png"))
+        draw_grid([(r, r["map"], f"{r['label']}: {caption(r['map'])}") for r in runs], x, y, mask, idx, classes,
+                  args.head, os.path.join(args.out_dir, "compare.png"), f"the same test images, {heads}\n{note}")
     else:
-        draw_maps(runs[0], x, y, mask, idx, classes, args, os.path.join(args.out_dir, "maps.png"))
+        layer = runs[0]["model"].cfg.n_layer if args.layer == -1 else args.layer
+        draw_grid(map_columns(runs[0], layer), x, y, mask, idx, classes, args.head,
+                  os.path.join(args.out_dir, "maps.png"), f"{runs[0]['kind']} attention, {heads} "
+                  f"({runs[0]['path']})\n{note}")
     draw_curves(runs, os.path.join(args.out_dir, "curves.png"))
     if args.metrics:
         n = min(args.n_metric, len(x))

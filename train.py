@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -35,6 +36,8 @@ n_train = 20000             # shapes: training images
 n_test = 2000               # shapes: test images
 val_split = 0               # >0: hold out the last N training images and evaluate on them instead of test
 crop_pad = 4                # random-crop padding (pixels); 0 disables the crop
+mixup = 0.0                 # >0: mix pairs of images, lambda ~ Beta(mixup, mixup) per batch
+eval_shift = False          # at the end, also evaluate on corrupted test images (noise, blur, contrast, jpeg)
 # model
 attn = "linear"             # softmax | pure | linear
 image_size = 32
@@ -65,8 +68,9 @@ seed = 1337
 peak_tflops = 0.0           # bf16 peak of your GPU for MFU; 0 = look it up (H200/H100 989, A100 312)
 # -----------------------------------------------------------------------------
 PRESETS = {
-    "cifar": dict(dataset="cifar10", n_layer=6, n_head=8, n_embd=384, mlp_ratio=3.0, batch_size=512,
-                  epochs=60, lr=1e-3, warmup=0.1, weight_decay=0.05, drop_path=0.1, label_smoothing=0.1),
+    "cifar": dict(dataset="cifar10", n_layer=6, n_head=8, n_embd=384, mlp_ratio=2.0, batch_size=512,
+                  epochs=50, lr=1e-3, warmup=0.1, weight_decay=0.05, drop_path=0.1, label_smoothing=0.1,
+                  mixup=0.2, eval_shift=True),
 }
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
@@ -261,7 +265,14 @@ def main(cfg, given=()):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, lr, min_lr, warmup)
             with ctx:
-                logits, loss = fwd(xb, yb, label_smoothing)
+                if mixup:  # loss = lam CE(y) + (1 - lam) CE(y of the partner image)
+                    lam = float(torch.distributions.Beta(mixup, mixup).sample())
+                    perm = torch.randperm(len(xb), device=xb.device)
+                    logits, _ = fwd(lam * xb + (1 - lam) * xb[perm])
+                    loss = (lam * F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
+                            + (1 - lam) * F.cross_entropy(logits.float(), yb[perm], label_smoothing=label_smoothing))
+                else:
+                    logits, loss = fwd(xb, yb, label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
@@ -298,11 +309,19 @@ def main(cfg, given=()):
                                           cuda=torch.cuda.get_rng_state() if is_cuda else None)), ckpt_path)
     bar.close()
     wall = time.time() - t_start
+    shift = {}
+    if eval_shift:
+        for kind in data.CORRUPTIONS:
+            xc = data.corrupt(x_te, kind, seed)
+            shift[kind] = evaluate(fwd, data.GPULoader(xc, y_te, 1000, mean, std, train=False), ctx)[0]
+        shift["mean"] = sum(shift.values()) / len(shift)
+        print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
     ips = seen / train_time if train_time else float("nan")
     mfu = flops_img * ips / (peak * 1e12) if peak else None
     summary = dict(attn=model_args["attn"], dataset=dataset, test_acc=test_acc, best_acc=best_acc,
                    img_s=ips, wall_s=wall, mfu=mfu, params=model.num_params(), device=dev,
-                   gamma_mean=model.gammas().mean().item(), steps=step)
+                   gamma_mean=model.gammas().mean().item(), steps=step, shift=shift,
+                   flops_per_image=flops_img, peak_tflops=peak or None)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     mfu_s = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
