@@ -146,7 +146,25 @@ def _decode(path, size):
         s = size / min(im.size)
         im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BILINEAR)
         l, t = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-        return np.asarray(im.crop((l, t, l + size, t + size)), dtype=np.uint8).transpose(2, 0, 1)
+        return np.array(im.crop((l, t, l + size, t + size)), dtype=np.uint8).transpose(2, 0, 1)
+
+
+def folder_files(data_dir):
+    """List DATA_DIR/{train,test}/<class>/<image>: (classes, {split: (paths, labels)})."""
+    split_dirs = [os.path.join(data_dir, s) for s in ("train", "test")]
+    for d in split_dirs:
+        if not os.path.isdir(d):
+            raise SystemExit(f"error: {d} not found; --dataset folder needs DATA_DIR/train/<class>/* "
+                             f"and DATA_DIR/test/<class>/*")
+    classes = sorted(os.listdir(split_dirs[0]))
+    out = {}
+    for split, d in zip(("train", "test"), split_dirs):
+        files = [(os.path.join(d, c, f), i) for i, c in enumerate(classes)
+                 for f in sorted(os.listdir(os.path.join(d, c)))]
+        if not files:
+            raise SystemExit(f"error: no images under {d}/<class>/")
+        out[split] = ([p for p, _ in files], [i for _, i in files])
+    return classes, out
 
 
 def load_folder(data_dir, image_size):
@@ -157,21 +175,12 @@ def load_folder(data_dir, image_size):
         return dict(x_train=torch.from_numpy(z["x_train"]), y_train=torch.from_numpy(z["y_train"]),
                     x_test=torch.from_numpy(z["x_test"]), y_test=torch.from_numpy(z["y_test"]),
                     mask_test=None, classes=[str(c) for c in z["classes"]])
-    split_dirs = [os.path.join(data_dir, s) for s in ("train", "test")]
-    for d in split_dirs:
-        if not os.path.isdir(d):
-            raise SystemExit(f"error: {d} not found; --dataset folder needs DATA_DIR/train/<class>/* "
-                             f"and DATA_DIR/test/<class>/*")
-    classes = sorted(os.listdir(split_dirs[0]))
+    classes, files = folder_files(data_dir)
     out = {"classes": np.array(classes)}
-    for split, d in zip(("train", "test"), split_dirs):
-        files = [(os.path.join(d, c, f), i) for i, c in enumerate(classes)
-                 for f in sorted(os.listdir(os.path.join(d, c)))]
-        if not files:
-            raise SystemExit(f"error: no images under {d}/<class>/")
-        print(f"decoding {len(files)} {split} images from {d} (once; cached in {cache})")
-        out[f"x_{split}"] = np.stack([_decode(p, image_size) for p, _ in files])
-        out[f"y_{split}"] = np.array([i for _, i in files], dtype=np.int64)
+    for split, (paths, labels) in files.items():
+        print(f"decoding {len(paths)} {split} images from {data_dir} (once; cached in {cache})")
+        out[f"x_{split}"] = np.stack([_decode(p, image_size) for p in paths])
+        out[f"y_{split}"] = np.array(labels, dtype=np.int64)
     np.savez(cache + ".tmp.npz", **out)
     os.replace(cache + ".tmp.npz", cache)
     return load_folder(data_dir, image_size)
@@ -231,7 +240,7 @@ def normalize(x_uint8, mean, std):
     return (x_uint8.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-def random_crop_flip(x, pad, generator=None):
+def random_crop_flip(x, pad, generator=None, flip=True):
     """Per-image random crop (zero padding `pad`) and horizontal flip, on a (B, C, H, W) batch."""
     B, C, H, W = x.shape
     dev = x.device
@@ -242,28 +251,71 @@ def random_crop_flip(x, pad, generator=None):
         ix = dx[:, None] + torch.arange(W, device=dev)  # (B, W)
         b, c = torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None]
         x = xp[b, c, iy[:, None, :, None], ix[:, None, None, :]]  # (B, C, H, W)
-    flip = torch.rand(B, device=dev, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if not flip:
+        return x
+    mirror = torch.rand(B, device=dev, generator=generator) < 0.5
+    return torch.where(mirror[:, None, None, None], x.flip(-1), x)
+
+
+def epoch_order(n, seed, epoch):
+    """The shuffled order of epoch `epoch`: the same on every rank and after a resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 class GPULoader:
-    """Batches from uint8 tensors that already sit on `device`: shuffled each epoch when
-    training, augmented in one batched op, normalised to float. No worker processes."""
+    """Batches from uint8 tensors that already sit on the device: shuffled each epoch when
+    training, augmented in one batched op, normalised to float. No worker processes.
+    With world > 1 each global batch is split between ranks (this rank takes rows rank::world)."""
 
-    def __init__(self, x, y, batch_size, mean, std, train, pad=4, seed=0):
-        self.x, self.y, self.bs, self.train, self.pad = x, y, batch_size, train, pad
+    def __init__(self, x, y, batch_size, mean, std, train, pad=4, flip=True, seed=0, rank=0, world=1):
+        self.x, self.y, self.bs, self.train, self.pad, self.flip = x, y, batch_size, train, pad, flip
         self.mean, self.std = mean.to(x.device), std.to(x.device)
-        self.gen = torch.Generator(device=x.device).manual_seed(seed)
+        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
 
     def __len__(self):
-        return len(self.x) // self.bs if self.train else -(-len(self.x) // self.bs)
+        return len(self.y) // self.bs if self.train else -(-len(self.y) // self.bs)
+
+    def batches(self):
+        """Index lists of this rank's share of every batch of the current epoch."""
+        n = len(self.y)
+        order = epoch_order(n, self.seed, self.epoch) if self.train else torch.arange(n)
+        return [order[i * self.bs:(i + 1) * self.bs][self.rank::self.world] for i in range(len(self))]
+
+    def augment(self, xb):
+        g = torch.Generator(device=xb.device).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)
+        return random_crop_flip(xb, self.pad, g, self.flip) if self.train else xb
 
     def __iter__(self):
-        n = len(self.x)
-        order = torch.randperm(n, device=self.x.device, generator=self.gen) if self.train else None
-        for i in range(len(self)):
-            idx = order[i * self.bs:(i + 1) * self.bs] if self.train else slice(i * self.bs, (i + 1) * self.bs)
-            xb = self.x[idx]
-            if self.train:
-                xb = random_crop_flip(xb, self.pad, self.gen)
-            yield normalize(xb, self.mean, self.std), self.y[idx]
+        for idx in self.batches():
+            idx = idx.to(self.x.device)
+            yield normalize(self.augment(self.x[idx]), self.mean, self.std), self.y[idx]
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, paths, labels, size):
+        self.paths, self.labels, self.size = paths, labels, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(_decode(self.paths[i], self.size)), self.labels[i]
+
+
+class StreamLoader(GPULoader):
+    """The same batches as GPULoader, but images are decoded from files by `workers` processes
+    (torch.utils.data) and only each batch is moved to the device: for sets too large for its memory."""
+
+    def __init__(self, paths, labels, size, batch_size, mean, std, train, device, workers=4, **kw):
+        self.files, self.device, self.workers = _Files(paths, labels, size), device, workers
+        y = torch.tensor(labels)
+        super().__init__(y, y, batch_size, mean, std, train, **kw)
+        self.mean, self.std = mean.to(device), std.to(device)
+
+    def __iter__(self):
+        dl = torch.utils.data.DataLoader(self.files, batch_sampler=[b.tolist() for b in self.batches()],
+                                         num_workers=self.workers, pin_memory=self.device != "cpu",
+                                         persistent_workers=False)
+        for xb, yb in dl:
+            xb = xb.to(self.device, non_blocking=True)
+            yield normalize(self.augment(xb), self.mean, self.std), yb.to(self.device, non_blocking=True)

@@ -26,7 +26,6 @@ dataset, whose test images carry object masks; a patch is "object" when the mask
 import argparse
 import json
 import os
-import sys
 
 import matplotlib
 matplotlib.use("Agg")
@@ -43,11 +42,7 @@ DEFAULT_MAP = {"softmax": "cls", "pure": "katz", "linear": "a"}
 CMAP = "inferno"
 # the paper's ImageNet-1K numbers (%, bounding-box ground truth): MoRF-AOC / ROC-AUC / PR-AUC
 PAPER = {"softmax": (42.6, 53.8, 56.2), "pure": (71.7, 77.3, 72.4), "linear": (76.0, 75.9, 76.1)}
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+die = train._die  # prints "error: ..." (one line) and exits with status 2
 
 # -----------------------------------------------------------------------------
 # metrics (numpy, one image at a time) and patch blanking
@@ -114,15 +109,12 @@ def load_run(path, dev):
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     ckpt = train.load_checkpoint(path)
     model = ViT(ViTConfig(**ckpt["model_args"]), verbose=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        die(f"{path}: the weights do not fit the checkpoint's own model_args; retrain or pick another checkpoint")
+    model.load_state_dict(ckpt["model"])
     return dict(model=model.to(dev).eval(), ckpt=ckpt, path=path, kind=ckpt["model_args"]["attn"],
                 patch=ckpt["model_args"]["patch_size"], mean=ckpt["mean"].to(dev), std=ckpt["std"].to(dev))
 
 
-def test_split(ckpt):
+def load_test_split(ckpt):
     """The run's test split: x uint8 (n, 3, H, W), y (n,), mask (n, H, W) or None, class names."""
     c = ckpt["config"]
     if c["dataset"] == "shapes":  # only the test images, generated exactly as data.load_shapes does
@@ -151,6 +143,12 @@ def token_scores(layers, kind, hops, head=-1):
         else:
             out[f"a@{l}"] = pick(m["a"])
     return out
+
+
+def map_names(run):
+    """The map names of a run, its default first."""
+    hops = [f"hop{t}" for t in range(1, run["model"].cfg.hops + 1)]
+    return {"softmax": ["cls", "rollout"], "pure": ["katz"] + hops, "linear": ["a"]}[run["kind"]]
 
 
 @torch.no_grad()
@@ -216,14 +214,6 @@ def draw_grid(cols, x, y, mask, idx, classes, head, path, title):
     save(fig, path)
 
 
-def map_columns(run, layer):
-    """maps.png of one run: every layer's own map, then the multi-step ones (rollout / hops) of `layer`."""
-    L, hops, kind = run["model"].cfg.n_layer, run["model"].cfg.hops, run["kind"]
-    names = [f"{DEFAULT_MAP[kind]}@{l}" for l in range(1, L + 1)]
-    names += {"softmax": [f"rollout@{layer}"], "pure": [f"hop{t}@{layer}" for t in range(1, hops + 1)]}.get(kind, [])
-    return [(run, n, caption(n)) for n in names]
-
-
 def read_log(path):
     """Records of log.jsonl; when the steps start over (a new run in the same folder), the last run only."""
     recs = []
@@ -248,7 +238,7 @@ def draw_curves(runs, path):
         tr, te = [r for r in recs if "loss" in r], [r for r in recs if "test_acc" in r]
         for ax, key, scale in ((axes[0], "loss", 1), (axes[1], "acc", 100)):
             ax.plot([r["step"] for r in tr], [scale * r[key] for r in tr], f"C{k}", lw=1, label=f"{run['label']} train")
-            last = f" ({scale * te[-1]['test_' + key]:.3g})" if te else ""
+            last = f" ({scale * te[-1]['test_' + key]:{'.3f' if key == 'loss' else '.1f'}})" if te else ""
             ax.plot([r["step"] for r in te], [scale * r["test_" + key] for r in te], f"C{k}", ls="--", marker="o",
                     ms=3, label=f"{run['label']} test{last}")
     axes[0].set(xlabel="step", ylabel="cross-entropy (train: with label smoothing)", title="loss")
@@ -403,11 +393,9 @@ def main(argv=None):
             die(f"--head {args.head} out of range: {run['path']} has heads 0..{cfg.n_head - 1} (-1: their mean)")
         if args.layer == 0 or not -1 <= args.layer <= L:
             die(f"--layer {args.layer} out of range: {run['path']} has layers 1..{L} (-1: the last)")
-        names = {"softmax": ["cls", "rollout"], "pure": ["katz"] + [f"hop{t}" for t in range(1, cfg.hops + 1)],
-                 "linear": ["a"]}[run["kind"]]
         name = DEFAULT_MAP[run["kind"]] if args.map == "auto" else args.map
-        if name not in names:
-            die(f"--map {args.map} is not a map of {run['kind']} attention; it has {', '.join(names)}")
+        if name not in map_names(run):
+            die(f"--map {args.map} is not a map of {run['kind']} attention; it has {', '.join(map_names(run))}")
         run["map"] = f"{name}@{L if args.layer == -1 else args.layer}"
     if args.metrics and ref["dataset"] != "shapes":
         die(f"--metrics needs object masks, which only the built-in shapes dataset has (this run used "
@@ -416,7 +404,7 @@ def main(argv=None):
         idx = [int(i) for i in args.images.split(",")]
     except ValueError:
         die(f"--images takes comma-separated integers like 0,1,2,3; got {args.images!r}")
-    x, y, mask, classes = test_split(runs[0]["ckpt"])
+    x, y, mask, classes = load_test_split(runs[0]["ckpt"])
     if any(not 0 <= i < len(x) for i in idx):
         die(f"--images {args.images}: an index is out of range; the test split has {len(x)} images (0..{len(x) - 1})")
     heads = "heads averaged" if args.head < 0 else f"head {args.head}"
@@ -424,9 +412,11 @@ def main(argv=None):
     if args.compare:
         draw_grid([(r, r["map"], f"{r['label']}: {caption(r['map'])}") for r in runs], x, y, mask, idx, classes,
                   args.head, os.path.join(args.out_dir, "compare.png"), f"the same test images, {heads}\n{note}")
-    else:
-        layer = runs[0]["model"].cfg.n_layer if args.layer == -1 else args.layer
-        draw_grid(map_columns(runs[0], layer), x, y, mask, idx, classes, args.head,
+    else:  # every layer's own map, then the multi-step ones (rollout / hops) of the chosen layer
+        run, layer = runs[0], runs[0]["map"].split("@")[1]
+        names = [f"{DEFAULT_MAP[run['kind']]}@{l}" for l in range(1, run["model"].cfg.n_layer + 1)]
+        names += [f"{n}@{layer}" for n in map_names(run)[1:]]
+        draw_grid([(run, n, caption(n)) for n in names], x, y, mask, idx, classes, args.head,
                   os.path.join(args.out_dir, "maps.png"), f"{runs[0]['kind']} attention, {heads} "
                   f"({runs[0]['path']})\n{note}")
     draw_curves(runs, os.path.join(args.out_dir, "curves.png"))

@@ -7,6 +7,7 @@ Train a small ViT with softmax, Pure-InfSA or Linear-InfSA attention.
 
 Every global below can be overridden as --key value or --key=value; -h lists them.
 """
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,9 @@ n_train = 20000             # shapes: training images
 n_test = 2000               # shapes: test images
 val_split = 0               # >0: hold out the last N training images and evaluate on them instead of test
 crop_pad = 4                # random-crop padding (pixels); 0 disables the crop
+hflip = True                # random horizontal flips
+loader = "auto"             # auto | gpu (whole set on the device) | stream (decode files in workers; folder only)
+workers = 4                 # decoding processes for --loader stream
 mixup = 0.0                 # >0: mix pairs of images, lambda ~ Beta(mixup, mixup) per batch
 eval_shift = False          # at the end, also evaluate on corrupted test images (noise, blur, contrast, jpeg)
 # model
@@ -53,7 +57,8 @@ dropout = 0.0
 drop_path = 0.0             # stochastic depth rate of the last block
 # optimisation
 epochs = 10                 # passes over the training set
-batch_size = 128
+batch_size = 128            # global batch per optimizer step (split over processes and --grad_accum)
+grad_accum = 1              # micro-batches per step on each process
 lr = 2e-3                   # peak learning rate (AdamW)
 min_lr = 1e-5               # cosine floor
 warmup = 0.05               # fraction of all steps spent in linear warm-up
@@ -75,6 +80,7 @@ PRESETS = {
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
 CHOICES = {"attn": ATTN_KINDS, "dataset": ("shapes", "cifar10", "folder"), "init_from": ("scratch", "resume"),
+           "loader": ("auto", "gpu", "stream"),
            "preset": ("",) + tuple(PRESETS)}
 
 
@@ -180,17 +186,71 @@ def evaluate(model, loader, ctx):
     return (correct / n).item(), (loss_sum / n).item()
 
 
-def main(cfg, given=()):
-    """Train with config dict cfg (every key of config_keys); `given` = keys set explicitly."""
-    g = globals()
-    g.update(cfg)
+def setup_device():
+    """(device, rank, world): under torchrun, one process per GPU (NCCL) or per CPU process (gloo)."""
     dev = device
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         _die(f"--device {dev} but CUDA is not available; use --device cpu")
-    torch.manual_seed(seed)
-    is_cuda = dev.startswith("cuda")
+    if "RANK" not in os.environ:
+        return dev, 0, 1
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    if dev.startswith("cuda"):
+        dev = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(dev)
+    return dev, dist.get_rank(), dist.get_world_size()
+
+
+def channel_stats(x):
+    """Per-channel mean and std of uint8 images on the [0, 1] scale (std at least 1/255)."""
+    f = x.float() / 255
+    return f.mean((0, 2, 3)), f.std((0, 2, 3)).clamp_min(1 / 255)
+
+
+def make_loaders(dev, rank, world):
+    """Training and test loaders: GPU-resident tensors, or files streamed by worker processes
+    (--loader stream; auto picks it for an image folder too large for a quarter of device memory)."""
+    kw = dict(seed=seed, rank=rank, world=world, pad=crop_pad, flip=hflip)
+    mode = loader
+    cached = os.path.exists(os.path.join(data_dir, f"cache_{image_size}.npz"))
+    if dataset == "folder" and (mode == "stream" or (mode == "auto" and not cached)):
+        classes, files = data.folder_files(data_dir)
+        need = (len(files["train"][0]) + len(files["test"][0])) * 3 * image_size ** 2
+        room = torch.cuda.mem_get_info(dev)[0] if dev.startswith("cuda") else 8 << 30
+        mode = "stream" if (mode == "stream" or need > room / 4) else "gpu"
+    elif mode == "stream":
+        _die("--loader stream reads image files: use it with --dataset folder")
+    if mode == "stream":
+        paths = files["train"][0]
+        sample = torch.stack([torch.from_numpy(data._decode(p, image_size)) for p in paths[::max(1, len(paths) // 512)]])
+        mean, std = channel_stats(sample)
+        tr = data.StreamLoader(*files["train"], image_size, batch_size, mean, std, True, dev, workers, **kw)
+        te = data.StreamLoader(*files["test"], image_size, 500, mean, std, False, dev, workers)
+        return tr, te, classes, 3, mean, std
+    d = data.load(dataset, data_dir, image_size, seed, n_train, n_test)
+    x_tr, y_tr, x_te, y_te = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
+    if val_split:
+        if not 0 < val_split < len(x_tr):
+            _die(f"--val_split must be between 1 and {len(x_tr) - 1}; got {val_split}")
+        x_tr, y_tr, x_te, y_te = x_tr[:-val_split], y_tr[:-val_split], x_tr[-val_split:], y_tr[-val_split:]
+    if x_tr.shape[-1] != image_size:
+        _die(f"images are {x_tr.shape[-1]}px but the model expects {image_size}px; pass --image_size {x_tr.shape[-1]}")
+    mean, std = channel_stats(x_tr[:10000])
+    x_tr, y_tr, x_te, y_te = (t.to(dev) for t in (x_tr, y_tr, x_te, y_te))
+    tr = data.GPULoader(x_tr, y_tr, batch_size, mean, std, True, **kw)
+    te = data.GPULoader(x_te, y_te, 1000, mean, std, False)
+    return tr, te, d["classes"], x_tr.shape[1], mean, std
+
+
+def main(cfg, given=()):
+    """Train with config dict cfg (every key of config_keys); `given` = keys set explicitly."""
+    globals().update(cfg)
+    dev, rank, world = setup_device()
+    master, is_cuda = rank == 0, dev.startswith("cuda")
+    if batch_size % (world * grad_accum):
+        _die(f"--batch_size {batch_size} must be divisible by processes x --grad_accum = {world * grad_accum}")
     if is_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -198,7 +258,7 @@ def main(cfg, given=()):
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
-    # ---- model (from the checkpoint's own config when resuming)
+    # ---- model config (the checkpoint's own when resuming)
     model_args = dict(image_size=image_size, patch_size=patch_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                       mlp_ratio=mlp_ratio, dropout=dropout, drop_path=drop_path, attn=attn, hops=hops,
                       gamma_init=gamma_init, chunk=chunk)
@@ -209,125 +269,158 @@ def main(cfg, given=()):
             if ckpt["model_args"][k] != model_args[k] and k in given:
                 _die(f"checkpoint in {out_dir} has {k}={ckpt['model_args'][k]!r} but --{k} {model_args[k]!r} "
                      f"was asked; drop --{k} or use another --out_dir")
-        model_args = ckpt["model_args"]
         if ckpt["config"].get("dataset") != dataset:
             _die(f"checkpoint in {out_dir} was trained on {ckpt['config'].get('dataset')!r}, not {dataset!r}; "
                  f"pass --dataset {ckpt['config'].get('dataset')}")
+        model_args = ckpt["model_args"]
 
-    # ---- data, resident on the device
-    d = data.load(dataset, data_dir, image_size, seed, n_train, n_test)
-    x_tr, y_tr, x_te, y_te = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
-    if val_split:
-        if not 0 < val_split < len(x_tr):
-            _die(f"--val_split must be between 1 and {len(x_tr) - 1}; got {val_split}")
-        x_tr, y_tr, x_te, y_te = x_tr[:-val_split], y_tr[:-val_split], x_tr[-val_split:], y_tr[-val_split:]
-    if x_tr.shape[-1] != model_args["image_size"]:
-        _die(f"images are {x_tr.shape[-1]}px but the model expects {model_args['image_size']}px; "
-             f"pass --image_size {x_tr.shape[-1]}")
-    mean = x_tr[:10000].float().mean((0, 2, 3)) / 255
-    std = x_tr[:10000].float().std((0, 2, 3)) / 255
-    x_tr, y_tr, x_te, y_te = (t.to(dev) for t in (x_tr, y_tr, x_te, y_te))
-    model_args["n_classes"] = len(d["classes"])
-    model_args["in_chans"] = x_tr.shape[1]
-    if batch_size > len(x_tr):
-        _die(f"--batch_size {batch_size} is larger than the training set ({len(x_tr)} images)")
-    train_loader = data.GPULoader(x_tr, y_tr, batch_size, mean, std, train=True, pad=crop_pad, seed=seed)
-    test_loader = data.GPULoader(x_te, y_te, 1000, mean, std, train=False)
-
-    model = ViT(ViTConfig(**model_args)).to(dev)
+    train_loader, test_loader, classes, chans, mean, std = make_loaders(dev, rank, world)
+    if len(train_loader) == 0:
+        _die(f"--batch_size {batch_size} is larger than the training set ({len(train_loader.y)} images)")
+    model_args.update(n_classes=len(classes), in_chans=chans)
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    model = ViT(ViTConfig(**model_args), verbose=master).to(dev)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n not in ("cls", "pos")]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and n not in ("cls", "pos"))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, beta2),
-                            fused=is_cuda)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, beta2), fused=is_cuda)
     step, start_epoch, best_acc = 0, 0, 0.0
+    torch.manual_seed(seed + rank)  # per-rank randomness (mixup, stochastic depth)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, start_epoch, best_acc = ckpt["step"], ckpt["epoch"], ckpt["best_acc"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        train_loader.gen.set_state(ckpt["rng"]["loader"].to(train_loader.gen.get_state().device))
-        if is_cuda and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        print(f"resuming from {ckpt_path} at step {step} (epoch {start_epoch}, best acc {best_acc:.4f})")
-    fwd = torch.compile(model) if (compile and is_cuda) else model
+        if world == ckpt["rng"].get("world", 1):
+            torch.set_rng_state(ckpt["rng"]["torch"][rank])
+        if master:
+            print(f"resuming from {ckpt_path} at step {step} (epoch {start_epoch}, best acc {best_acc:.4f})")
+    fwd = torch.compile(model) if (compile and is_cuda) else model  # evaluation uses this one
+    step_fwd = fwd
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        step_fwd = DistributedDataParallel(fwd, device_ids=[dev] if is_cuda else None)
 
     total = epochs * len(train_loader)
     peak = peak_tflops or ((lookup_peak(torch.cuda.get_device_name(dev)) or 0) if is_cuda else 0)
     flops_img = model.flops_per_image(training=True)
-    log = open(os.path.join(out_dir, "log.jsonl"), "a")
+    log = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
     t_start, train_time, seen = time.time(), 0.0, 0
     test_acc = test_loss = float("nan")
-    bar = tqdm(total=total, initial=step, desc=f"{model_args['attn']}", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total, initial=step, desc=model_args["attn"], dynamic_ncols=True, disable=None if master else True)
     for epoch in range(start_epoch, epochs):
+        train_loader.epoch = epoch
         t0, pending = time.time(), []
-        for xb, yb in train_loader:
+        for xb, yb in train_loader:  # this rank's share of one global batch
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, lr, min_lr, warmup)
-            with ctx:
-                if mixup:  # loss = lam CE(y) + (1 - lam) CE(y of the partner image)
-                    lam = float(torch.distributions.Beta(mixup, mixup).sample())
-                    perm = torch.randperm(len(xb), device=xb.device)
-                    logits, _ = fwd(lam * xb + (1 - lam) * xb[perm])
-                    loss = (lam * F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
-                            + (1 - lam) * F.cross_entropy(logits.float(), yb[perm], label_smoothing=label_smoothing))
-                else:
-                    logits, loss = fwd(xb, yb, label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for i, (xm, ym) in enumerate(zip(xb.chunk(grad_accum), yb.chunk(grad_accum))):
+                last = i == grad_accum - 1
+                sync = contextlib.nullcontext() if (world == 1 or last) else step_fwd.no_sync()
+                with sync, ctx:
+                    logits, loss = forward_loss(step_fwd, xm, ym)
+                with sync:
+                    (loss / grad_accum).backward()
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
-            pending.append((loss.detach(), (logits.argmax(-1) == yb).float().mean()))
+            opt.zero_grad(set_to_none=True)
+            pending.append(torch.stack([loss.detach().float(), (logits.argmax(-1) == ym).float().mean()]))
             step += 1
             bar.update(1)
             if step % log_every == 0 or step == (epoch + 1) * len(train_loader):
-                losses = torch.stack([p[0] for p in pending]).float().cpu()  # one sync per log interval
-                accs = torch.stack([p[1] for p in pending]).cpu()
+                stats = torch.stack(pending)  # (steps, 2): loss, accuracy of the last micro-batch
+                if world > 1:
+                    torch.distributed.all_reduce(stats)  # every rank sees the same numbers -> stops together
+                    stats /= world
+                stats = stats.cpu()  # one sync per log interval
+                losses = stats[:, 0]
                 if not torch.isfinite(losses).all():
-                    bad = step - len(pending) + int((~torch.isfinite(losses)).nonzero()[0])
+                    bad = step - len(pending) + int((~torch.isfinite(losses)).nonzero()[0]) + 1
                     _die(f"loss became {losses[~torch.isfinite(losses)][0].item()} at step {bad}; stopped. "
                          f"The last good checkpoint (if any) is {ckpt_path}; try a lower --lr")
                 dt = time.time() - t0
-                train_time, seen, t0 = train_time + dt, seen + len(pending) * batch_size, time.time()
                 ips = len(pending) * batch_size / dt
-                rec = dict(step=step, epoch=epoch, loss=losses.mean().item(), acc=accs.mean().item(),
+                train_time, seen, t0 = train_time + dt, seen + len(pending) * batch_size, time.time()
+                rec = dict(step=step, epoch=epoch, loss=losses.mean().item(), acc=stats[:, 1].mean().item(),
                            lr=lr_at(step - 1, total, lr, min_lr, warmup), img_s=ips)
-                log.write(json.dumps(rec) + "\n")
+                if master:
+                    log.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{ips:.0f}")
                 pending = []
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+        if master and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             test_acc, test_loss = evaluate(fwd, test_loader, ctx)
             best_acc = max(best_acc, test_acc)
             log.write(json.dumps(dict(step=step, epoch=epoch, test_acc=test_acc, test_loss=test_loss)) + "\n")
             log.flush()
             bar.write(f"epoch {epoch + 1}/{epochs}: test acc {test_acc:.4f}, test loss {test_loss:.4f}")
-            save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=model_args,
-                                 config=cfg, step=step, epoch=epoch + 1, best_acc=best_acc, test_acc=test_acc,
-                                 classes=d["classes"], mean=mean, std=std,
-                                 rng=dict(torch=torch.get_rng_state(), loader=train_loader.gen.get_state().cpu(),
-                                          cuda=torch.cuda.get_rng_state() if is_cuda else None)), ckpt_path)
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+            rng = gather_rng_states(world)
+            if master:
+                save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=model_args,
+                                     config=cfg, step=step, epoch=epoch + 1, best_acc=best_acc, test_acc=test_acc,
+                                     classes=classes, mean=mean, std=std, rng=rng), ckpt_path)
     bar.close()
     wall = time.time() - t_start
+    if world > 1:
+        check_ranks_agree(model, master)
+    if not master:
+        torch.distributed.destroy_process_group()
+        return None
     shift = {}
-    if eval_shift:
+    if eval_shift and not isinstance(test_loader, data.StreamLoader):
         for kind in data.CORRUPTIONS:
-            xc = data.corrupt(x_te, kind, seed)
-            shift[kind] = evaluate(fwd, data.GPULoader(xc, y_te, 1000, mean, std, train=False), ctx)[0]
+            xc = data.corrupt(test_loader.x, kind, seed)
+            shift[kind] = evaluate(fwd, data.GPULoader(xc, test_loader.y, 1000, mean, std, False), ctx)[0]
         shift["mean"] = sum(shift.values()) / len(shift)
         print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
     ips = seen / train_time if train_time else float("nan")
-    mfu = flops_img * ips / (peak * 1e12) if peak else None
+    mfu = flops_img * ips / (world * peak * 1e12) if peak else None
     summary = dict(attn=model_args["attn"], dataset=dataset, test_acc=test_acc, best_acc=best_acc,
-                   img_s=ips, wall_s=wall, mfu=mfu, params=model.num_params(), device=dev,
-                   gamma_mean=model.gammas().mean().item(), steps=step, shift=shift,
-                   flops_per_image=flops_img, peak_tflops=peak or None)
+                   img_s=ips, wall_s=wall, mfu=mfu, params=model.num_params(), device=dev, world=world,
+                   loader=type(train_loader).__name__, gamma_mean=model.gammas().mean().item(), steps=step,
+                   shift=shift, flops_per_image=flops_img, peak_tflops=peak or None)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     mfu_s = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
     print(f"done: test acc {100 * test_acc:.2f}% (best {100 * best_acc:.2f}%) | {ips:.0f} img/s | "
           f"{wall / 60:.1f} min{mfu_s} | checkpoint {ckpt_path}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return summary
+
+
+def forward_loss(fwd, xb, yb):
+    """Logits and training loss: cross-entropy with label smoothing, on mixed pairs when --mixup > 0
+    (loss = lam CE(y) + (1 - lam) CE(y of the partner image), lam ~ Beta(mixup, mixup))."""
+    if not mixup:
+        return fwd(xb, yb, label_smoothing)
+    lam = float(torch.distributions.Beta(mixup, mixup).sample())
+    perm = torch.randperm(len(xb), device=xb.device)
+    logits, _ = fwd(lam * xb + (1 - lam) * xb[perm])
+    ce = lambda y: F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    return logits, lam * ce(yb) + (1 - lam) * ce(yb[perm])
+
+
+def gather_rng_states(world):
+    """Every rank's CPU RNG state (mixup, stochastic depth), so a resume continues each stream."""
+    states = [torch.get_rng_state()]
+    if world > 1:
+        states = [None] * world
+        torch.distributed.all_gather_object(states, torch.get_rng_state())
+    return dict(torch=states, world=world)
+
+
+def check_ranks_agree(model, master):
+    """DDP keeps one model: compare every weight with rank 0's copy and report the largest gap."""
+    dist = torch.distributed
+    gap = torch.zeros((), device=next(model.parameters()).device)
+    for p in model.parameters():
+        ref = p.detach().clone()
+        dist.broadcast(ref, 0)
+        gap = torch.maximum(gap, (p.detach() - ref).abs().max())
+    dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+    if master:
+        print(f"ddp: {dist.get_world_size()} ranks, largest weight difference from rank 0: {gap.item():.3g}")
 
 
 if __name__ == "__main__":
