@@ -374,8 +374,8 @@ def main(argv=None):
     ap.add_argument("--cover", type=float, default=0.5, help="mask fraction that makes a patch 'object'")
     ap.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda | cuda:1")
     args = ap.parse_args(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
     if args.toy:
+        os.makedirs(args.out_dir, exist_ok=True)
         return draw_toy(os.path.join(args.out_dir, "toy.png"))
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if dev.startswith("cuda") and not torch.cuda.is_available():
@@ -407,6 +407,7 @@ def main(argv=None):
     x, y, mask, classes = load_test_split(runs[0]["ckpt"])
     if any(not 0 <= i < len(x) for i in idx):
         die(f"--images {args.images}: an index is out of range; the test split has {len(x)} images (0..{len(x) - 1})")
+    os.makedirs(args.out_dir, exist_ok=True)
     heads = "heads averaged" if args.head < 0 else f"head {args.head}"
     note = "cyan: object outline; under a map: the prediction, its p and (p of the true class)"
     if args.compare:
