@@ -75,7 +75,7 @@ def relu_scores(q, k):
 
 def frobenius_norm(S):
     """||S||_F = sqrt(sum_ij S_ij^2) over the last two dims, accumulated in fp32, (..., 1, 1)."""
-    return _acc(S).square().sum(dim=(-2, -1), keepdim=True).sqrt()
+    return torch.linalg.vector_norm(S, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(S.dtype, torch.float32))
 
 
 def affinity(q, k, eps=1e-6):
@@ -83,10 +83,14 @@ def affinity(q, k, eps=1e-6):
 
     Normalised over the whole N x N matrix, not per row: A_hat >= 0, ||A_hat||_F = 1
     (or A_hat = 0 when every affinity is <= 0), so its spectral radius is <= 1. Row sums
-    vary, unlike softmax. Invariant to positive rescaling of q or k (up to eps)."""
+    vary, unlike softmax. Invariant to positive rescaling of q or k (up to eps).
+    The norm is accumulated in fp32 and the scaling is done in fp32."""
     _check_qkv(q, k)
     S = relu_scores(q, k)
-    return (_acc(S) / (frobenius_norm(S) + eps)).to(S.dtype)
+    inv = 1.0 / (frobenius_norm(S) + eps)  # (..., 1, 1), >= fp32
+    if S.requires_grad:
+        return (S * inv).to(S.dtype)  # autograd needs S as it is
+    return S.mul_(inv)  # no gradient: scale in place, one N x N buffer in S's own dtype
 
 
 def neumann_series(A, x, gamma, hops):
@@ -260,12 +264,14 @@ def linear_infsa_scores(q, k, eps=1e-6):
     """a_j = ReLU(qbar . k_j) / (sum_l ReLU(qbar . k_l) + eps),  qbar = sum_t w_t q_t.
 
     One power-iteration step toward the principal left eigenvector of ReLU(q k^T),
-    started from the query energies w. Cost O(N d_h); nothing N x N is built. (..., N)."""
+    started from the query energies w. Cost O(N d_h); nothing N x N is built. (..., N).
+    The sums over N run as matrix products, which accumulate in fp32 even on bf16
+    inputs, so q and k are never copied to fp32; the score total is summed in fp32."""
     _check_qkv(q, k)
-    w = query_energy(q, eps)  # (..., N)
-    qbar = w.unsqueeze(-2) @ _acc(q)  # (..., 1, d_h)
-    s = F.relu(qbar @ _acc(k).transpose(-2, -1)).squeeze(-2)  # (..., N)
-    return s / (s.sum(-1, keepdim=True) + eps)
+    w = query_energy(q, eps).to(q.dtype)  # (..., N)
+    qbar = w.unsqueeze(-2) @ q  # (..., 1, d_h)
+    s = F.relu(qbar @ k.transpose(-2, -1)).squeeze(-2)  # (..., N)
+    return s / (s.sum(-1, keepdim=True, dtype=torch.float32) + eps)  # (..., N), >= fp32
 
 
 def linear_infsa(q, k, v, gamma, eps=1e-6, expand=True):
@@ -277,8 +283,8 @@ def linear_infsa(q, k, v, gamma, eps=1e-6, expand=True):
     model can broadcast instead of repeating it N times."""
     _check_qkv(q, k, v)
     _check_gamma(gamma)
-    a = linear_infsa_scores(q, k, eps)  # (..., N)
-    c = (a.unsqueeze(-2) @ _acc(v)).to(v.dtype)  # (..., 1, d_v)
+    a = linear_infsa_scores(q, k, eps).to(v.dtype)  # (..., N)
+    c = a.unsqueeze(-2) @ v  # (..., 1, d_v)
     o = gamma * c
     return o.expand(*v.shape) if expand else o
 
