@@ -203,7 +203,7 @@ def pagerank(A, alpha=0.85, iters=100):
     return pi
 
 
-Chain = namedtuple("Chain", "M R fundamental valid")
+_Chain = namedtuple("Chain", "M R fundamental valid")
 
 
 def absorbing_chain(A, gamma):
@@ -214,7 +214,7 @@ def absorbing_chain(A, gamma):
     visits to j of a walk started at i before it is absorbed; (F - I) 1 is out-Katz.
     valid is True only where every R_i >= 0 (each row of M a sub-distribution);
     Frobenius normalisation does not guarantee it, so the probabilistic reading
-    is only offered where valid holds."""
+    is only offered where valid holds. Returns (M, R, fundamental, valid), a named tuple."""
     _square(A)
     _check_gamma(gamma)
     M = gamma * A
@@ -222,7 +222,7 @@ def absorbing_chain(A, gamma):
     I = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     F_ = torch.linalg.inv(I - M)
     valid = bool((A >= 0).all() and (R >= -1e-12).all())
-    return Chain(M, R, F_, valid)
+    return _Chain(M, R, F_, valid)
 
 
 def random_walk_visits(M, walks=20000, max_steps=1000, generator=None):

@@ -38,6 +38,7 @@ class ViTConfig:
     hops: int = 3            # K, Neumann terms per layer (pure)
     gamma_init: float = 0.9  # initial discount gamma for every head (pure, linear)
     chunk: int = 0           # rows of A_hat per block for pure (0 = build A_hat at once)
+    init_std: float = 0.0    # Linear weights: 0 = Xavier-uniform (scales with width), > 0 = N(0, init_std^2)
     bias: bool = True
 
     def __post_init__(self):
@@ -158,14 +159,20 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, p) for p in dp])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.n_classes)
-        self.apply(self._init)
+        self.apply(lambda m: self._init(m, cfg.init_std))
         if verbose:
             print(f"ViT ({cfg.attn}): {self.num_params() / 1e6:.2f}M parameters, {cfg.n_tokens} tokens")
 
     @staticmethod
-    def _init(m):
+    def _init(m, std):
+        """Xavier-uniform by default. A fixed std of 0.02 (ViT/GPT practice at width >= 768) is
+        several times too small at width 96 and left training on its initial plateau for
+        most of the CPU budget, depending on the seed and even on the thread count."""
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            if std > 0:
+                nn.init.trunc_normal_(m.weight, std=std)
+            else:
+                nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 

@@ -52,11 +52,12 @@ n_embd = 96                 # width; head size d_h = n_embd / n_head
 mlp_ratio = 2.0
 hops = 3                    # Neumann terms per layer (pure)
 gamma_init = 0.9            # initial gamma of every head (pure, linear)
+init_std = 0.0              # Linear weights: 0 = Xavier-uniform, > 0 = truncated normal with this std
 chunk = 0                   # pure: rows of A_hat per block (0 = whole matrix)
 dropout = 0.0
 drop_path = 0.0             # stochastic depth rate of the last block
 # optimisation
-epochs = 10                 # passes over the training set
+epochs = 8                  # passes over the training set
 batch_size = 128            # global batch per optimizer step (split over processes and --grad_accum)
 grad_accum = 1              # micro-batches per step on each process
 lr = 2e-3                   # peak learning rate (AdamW)
@@ -74,8 +75,8 @@ peak_tflops = 0.0           # bf16 peak of your GPU for MFU; 0 = look it up (H20
 # -----------------------------------------------------------------------------
 PRESETS = {
     "cifar": dict(dataset="cifar10", n_layer=6, n_head=8, n_embd=384, mlp_ratio=2.0, batch_size=512,
-                  epochs=50, lr=1e-3, warmup=0.1, weight_decay=0.05, drop_path=0.1, label_smoothing=0.1,
-                  mixup=0.2, eval_shift=True),
+                  epochs=40, lr=1e-3, warmup=0.1, weight_decay=0.05, drop_path=0.1, label_smoothing=0.1,
+                  mixup=0.2, eval_shift=True, init_std=0.02),
 }
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
@@ -261,7 +262,7 @@ def main(cfg, given=()):
     # ---- model config (the checkpoint's own when resuming)
     model_args = dict(image_size=image_size, patch_size=patch_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                       mlp_ratio=mlp_ratio, dropout=dropout, drop_path=drop_path, attn=attn, hops=hops,
-                      gamma_init=gamma_init, chunk=chunk)
+                      gamma_init=gamma_init, chunk=chunk, init_std=init_std)
     ckpt = None
     if init_from == "resume":
         ckpt = load_checkpoint(ckpt_path)

@@ -299,3 +299,16 @@ def test_toy_graph_one_hop_ranks_0_katz_ranks_4():
 def test_clear_errors(call, name):
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         call(*qkv())
+
+
+def test_linear_infsa_bf16_at_332k_tokens_is_finite_and_close_to_fp32():
+    """9216^2 images at patch 16 give 331,777 tokens: sums over N must not overflow or drift in bf16."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 331_777, 16, generator=g, dtype=torch.float32) + 0.3 for _ in range(3))
+    ref = infsa.linear_infsa(q, k, v, 0.9, expand=False)
+    out = infsa.linear_infsa(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.9, expand=False)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-3)
+    a = infsa.linear_infsa_scores(q.bfloat16(), k.bfloat16())
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, dtype=torch.float32), atol=1e-3, rtol=0)
