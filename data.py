@@ -269,7 +269,7 @@ class GPULoader:
 
     def __init__(self, x, y, batch_size, mean, std, train, pad=4, flip=True, seed=0, rank=0, world=1):
         self.x, self.y, self.bs, self.train, self.pad, self.flip = x, y, batch_size, train, pad, flip
-        self.mean, self.std = mean.to(x.device), std.to(x.device)
+        self.mean, self.std = mean.to(y.device), std.to(y.device)
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
 
     def __len__(self):
@@ -308,8 +308,7 @@ class StreamLoader(GPULoader):
 
     def __init__(self, paths, labels, size, batch_size, mean, std, train, device, workers=4, **kw):
         self.files, self.device, self.workers = _Files(paths, labels, size), device, workers
-        y = torch.tensor(labels)
-        super().__init__(y, y, batch_size, mean, std, train, **kw)
+        super().__init__(None, torch.tensor(labels), batch_size, mean, std, train, **kw)  # no images in memory
         self.mean, self.std = mean.to(device), std.to(device)
 
     def __iter__(self):
