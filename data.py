@@ -11,6 +11,7 @@ mask_test bool (n, H, W) or None; classes, a list of names.
 """
 import hashlib
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -18,6 +19,7 @@ import urllib.request
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 SHAPES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond", "frame", "bars", "half-disk"]
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -257,6 +259,52 @@ def random_crop_flip(x, pad, generator=None, flip=True):
     return torch.where(mirror[:, None, None, None], x.flip(-1), x)
 
 
+def _uniform(n, generator, device, lo=-1.0, hi=1.0):
+    return lo + (hi - lo) * torch.rand(n, device=device, generator=generator)
+
+
+def random_affine(x, generator=None, rotate=0.0, zoom=0.0, translate=0.0):
+    """Per-image rotation by U(-rotate, rotate) degrees, zoom by U(1 - zoom, 1 + zoom) and shift by
+    U(-translate, translate) of the image size, in one bilinear resample of a float (B, C, H, W)
+    batch; borders reflect. Output point p (in [-1, 1] coordinates) samples input R(theta) p / s + t."""
+    B, dev = x.shape[0], x.device
+    th = _uniform(B, generator, dev) * math.radians(rotate)
+    s = 1 + _uniform(B, generator, dev) * zoom
+    t = _uniform(2 * B, generator, dev).view(2, B) * 2 * translate  # a shift of 1 image = 2 units
+    cos, sin = th.cos() / s, th.sin() / s
+    theta = torch.stack([torch.stack([cos, -sin, t[0]], -1), torch.stack([sin, cos, t[1]], -1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def color_jitter(x, generator=None, strength=0.0):
+    """Brightness x*b, contrast (x - m)*c + m (m: image mean), saturation (x - g)*s + g (g: grey
+    level of each pixel), with b, c, s ~ U(1 - strength, 1 + strength) per image; x float in [0, 1]."""
+    B, dev = x.shape[0], x.device
+    f = lambda: (1 + strength * _uniform(B, generator, dev)).view(B, 1, 1, 1)  # noqa: E731
+    x = x * f()
+    m = x.mean((1, 2, 3), keepdim=True)
+    x = (x - m) * f() + m
+    grey = x.mean(1, keepdim=True)
+    x = (x - grey) * f() + grey
+    return x.clamp(0, 1)
+
+
+def random_erase(x, generator=None, p=0.0, area=(0.02, 0.25), max_aspect=3.0):
+    """With probability p per image, set one rectangle to 0 (after normalisation: the mean colour).
+    Its area is U(area) of the image, its aspect ratio log-uniform in [1/max_aspect, max_aspect]."""
+    B, _, H, W = x.shape
+    u = lambda lo=0.0, hi=1.0: _uniform(B, generator, x.device, lo, hi)  # noqa: E731
+    a, r = u(*area) * H * W, torch.exp(u(-1.0, 1.0) * math.log(max_aspect))
+    h, w = (a * r).sqrt().clamp(max=H), (a / r).sqrt().clamp(max=W)
+    y0, x0, hit = u() * (H - h), u() * (W - w), u() < p
+    ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    rows = (ys >= y0[:, None]) & (ys < (y0 + h)[:, None])  # (B, H)
+    cols = (xs >= x0[:, None]) & (xs < (x0 + w)[:, None])  # (B, W)
+    box = rows[:, :, None] & cols[:, None, :] & hit[:, None, None]  # (B, H, W)
+    return x.masked_fill(box[:, None], 0.0)
+
+
 def epoch_order(n, seed, epoch):
     """The shuffled order of epoch `epoch`: the same on every rank and after a resume."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -264,11 +312,15 @@ def epoch_order(n, seed, epoch):
 
 class GPULoader:
     """Batches from uint8 tensors that already sit on the device: shuffled each epoch when
-    training, augmented in one batched op, normalised to float. No worker processes.
-    With world > 1 each global batch is split between ranks (this rank takes rows rank::world)."""
+    training, augmented in batched ops, normalised to float. No worker processes.
+    With world > 1 each global batch is split between ranks (this rank takes rows rank::world).
+    Augmentation (training only), in order: crop + flip (pad, flip), random_affine (rotate, zoom,
+    translate), color_jitter (jitter), normalise, random_erase (erase = its probability)."""
 
-    def __init__(self, x, y, batch_size, mean, std, train, pad=4, flip=True, seed=0, rank=0, world=1):
+    def __init__(self, x, y, batch_size, mean, std, train, pad=4, flip=True, seed=0, rank=0, world=1,
+                 rotate=0.0, zoom=0.0, translate=0.0, jitter=0.0, erase=0.0):
         self.x, self.y, self.bs, self.train, self.pad, self.flip = x, y, batch_size, train, pad, flip
+        self.affine, self.jitter, self.erase = (rotate, zoom, translate), jitter, erase
         self.mean, self.std = mean.to(y.device), std.to(y.device)
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
 
@@ -276,19 +328,34 @@ class GPULoader:
         return len(self.y) // self.bs if self.train else -(-len(self.y) // self.bs)
 
     def batches(self):
-        """Index lists of this rank's share of every batch of the current epoch."""
+        """Index lists (CPU) of this rank's share of every batch of the current epoch."""
         n = len(self.y)
         order = epoch_order(n, self.seed, self.epoch) if self.train else torch.arange(n)
         return [order[i * self.bs:(i + 1) * self.bs][self.rank::self.world] for i in range(len(self))]
 
-    def augment(self, xb):
-        g = torch.Generator(device=xb.device).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)
-        return random_crop_flip(xb, self.pad, g, self.flip) if self.train else xb
+    def generator(self, device):
+        """One random stream per (seed, epoch, rank) for the augmentation of the whole epoch."""
+        return torch.Generator(device=device).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)
+
+    def augment(self, xb, g):
+        """uint8 (B, C, H, W) -> normalised float (B, C, H, W), augmented when training."""
+        if not self.train:
+            return normalize(xb, self.mean, self.std)
+        xb = random_crop_flip(xb, self.pad, g, self.flip)
+        x = xb.float() / 255
+        if any(self.affine):
+            x = random_affine(x, g, *self.affine)
+        if self.jitter:
+            x = color_jitter(x, g, self.jitter)
+        x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        return random_erase(x, g, self.erase) if self.erase else x
 
     def __iter__(self):
-        for idx in self.batches():
-            idx = idx.to(self.x.device)
-            yield normalize(self.augment(self.x[idx]), self.mean, self.std), self.y[idx]
+        dev = self.x.device
+        g, bs = self.generator(dev), self.batches()
+        idxs = torch.cat(bs).to(dev).split([len(b) for b in bs])  # one copy per epoch, no sync per step
+        for idx in idxs:
+            yield self.augment(self.x[idx], g), self.y[idx]
 
 
 class _Files(torch.utils.data.Dataset):
@@ -315,6 +382,7 @@ class StreamLoader(GPULoader):
         dl = torch.utils.data.DataLoader(self.files, batch_sampler=[b.tolist() for b in self.batches()],
                                          num_workers=self.workers, pin_memory=self.device != "cpu",
                                          persistent_workers=False)
+        g = self.generator(self.device)
         for xb, yb in dl:
             xb = xb.to(self.device, non_blocking=True)
-            yield normalize(self.augment(xb), self.mean, self.std), yb.to(self.device, non_blocking=True)
+            yield self.augment(xb, g), yb.to(self.device, non_blocking=True)

@@ -40,7 +40,13 @@ crop_pad = 4                # random-crop padding (pixels); 0 disables the crop
 hflip = True                # random horizontal flips
 loader = "auto"             # auto | gpu (whole set on the device) | stream (decode files in workers; folder only)
 workers = 4                 # decoding processes for --loader stream
+rotate = 0.0                # random rotation, up to this many degrees either way
+zoom = 0.0                  # random zoom by a factor in [1 - zoom, 1 + zoom]
+translate = 0.0             # random shift, up to this fraction of the image size
+jitter = 0.0                # brightness / contrast / saturation factors in [1 - jitter, 1 + jitter]
+erase = 0.0                 # probability of erasing one random rectangle per image
 mixup = 0.0                 # >0: mix pairs of images, lambda ~ Beta(mixup, mixup) per batch
+cutmix = 0.0                # >0: paste a box of the partner image, area 1 - lambda ~ Beta(cutmix, cutmix)
 eval_shift = False          # at the end, also evaluate on corrupted test images (noise, blur, contrast, jpeg)
 # model
 attn = "linear"             # softmax | pure | linear
@@ -76,7 +82,7 @@ peak_tflops = 0.0           # bf16 peak of your GPU for MFU; 0 = look it up (H20
 PRESETS = {
     "cifar": dict(dataset="cifar10", n_layer=6, n_head=8, n_embd=384, mlp_ratio=2.0, batch_size=512,
                   epochs=40, lr=1e-3, warmup=0.1, weight_decay=0.05, drop_path=0.1, label_smoothing=0.1,
-                  mixup=0.2, eval_shift=True, init_std=0.02),
+                  mixup=0.2, eval_shift=True, init_std=0.02, eval_every=5),
 }
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
@@ -213,7 +219,8 @@ def channel_stats(x):
 def make_loaders(dev, rank, world):
     """Training and test loaders: GPU-resident tensors, or files streamed by worker processes
     (--loader stream; auto picks it for an image folder too large for a quarter of device memory)."""
-    kw = dict(seed=seed, rank=rank, world=world, pad=crop_pad, flip=hflip)
+    kw = dict(seed=seed, rank=rank, world=world, pad=crop_pad, flip=hflip, rotate=rotate, zoom=zoom,
+              translate=translate, jitter=jitter, erase=erase)
     mode = loader
     cached = os.path.exists(os.path.join(data_dir, f"cache_{image_size}.npz"))
     if dataset == "folder" and (mode == "stream" or (mode == "auto" and not cached)):
@@ -305,7 +312,7 @@ def main(cfg, given=()):
     peak = peak_tflops or ((lookup_peak(torch.cuda.get_device_name(dev)) or 0) if is_cuda else 0)
     flops_img = model.flops_per_image(training=True)
     log = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
-    t_start, train_time, seen = time.time(), 0.0, 0
+    t_start, train_time, seen, first_step = time.time(), 0.0, 0, step
     test_acc = test_loss = float("nan")
     bar = tqdm(total=total, initial=step, desc=model_args["attn"], dynamic_ncols=True, disable=None if master else True)
     for epoch in range(start_epoch, epochs):
@@ -341,7 +348,9 @@ def main(cfg, given=()):
                          f"The last good checkpoint (if any) is {ckpt_path}; try a lower --lr")
                 dt = time.time() - t0
                 ips = len(pending) * batch_size / dt
-                train_time, seen, t0 = train_time + dt, seen + len(pending) * batch_size, time.time()
+                if step - len(pending) > first_step:  # the first interval holds the compile: not in img/s
+                    train_time, seen = train_time + dt, seen + len(pending) * batch_size
+                t0 = time.time()
                 rec = dict(step=step, epoch=epoch, loss=losses.mean().item(), acc=stats[:, 1].mean().item(),
                            lr=lr_at(step - 1, total, lr, min_lr, warmup), img_s=ips)
                 if master:
@@ -391,15 +400,34 @@ def main(cfg, given=()):
 
 
 def forward_loss(fwd, xb, yb):
-    """Logits and training loss: cross-entropy with label smoothing, on mixed pairs when --mixup > 0
-    (loss = lam CE(y) + (1 - lam) CE(y of the partner image), lam ~ Beta(mixup, mixup))."""
-    if not mixup:
+    """Logits and training loss: cross-entropy with label smoothing, on mixed pairs when --mixup or
+    --cutmix > 0 (both: one of them per batch, at random): loss = lam CE(y) + (1 - lam) CE(y of the
+    partner image), lam ~ Beta(alpha, alpha); cutmix pastes a box of area (1 - lam) of the partner."""
+    if not (mixup or cutmix):
         return fwd(xb, yb, label_smoothing)
-    lam = float(torch.distributions.Beta(mixup, mixup).sample())
+    use_cutmix = cutmix > 0 and (mixup == 0 or torch.rand(()) < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
     perm = torch.randperm(len(xb), device=xb.device)
-    logits, _ = fwd(lam * xb + (1 - lam) * xb[perm])
-    ce = lambda y: F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    if use_cutmix:
+        xb, lam = paste_box(xb, xb[perm], lam)
+    else:
+        xb = lam * xb + (1 - lam) * xb[perm]
+    logits, _ = fwd(xb)
+    ce = lambda y: F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)  # noqa: E731
     return logits, lam * ce(yb) + (1 - lam) * ce(yb[perm])
+
+
+def paste_box(x, other, lam):
+    """CutMix: copy a box of `other` into x, area (1 - lam) of the image, centre uniform, clipped at
+    the borders (the same box for the whole batch). Returns (mixed, lam of the area actually kept)."""
+    H, W = x.shape[-2:]
+    h, w = round(H * math.sqrt(1 - lam)), round(W * math.sqrt(1 - lam))
+    cy, cx = (int(torch.randint(0, n, ())) for n in (H, W))
+    y0, y1, x0, x1 = max(cy - h // 2, 0), min(cy + (h + 1) // 2, H), max(cx - w // 2, 0), min(cx + (w + 1) // 2, W)
+    x = x.clone()
+    x[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+    return x, 1 - (y1 - y0) * (x1 - x0) / (H * W)
 
 
 def gather_rng_states(world):

@@ -109,3 +109,50 @@ def test_gpu_loader_epochs_cover_the_data_once():
     assert len(ld) == 3 and len(seen) == 9 and len(set(seen.tolist())) == 9
     for xb, yb in data.GPULoader(x, y, 4, torch.zeros(3), torch.ones(3) / 255, train=False):
         torch.testing.assert_close(xb[:, 0, 0, 0], yb.float())  # normalised with mean 0, std 1/255 -> the raw value
+
+
+def _ramp(B=4, H=16, W=16):
+    """Images whose value is the column index: a shift along x adds a constant away from the borders."""
+    return torch.arange(W, dtype=torch.float32).view(1, 1, 1, W).expand(B, 3, H, W).contiguous()
+
+
+def test_random_affine_identity_shift_and_rotation():
+    x = torch.rand(4, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(data.random_affine(x, g), x, atol=1e-5, rtol=0)  # zero strengths: identity
+    out = data.random_affine(_ramp(), g, translate=0.1)  # shifts of up to 1.6 px
+    d = (out - _ramp())[:, :, 3:-3, 3:-3]  # away from the reflected borders
+    per_image = d.flatten(1)
+    torch.testing.assert_close(per_image, per_image[:, :1].expand_as(per_image), atol=1e-4, rtol=0)  # a pure shift
+    assert (per_image[:, 0].abs() <= 1.6 + 1e-4).all() and per_image[:, 0].std() > 0  # within range, not all equal
+    yy, xx = torch.meshgrid(torch.arange(32.0) - 15.5, torch.arange(32.0) - 15.5, indexing="ij")
+    blob = torch.exp(-(xx ** 2 + yy ** 2) / 40).expand(4, 3, 32, 32)  # rotation-invariant image
+    disk = (xx ** 2 + yy ** 2) < 14 ** 2  # inside the inscribed circle nothing comes from the borders
+    out = data.random_affine(blob, g, rotate=45)
+    torch.testing.assert_close(out[..., disk], blob[..., disk], atol=2e-2, rtol=0)
+    assert (out - blob).abs().amax() > 0  # the corners did move
+
+
+def test_color_jitter_keeps_range_and_zero_is_identity():
+    x = torch.rand(8, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(data.color_jitter(x, g, 0.0), x)
+    out = data.color_jitter(x, g, 0.4)
+    assert out.min() >= 0 and out.max() <= 1 and not torch.allclose(out, x)
+    grey = x.mean(1, keepdim=True).expand_as(x)  # a grey image keeps equal channels (saturation leaves it)
+    out = data.color_jitter(grey, g, 0.4)
+    torch.testing.assert_close(out, out[:, :1].expand_as(out))
+
+
+def test_random_erase_sets_one_rectangle_of_the_asked_area():
+    x = torch.ones(200, 1, 20, 20)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(data.random_erase(x, g, p=0.0), x)
+    out = data.random_erase(x, g, p=1.0)[:, 0] == 0  # (B, H, W) erased pixels
+    area = out.flatten(1).float().mean(1)
+    assert (area > 0).all() and (area <= 0.25 + 0.1).all() and area.mean() > 0.05
+    for m in out[:20]:  # each erased set is a full rectangle: rows x columns
+        rows, cols = m.any(1), m.any(0)
+        assert torch.equal(m, rows[:, None] & cols[None, :])
+    half = data.random_erase(x, g, p=0.5)[:, 0].eq(0).flatten(1).any(1).float().mean()
+    assert 0.35 < half < 0.65

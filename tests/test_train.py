@@ -34,9 +34,14 @@ def test_tiny_run_each_kind(attn, tmp_path):
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3] and "test_acc" in log[-1]
 
 
+AUGS = ["--rotate", "10", "--zoom", "0.1", "--translate", "0.1", "--jitter", "0.3", "--erase", "0.25",
+        "--mixup", "0.8", "--cutmix", "1.0"]
+
+
 def test_resume_continues_exactly(tmp_path, monkeypatch):
+    """With every augmentation on: their random streams resume too."""
     a, b = tmp_path / "a", tmp_path / "b"
-    run(TINY + ["--epochs", "2", "--out_dir", str(a)])
+    run(TINY + AUGS + ["--epochs", "2", "--out_dir", str(a)])
     save = train.save_checkpoint
 
     def save_then_crash(obj, path):  # the run dies right after its first checkpoint
@@ -45,10 +50,10 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        run(TINY + ["--epochs", "2", "--out_dir", str(b)])
+        run(TINY + AUGS + ["--epochs", "2", "--out_dir", str(b)])
     monkeypatch.setattr(train, "save_checkpoint", save)
     assert torch.load(b / "ckpt.pt", weights_only=False)["step"] == 3
-    s = run(TINY + ["--epochs", "2", "--out_dir", str(b), "--init_from", "resume"])
+    s = run(TINY + AUGS + ["--epochs", "2", "--out_dir", str(b), "--init_from", "resume"])
     assert s["steps"] == 6
     wa = torch.load(a / "ckpt.pt", weights_only=False)["model"]
     wb = torch.load(b / "ckpt.pt", weights_only=False)["model"]
@@ -109,3 +114,15 @@ def test_lr_schedule():
     lrs = [train.lr_at(s, total, 1e-3, 1e-5, 0.1) for s in range(total)]
     assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
     assert lrs[-1] < 2e-5 and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_paste_box_keeps_the_reported_area():
+    x, other = torch.zeros(2, 3, 10, 12), torch.ones(2, 3, 10, 12)
+    torch.manual_seed(0)
+    for lam in (0.1, 0.5, 0.9, 0.99):
+        mixed, kept = train.paste_box(x, other, lam)
+        pasted = mixed[0, 0]  # 1 inside the box, 0 outside
+        assert kept == pytest.approx(1 - pasted.mean().item())  # lam follows the clipped box
+        rows, cols = pasted.bool().any(1), pasted.bool().any(0)
+        assert torch.equal(pasted.bool(), rows[:, None] & cols[None, :]) and torch.equal(mixed[0], mixed[1])
+        assert x.sum() == 0  # the input is not modified
