@@ -265,13 +265,18 @@ def linear_infsa_scores(q, k, eps=1e-6):
 
     One power-iteration step toward the principal left eigenvector of ReLU(q k^T),
     started from the query energies w. Cost O(N d_h); nothing N x N is built. (..., N).
-    The sums over N run as matrix products, which accumulate in fp32 even on bf16
-    inputs, so q and k are never copied to fp32; the score total is summed in fp32."""
+    Every sum is a product then a sum in fp32 (over N for qbar, over d_h for the dots):
+    q and k are never copied to fp32, and torch.compile fuses each into one pass."""
     _check_qkv(q, k)
-    w = query_energy(q, eps).to(q.dtype)  # (..., N)
-    qbar = w.unsqueeze(-2) @ q  # (..., 1, d_h)
-    s = F.relu(qbar @ k.transpose(-2, -1)).squeeze(-2)  # (..., N)
-    return s / (s.sum(-1, keepdim=True, dtype=torch.float32) + eps)  # (..., N), >= fp32
+    w = query_energy(q, eps)  # (..., N), fp32
+    qbar = _dot(w.to(q.dtype).unsqueeze(-1), q, dim=-2)  # sum_t w_t q_t: (..., d_h), fp32
+    s = F.relu(_dot(k, qbar.to(k.dtype).unsqueeze(-2), dim=-1))  # qbar . k_j: (..., N), fp32
+    return s / (s.sum(-1, keepdim=True) + eps)  # (..., N)
+
+
+def _dot(x, y, dim):
+    """sum over dim of x * y, accumulated in (at least) fp32."""
+    return (x * y).sum(dim, dtype=torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32))
 
 
 def linear_infsa(q, k, v, gamma, eps=1e-6, expand=True):
@@ -284,7 +289,7 @@ def linear_infsa(q, k, v, gamma, eps=1e-6, expand=True):
     _check_qkv(q, k, v)
     _check_gamma(gamma)
     a = linear_infsa_scores(q, k, eps).to(v.dtype)  # (..., N)
-    c = a.unsqueeze(-2) @ v  # (..., 1, d_v)
+    c = _dot(a.unsqueeze(-1), v, dim=-2).unsqueeze(-2).to(v.dtype)  # sum_j a_j v_j: (..., 1, d_v)
     o = gamma * c
     return o.expand(*v.shape) if expand else o
 

@@ -179,8 +179,17 @@ class ViT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def embed(self, images):
+        """Patch embedding: each p x p patch, flattened in (channel, row, column) order, times the
+        conv's weight: (B, in_chans, H, W) -> (B, h*w, C). The same as self.patch(images), but a
+        plain matrix product, which GPUs run far faster than a stride-p convolution."""
+        B, c, H, W = images.shape
+        p = self.cfg.patch_size
+        x = images.view(B, c, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, c, p, p)
+        return F.linear(x.reshape(B, (H // p) * (W // p), c * p * p), self.patch.weight.flatten(1), self.patch.bias)
+
     def forward(self, images, targets=None, label_smoothing=0.0):
-        x = self.patch(images).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+        x = self.embed(images)  # (B, h*w, C)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos  # (B, N, C)
         x = self.drop(x)
         for block in self.blocks:
@@ -212,10 +221,11 @@ class ViT(nn.Module):
     def flops_per_image(self, training=False):
         """Matmul FLOPs of one image (2 per multiply-add), attention included:
         per layer qkv 6Nd^2, proj 2Nd^2 (2d^2 for linear: one context vector), MLP 4 r N d^2;
-        attention softmax 4N^2 d, pure (2 + 2K) N^2 d, linear ~6 N d. Training = 3x forward."""
+        attention softmax 4N^2 d, pure (2 + 2K) N^2 d, linear 0 (its ~8 N d of weighted sums
+        are elementwise reductions, not matrix products). Training = 3x forward."""
         c = self.cfg
         N, d, L = c.n_tokens, c.n_embd, c.n_layer
-        attn = {"softmax": 4 * N * N * d, "pure": (2 + 2 * c.hops) * N * N * d, "linear": 6 * N * d}[c.attn]
+        attn = {"softmax": 4 * N * N * d, "pure": (2 + 2 * c.hops) * N * N * d, "linear": 0}[c.attn]
         proj = 2 * d * d * (1 if c.attn == "linear" else N)
         layer = 6 * N * d * d + proj + 4 * c.mlp_ratio * N * d * d + attn
         embed = 2 * (N - 1) * c.in_chans * c.patch_size ** 2 * d

@@ -35,7 +35,7 @@ dataset = "shapes"          # shapes (built in) | cifar10 | folder
 data_dir = "data"           # where cifar10 / folder data lives
 n_train = 20000             # shapes: training images
 n_test = 2000               # shapes: test images
-val_split = 0               # >0: hold out the last N training images and evaluate on them instead of test
+val_split = 0               # >0: hold out N random training images, evaluate on them while training; test once at the end
 crop_pad = 4                # random-crop padding (pixels); 0 disables the crop
 hflip = True                # random horizontal flips
 loader = "auto"             # auto | gpu (whole set on the device) | stream (decode files in workers; folder only)
@@ -239,16 +239,21 @@ def make_loaders(dev, rank, world):
         return tr, te, classes, 3, mean, std
     d = data.load(dataset, data_dir, image_size, seed, n_train, n_test)
     x_tr, y_tr, x_te, y_te = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
-    if val_split:
+    held = None
+    if val_split:  # a fixed random subset (the same for every seed): files are often sorted by class
         if not 0 < val_split < len(x_tr):
             _die(f"--val_split must be between 1 and {len(x_tr) - 1}; got {val_split}")
-        x_tr, y_tr, x_te, y_te = x_tr[:-val_split], y_tr[:-val_split], x_tr[-val_split:], y_tr[-val_split:]
+        perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))
+        held = (x_te, y_te)
+        x_tr, y_tr, x_te, y_te = x_tr[perm[:-val_split]], y_tr[perm[:-val_split]], x_tr[perm[-val_split:]], y_tr[perm[-val_split:]]
     if x_tr.shape[-1] != image_size:
         _die(f"images are {x_tr.shape[-1]}px but the model expects {image_size}px; pass --image_size {x_tr.shape[-1]}")
     mean, std = channel_stats(x_tr[:10000])
     x_tr, y_tr, x_te, y_te = (t.to(dev) for t in (x_tr, y_tr, x_te, y_te))
     tr = data.GPULoader(x_tr, y_tr, batch_size, mean, std, True, **kw)
     te = data.GPULoader(x_te, y_te, 1000, mean, std, False)
+    if held is not None:  # evaluated once, after training
+        te.test = data.GPULoader(held[0].to(dev), held[1].to(dev), 1000, mean, std, False)
     return tr, te, d["classes"], x_tr.shape[1], mean, std
 
 
@@ -360,9 +365,10 @@ def main(cfg, given=()):
         if master and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             test_acc, test_loss = evaluate(fwd, test_loader, ctx)
             best_acc = max(best_acc, test_acc)
-            log.write(json.dumps(dict(step=step, epoch=epoch, test_acc=test_acc, test_loss=test_loss)) + "\n")
+            split = "val" if val_split else "test"  # what the loop evaluates on
+            log.write(json.dumps({"step": step, "epoch": epoch, f"{split}_acc": test_acc, f"{split}_loss": test_loss}) + "\n")
             log.flush()
-            bar.write(f"epoch {epoch + 1}/{epochs}: test acc {test_acc:.4f}, test loss {test_loss:.4f}")
+            bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {test_acc:.4f}, {split} loss {test_loss:.4f}")
         if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
             rng = gather_rng_states(world)
             if master:
@@ -376,6 +382,13 @@ def main(cfg, given=()):
     if not master:
         torch.distributed.destroy_process_group()
         return None
+    val = {}
+    if val_split:  # the held-out test set, once, after training on the rest
+        val = dict(val_acc=test_acc, best_val_acc=best_acc)
+        test_loader = test_loader.test
+        test_acc, _ = evaluate(fwd, test_loader, ctx)
+        log.write(json.dumps(dict(step=step, epoch=epochs - 1, test_acc=test_acc)) + "\n")
+        print(f"validation acc {100 * val['val_acc']:.2f}%; test set, evaluated once: {100 * test_acc:.2f}%")
     shift = {}
     if eval_shift and not isinstance(test_loader, data.StreamLoader):
         for kind in data.CORRUPTIONS:
@@ -388,11 +401,12 @@ def main(cfg, given=()):
     summary = dict(attn=model_args["attn"], dataset=dataset, test_acc=test_acc, best_acc=best_acc,
                    img_s=ips, wall_s=wall, mfu=mfu, params=model.num_params(), device=dev, world=world,
                    loader=type(train_loader).__name__, gamma_mean=model.gammas().mean().item(), steps=step,
-                   shift=shift, flops_per_image=flops_img, peak_tflops=peak or None)
+                   shift=shift, flops_per_image=flops_img, peak_tflops=peak or None, **val)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     mfu_s = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
-    print(f"done: test acc {100 * test_acc:.2f}% (best {100 * best_acc:.2f}%) | {ips:.0f} img/s | "
+    best = "" if val_split else f" (best {100 * best_acc:.2f}%)"
+    print(f"done: test acc {100 * test_acc:.2f}%{best} | {ips:.0f} img/s | "
           f"{wall / 60:.1f} min{mfu_s} | checkpoint {ckpt_path}")
     if world > 1:
         torch.distributed.destroy_process_group()

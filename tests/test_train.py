@@ -126,3 +126,14 @@ def test_paste_box_keeps_the_reported_area():
         rows, cols = pasted.bool().any(1), pasted.bool().any(0)
         assert torch.equal(pasted.bool(), rows[:, None] & cols[None, :]) and torch.equal(mixed[0], mixed[1])
         assert x.sum() == 0  # the input is not modified
+
+
+def test_val_split_is_random_and_test_is_evaluated_once(tmp_path):
+    s = run(TINY + ["--val_split", "64", "--epochs", "2", "--out_dir", str(tmp_path)])
+    assert 0 <= s["val_acc"] <= 1 and 0 <= s["test_acc"] <= 1 and s["steps"] == 4  # 128 training images: 2 steps an epoch
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert sum("val_acc" in r for r in log) == 2 and sum("test_acc" in r for r in log) == 1
+    import data
+    d = data.load("shapes", "data", 32, 1337, 192, 64)
+    perm = torch.randperm(192, generator=torch.Generator().manual_seed(0))
+    assert len(set(d["y_train"][perm[-64:]].tolist())) > 3  # the held-out images span the classes
