@@ -305,6 +305,18 @@ def random_erase(x, generator=None, p=0.0, area=(0.02, 0.25), max_aspect=3.0):
     return x.masked_fill(box[:, None], 0.0)
 
 
+def paste_box(x, other, lam):
+    """CutMix: copy a box of `other` into x, area (1 - lam) of the image, centre uniform, clipped at
+    the borders (the same box for the whole batch). Returns (mixed, lam of the area actually kept)."""
+    H, W = x.shape[-2:]
+    h, w = round(H * math.sqrt(1 - lam)), round(W * math.sqrt(1 - lam))
+    cy, cx = (int(torch.randint(0, n, ())) for n in (H, W))
+    y0, y1, x0, x1 = max(cy - h // 2, 0), min(cy + (h + 1) // 2, H), max(cx - w // 2, 0), min(cx + (w + 1) // 2, W)
+    x = x.clone()
+    x[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+    return x, 1 - (y1 - y0) * (x1 - x0) / (H * W)
+
+
 def epoch_order(n, seed, epoch):
     """The shuffled order of epoch `epoch`: the same on every rank and after a resume."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))

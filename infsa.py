@@ -265,18 +265,35 @@ def linear_infsa_scores(q, k, eps=1e-6):
 
     One power-iteration step toward the principal left eigenvector of ReLU(q k^T),
     started from the query energies w. Cost O(N d_h); nothing N x N is built. (..., N).
-    Every sum is a product then a sum in fp32 (over N for qbar, over d_h for the dots):
-    q and k are never copied to fp32, and torch.compile fuses each into one pass."""
+    Every sum runs in fp32 (weighted_sum); q and k are never copied to fp32."""
     _check_qkv(q, k)
     w = query_energy(q, eps)  # (..., N), fp32
-    qbar = _dot(w.to(q.dtype).unsqueeze(-1), q, dim=-2)  # sum_t w_t q_t: (..., d_h), fp32
-    s = F.relu(_dot(k, qbar.to(k.dtype).unsqueeze(-2), dim=-1))  # qbar . k_j: (..., N), fp32
+    qbar = weighted_sum(w, q)  # sum_t w_t q_t: (..., d_h), fp32
+    s = F.relu(token_dots(k, qbar))  # qbar . k_j: (..., N), fp32
     return s / (s.sum(-1, keepdim=True) + eps)  # (..., N)
 
 
-def _dot(x, y, dim):
-    """sum over dim of x * y, accumulated in (at least) fp32."""
-    return (x * y).sum(dim, dtype=torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32))
+def weighted_sum(w, x, fused=None):
+    """sum_t w_t x_t for w (..., T) and x (..., T, d) -> (..., d), accumulated in fp32 (at least).
+
+    fused (default: on a GPU): a product and a sum, which torch.compile fuses into one pass
+    over x (as a matrix product it would be a batched matrix-vector product, slow on GPUs);
+    otherwise a matrix product, which needs no temporary of x's size."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    w = w.to(x.dtype)
+    if x.is_cuda if fused is None else fused:
+        return (w.unsqueeze(-1) * x).sum(-2, dtype=acc)
+    return (w.unsqueeze(-2) @ x).squeeze(-2).to(acc)  # matmuls accumulate in fp32 on bf16 / fp16 inputs
+
+
+def token_dots(k, qbar, fused=None):
+    """qbar . k_j for every token j: k (..., N, d), qbar (..., d) -> (..., N), accumulated in fp32
+    (at least); fused (default: on a GPU) as a product and a sum, else a matrix product (see weighted_sum)."""
+    acc = torch.promote_types(k.dtype, torch.float32)
+    qbar = qbar.to(k.dtype)
+    if k.is_cuda if fused is None else fused:
+        return (k * qbar.unsqueeze(-2)).sum(-1, dtype=acc)
+    return (qbar.unsqueeze(-2) @ k.transpose(-2, -1)).squeeze(-2).to(acc)
 
 
 def linear_infsa(q, k, v, gamma, eps=1e-6, expand=True):
@@ -288,8 +305,8 @@ def linear_infsa(q, k, v, gamma, eps=1e-6, expand=True):
     model can broadcast instead of repeating it N times."""
     _check_qkv(q, k, v)
     _check_gamma(gamma)
-    a = linear_infsa_scores(q, k, eps).to(v.dtype)  # (..., N)
-    c = _dot(a.unsqueeze(-1), v, dim=-2).unsqueeze(-2).to(v.dtype)  # sum_j a_j v_j: (..., 1, d_v)
+    a = linear_infsa_scores(q, k, eps)  # (..., N)
+    c = weighted_sum(a, v).unsqueeze(-2).to(v.dtype)  # sum_j a_j v_j: (..., 1, d_v)
     o = gamma * c
     return o.expand(*v.shape) if expand else o
 

@@ -235,12 +235,17 @@ def draw_curves(runs, path):
             print(f"no {log}: no training curves for {run['label']}")
             continue
         recs = read_log(log)
-        tr, te = [r for r in recs if "loss" in r], [r for r in recs if "test_acc" in r]
+        split = "val" if any("val_acc" in r for r in recs) else "test"  # --val_split runs evaluate on val
+        tr, te = [r for r in recs if "loss" in r], [r for r in recs if f"{split}_loss" in r]
         for ax, key, scale in ((axes[0], "loss", 1), (axes[1], "acc", 100)):
-            ax.plot([r["step"] for r in tr], [scale * r[key] for r in tr], f"C{k}", lw=1, label=f"{run['label']} train")
-            last = f" ({scale * te[-1]['test_' + key]:{'.3f' if key == 'loss' else '.1f'}})" if te else ""
-            ax.plot([r["step"] for r in te], [scale * r["test_" + key] for r in te], f"C{k}", ls="--", marker="o",
-                    ms=3, label=f"{run['label']} test{last}")
+            ys = np.array([scale * r[key] for r in tr])
+            w = max(1, len(ys) // 40)  # a running mean over w log intervals: mixup makes single batches noisy
+            ys = np.convolve(ys, np.ones(w) / w, mode="valid")
+            ax.plot([r["step"] for r in tr][w - 1:], ys, f"C{k}", lw=1,
+                    label=f"{run['label']} train" + (f" (mean of {w} logs)" if w > 1 else ""))
+            last = f" ({scale * te[-1][f'{split}_{key}']:{'.3f' if key == 'loss' else '.1f'}})" if te else ""
+            ax.plot([r["step"] for r in te], [scale * r[f"{split}_{key}"] for r in te], f"C{k}", ls="--", marker="o",
+                    ms=3, label=f"{run['label']} {split}{last}")
     axes[0].set(xlabel="step", ylabel="cross-entropy (train: with label smoothing)", title="loss")
     axes[1].set(xlabel="step", ylabel="accuracy (%; train: augmented batches)", title="accuracy", ylim=(0, 100))
     for ax in axes:

@@ -424,24 +424,12 @@ def forward_loss(fwd, xb, yb):
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     perm = torch.randperm(len(xb), device=xb.device)
     if use_cutmix:
-        xb, lam = paste_box(xb, xb[perm], lam)
+        xb, lam = data.paste_box(xb, xb[perm], lam)
     else:
         xb = lam * xb + (1 - lam) * xb[perm]
     logits, _ = fwd(xb)
     ce = lambda y: F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)  # noqa: E731
     return logits, lam * ce(yb) + (1 - lam) * ce(yb[perm])
-
-
-def paste_box(x, other, lam):
-    """CutMix: copy a box of `other` into x, area (1 - lam) of the image, centre uniform, clipped at
-    the borders (the same box for the whole batch). Returns (mixed, lam of the area actually kept)."""
-    H, W = x.shape[-2:]
-    h, w = round(H * math.sqrt(1 - lam)), round(W * math.sqrt(1 - lam))
-    cy, cx = (int(torch.randint(0, n, ())) for n in (H, W))
-    y0, y1, x0, x1 = max(cy - h // 2, 0), min(cy + (h + 1) // 2, H), max(cx - w // 2, 0), min(cx + (w + 1) // 2, W)
-    x = x.clone()
-    x[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
-    return x, 1 - (y1 - y0) * (x1 - x0) / (H * W)
 
 
 def gather_rng_states(world):

@@ -312,3 +312,20 @@ def test_linear_infsa_bf16_at_332k_tokens_is_finite_and_close_to_fp32():
     a = infsa.linear_infsa_scores(q.bfloat16(), k.bfloat16())
     assert a.dtype == torch.float32
     torch.testing.assert_close(a.sum(-1), torch.ones(2, dtype=torch.float32), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_weighted_sums_gpu_form_equals_matrix_form(dtype):
+    """The product-and-sum form used on GPUs and the matrix-product form used elsewhere agree
+    with a float64 loop over tokens on the same (rounded) inputs."""
+    g = torch.Generator().manual_seed(0)
+    w, x, c = (t.to(dtype) for t in (torch.rand(2, 3, 50, generator=g), torch.randn(2, 3, 50, 8, generator=g),
+                                     torch.randn(2, 3, 8, generator=g)))
+    ref = sum(w[..., t, None].double() * x[..., t, :].double() for t in range(50))  # (2, 3, 8)
+    ref_dots = torch.einsum("bhtd,bhd->bht", x.double(), c.double())  # (2, 3, 50)
+    tol = dict(rtol=0, atol=1e-10) if dtype == torch.float64 else dict(rtol=0.01, atol=0.02)
+    for fused in (True, False):
+        out, dots = infsa.weighted_sum(w, x, fused=fused), infsa.token_dots(x, c, fused=fused)
+        assert out.dtype == dots.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(out.double(), ref, **tol)
+        torch.testing.assert_close(dots.double(), ref_dots, **tol)

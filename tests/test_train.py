@@ -120,7 +120,7 @@ def test_paste_box_keeps_the_reported_area():
     x, other = torch.zeros(2, 3, 10, 12), torch.ones(2, 3, 10, 12)
     torch.manual_seed(0)
     for lam in (0.1, 0.5, 0.9, 0.99):
-        mixed, kept = train.paste_box(x, other, lam)
+        mixed, kept = train.data.paste_box(x, other, lam)
         pasted = mixed[0, 0]  # 1 inside the box, 0 outside
         assert kept == pytest.approx(1 - pasted.mean().item())  # lam follows the clipped box
         rows, cols = pasted.bool().any(1), pasted.bool().any(0)
