@@ -221,11 +221,11 @@ class ViT(nn.Module):
     def flops_per_image(self, training=False):
         """Matmul FLOPs of one image (2 per multiply-add), attention included:
         per layer qkv 6Nd^2, proj 2Nd^2 (2d^2 for linear: one context vector), MLP 4 r N d^2;
-        attention softmax 4N^2 d, pure (2 + 2K) N^2 d, linear 0 (its ~8 N d of weighted sums
-        are elementwise reductions, not matrix products). Training = 3x forward."""
+        attention softmax 4N^2 d, pure (2 + 2K) N^2 d, linear 6 N d (three weighted sums over N:
+        qbar, the scores, the context). Training = 3x forward."""
         c = self.cfg
         N, d, L = c.n_tokens, c.n_embd, c.n_layer
-        attn = {"softmax": 4 * N * N * d, "pure": (2 + 2 * c.hops) * N * N * d, "linear": 0}[c.attn]
+        attn = {"softmax": 4 * N * N * d, "pure": (2 + 2 * c.hops) * N * N * d, "linear": 6 * N * d}[c.attn]
         proj = 2 * d * d * (1 if c.attn == "linear" else N)
         layer = 6 * N * d * d + proj + 4 * c.mlp_ratio * N * d * d + attn
         embed = 2 * (N - 1) * c.in_chans * c.patch_size ** 2 * d

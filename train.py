@@ -63,7 +63,7 @@ chunk = 0                   # pure: rows of A_hat per block (0 = whole matrix)
 dropout = 0.0
 drop_path = 0.0             # stochastic depth rate of the last block
 # optimisation
-epochs = 8                  # passes over the training set
+epochs = 7                  # passes over the training set
 batch_size = 128            # global batch per optimizer step (split over processes and --grad_accum)
 grad_accum = 1              # micro-batches per step on each process
 lr = 2e-3                   # peak learning rate (AdamW)
@@ -81,7 +81,7 @@ peak_tflops = 0.0           # bf16 peak of your GPU for MFU; 0 = look it up (H20
 # -----------------------------------------------------------------------------
 PRESETS = {
     "cifar": dict(dataset="cifar10", n_layer=6, n_head=8, n_embd=384, mlp_ratio=2.0, batch_size=512,
-                  epochs=40, lr=1e-3, warmup=0.1, weight_decay=0.05, drop_path=0.1, label_smoothing=0.1,
+                  epochs=75, lr=1e-3, warmup=0.1, weight_decay=0.05, drop_path=0.1, label_smoothing=0.1,
                   mixup=0.2, eval_shift=True, init_std=0.02, eval_every=5),
 }
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]

@@ -47,10 +47,10 @@ def test_flop_counts_agree_with_a_hand_count(smoke):
     embed = 2 * 64 * (C * P * P) * d                      # conv: every patch times a (C P P) x d matrix
     qkv, proj = 2 * N * d * (3 * d), 2 * 1 * d * d          # Linear-InfSA projects one context vector
     mlp = 2 * N * d * (4 * d) + 2 * N * (4 * d) * d
-    attn = 0                                                # its weighted sums are not matrix products
+    attn = H * (2 * N * (d // H)) * 3                       # qbar = sum w q, scores qbar . k, context sum a v
     head = 2 * d * classes
     hand = embed + L * (qkv + proj + mlp + attn) + head
-    assert hand == 13_305_088
+    assert hand == 13_355_008
     (r,) = rows_of(res, mode="infer", kind="linear", image=64)
     assert r["flops_model"] == hand
     assert r["flops_24"] == 24 * N * d * d * L == 12_779_520
