@@ -239,7 +239,12 @@ def corrupt(x, kind, seed=0):
 
 def normalize(x_uint8, mean, std):
     """uint8 (B, 3, H, W) -> float (x / 255 - mean) / std."""
-    return (x_uint8.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return standardize(x_uint8.float() / 255, mean, std)
+
+
+def standardize(x, mean, std):
+    """Float images on the [0, 1] scale (B, 3, H, W) -> (x - mean) / std, per channel."""
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 def random_crop_flip(x, pad, generator=None, flip=True):
@@ -359,7 +364,7 @@ class GPULoader:
             x = random_affine(x, g, *self.affine)
         if self.jitter:
             x = color_jitter(x, g, self.jitter)
-        x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        x = standardize(x, self.mean, self.std)
         return random_erase(x, g, self.erase) if self.erase else x
 
     def __iter__(self):

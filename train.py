@@ -217,8 +217,10 @@ def channel_stats(x):
 
 
 def make_loaders(dev, rank, world):
-    """Training and test loaders: GPU-resident tensors, or files streamed by worker processes
-    (--loader stream; auto picks it for an image folder too large for a quarter of device memory)."""
+    """Training and evaluation loaders: GPU-resident tensors, or files streamed by worker processes
+    (--loader stream; auto picks it for an image folder too large for a quarter of device memory).
+    With --val_split the evaluation loader holds the validation images and `held_test` the test set
+    (evaluated once, after training); otherwise held_test is None."""
     kw = dict(seed=seed, rank=rank, world=world, pad=crop_pad, flip=hflip, rotate=rotate, zoom=zoom,
               translate=translate, jitter=jitter, erase=erase)
     mode = loader
@@ -236,7 +238,7 @@ def make_loaders(dev, rank, world):
         mean, std = channel_stats(sample)
         tr = data.StreamLoader(*files["train"], image_size, batch_size, mean, std, True, dev, workers, **kw)
         te = data.StreamLoader(*files["test"], image_size, 500, mean, std, False, dev, workers)
-        return tr, te, classes, 3, mean, std
+        return tr, te, None, classes, 3, mean, std
     d = data.load(dataset, data_dir, image_size, seed, n_train, n_test)
     x_tr, y_tr, x_te, y_te = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
     held = None
@@ -252,9 +254,8 @@ def make_loaders(dev, rank, world):
     x_tr, y_tr, x_te, y_te = (t.to(dev) for t in (x_tr, y_tr, x_te, y_te))
     tr = data.GPULoader(x_tr, y_tr, batch_size, mean, std, True, **kw)
     te = data.GPULoader(x_te, y_te, 1000, mean, std, False)
-    if held is not None:  # evaluated once, after training
-        te.test = data.GPULoader(held[0].to(dev), held[1].to(dev), 1000, mean, std, False)
-    return tr, te, d["classes"], x_tr.shape[1], mean, std
+    held_test = None if held is None else data.GPULoader(held[0].to(dev), held[1].to(dev), 1000, mean, std, False)
+    return tr, te, held_test, d["classes"], x_tr.shape[1], mean, std
 
 
 def main(cfg, given=()):
@@ -287,7 +288,7 @@ def main(cfg, given=()):
                  f"pass --dataset {ckpt['config'].get('dataset')}")
         model_args = ckpt["model_args"]
 
-    train_loader, test_loader, classes, chans, mean, std = make_loaders(dev, rank, world)
+    train_loader, test_loader, held_test, classes, chans, mean, std = make_loaders(dev, rank, world)
     if len(train_loader) == 0:
         _die(f"--batch_size {batch_size} is larger than the training set ({len(train_loader.y)} images)")
     model_args.update(n_classes=len(classes), in_chans=chans)
@@ -319,6 +320,7 @@ def main(cfg, given=()):
     log = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
     t_start, train_time, seen, first_step = time.time(), 0.0, 0, step
     test_acc = test_loss = float("nan")
+    split = "val" if val_split else "test"  # what the loop evaluates on
     bar = tqdm(total=total, initial=step, desc=model_args["attn"], dynamic_ncols=True, disable=None if master else True)
     for epoch in range(start_epoch, epochs):
         train_loader.epoch = epoch
@@ -365,7 +367,6 @@ def main(cfg, given=()):
         if master and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             test_acc, test_loss = evaluate(fwd, test_loader, ctx)
             best_acc = max(best_acc, test_acc)
-            split = "val" if val_split else "test"  # what the loop evaluates on
             log.write(json.dumps({"step": step, "epoch": epoch, f"{split}_acc": test_acc, f"{split}_loss": test_loss}) + "\n")
             log.flush()
             bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {test_acc:.4f}, {split} loss {test_loss:.4f}")
@@ -385,7 +386,7 @@ def main(cfg, given=()):
     val = {}
     if val_split:  # the held-out test set, once, after training on the rest
         val = dict(val_acc=test_acc, best_val_acc=best_acc)
-        test_loader = test_loader.test
+        test_loader = held_test
         test_acc, _ = evaluate(fwd, test_loader, ctx)
         log.write(json.dumps(dict(step=step, epoch=epochs - 1, test_acc=test_acc)) + "\n")
         print(f"validation acc {100 * val['val_acc']:.2f}%; test set, evaluated once: {100 * test_acc:.2f}%")
