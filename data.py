@@ -247,62 +247,75 @@ def standardize(x, mean, std):
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-def random_crop_flip(x, pad, generator=None, flip=True):
-    """Per-image random crop (zero padding `pad`) and horizontal flip, on a (B, C, H, W) batch."""
+# Every augmentation below is a deterministic function of the images and a (B, k) tensor u of
+# U(0, 1) draws, k = DRAWS[name]. The loader draws all of a batch's randomness in one call and
+# can then compile the whole pipeline into a few fused kernels (a generator cannot be compiled).
+DRAWS = {"crop_flip": 3, "affine": 4, "jitter": 3, "erase": 5}
+
+
+def uniforms(n, k, generator=None, device=None):
+    """(n, k) independent U(0, 1) draws, from `generator` when given."""
+    return torch.rand(n, k, generator=generator, device=device)
+
+
+def _sym(u):
+    """U(0, 1) -> U(-1, 1)."""
+    return 2 * u - 1
+
+
+def random_crop_flip(x, pad, u, flip=True):
+    """Per-image random crop (zero padding `pad`) and horizontal flip of a (B, C, H, W) batch.
+    u (B, 3): vertical offset, horizontal offset (each uniform over 0..2 pad), flip if u < 0.5."""
     B, C, H, W = x.shape
     dev = x.device
     if pad:
         xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
-        dy, dx = (torch.randint(0, 2 * pad + 1, (B,), device=dev, generator=generator) for _ in range(2))
+        dy, dx = ((u[:, i] * (2 * pad + 1)).long().clamp(max=2 * pad) for i in range(2))
         iy = dy[:, None] + torch.arange(H, device=dev)  # (B, H)
         ix = dx[:, None] + torch.arange(W, device=dev)  # (B, W)
         b, c = torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None]
         x = xp[b, c, iy[:, None, :, None], ix[:, None, None, :]]  # (B, C, H, W)
     if not flip:
         return x
-    mirror = torch.rand(B, device=dev, generator=generator) < 0.5
-    return torch.where(mirror[:, None, None, None], x.flip(-1), x)
+    return torch.where((u[:, 2] < 0.5)[:, None, None, None], x.flip(-1), x)
 
 
-def _uniform(n, generator, device, lo=-1.0, hi=1.0):
-    return lo + (hi - lo) * torch.rand(n, device=device, generator=generator)
-
-
-def random_affine(x, generator=None, rotate=0.0, zoom=0.0, translate=0.0):
+def random_affine(x, u, rotate=0.0, zoom=0.0, translate=0.0):
     """Per-image rotation by U(-rotate, rotate) degrees, zoom by U(1 - zoom, 1 + zoom) and shift by
     U(-translate, translate) of the image size, in one bilinear resample of a float (B, C, H, W)
-    batch; borders reflect. Output point p (in [-1, 1] coordinates) samples input R(theta) p / s + t."""
-    B, dev = x.shape[0], x.device
-    th = _uniform(B, generator, dev) * math.radians(rotate)
-    s = 1 + _uniform(B, generator, dev) * zoom
-    t = _uniform(2 * B, generator, dev).view(2, B) * 2 * translate  # a shift of 1 image = 2 units
+    batch; borders reflect. Output point p (in [-1, 1] coordinates) samples input R(theta) p / s + t.
+    u (B, 4): angle, zoom, shift x, shift y."""
+    th = _sym(u[:, 0]) * math.radians(rotate)
+    s = 1 + _sym(u[:, 1]) * zoom
+    t = _sym(u[:, 2:4]) * 2 * translate  # (B, 2); a shift of 1 image = 2 units
     cos, sin = th.cos() / s, th.sin() / s
-    theta = torch.stack([torch.stack([cos, -sin, t[0]], -1), torch.stack([sin, cos, t[1]], -1)], 1)  # (B, 2, 3)
+    theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], -1), torch.stack([sin, cos, t[:, 1]], -1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def color_jitter(x, generator=None, strength=0.0):
+def color_jitter(x, u, strength=0.0):
     """Brightness x*b, contrast (x - m)*c + m (m: image mean), saturation (x - g)*s + g (g: grey
-    level of each pixel), with b, c, s ~ U(1 - strength, 1 + strength) per image; x float in [0, 1]."""
-    B, dev = x.shape[0], x.device
-    f = lambda: (1 + strength * _uniform(B, generator, dev)).view(B, 1, 1, 1)  # noqa: E731
-    x = x * f()
+    level of each pixel), with b, c, s ~ U(1 - strength, 1 + strength) per image; x float in [0, 1].
+    u (B, 3): b, c, s."""
+    f = (1 + strength * _sym(u))[:, :, None, None, None]  # (B, 3, 1, 1, 1)
+    x = x * f[:, 0]
     m = x.mean((1, 2, 3), keepdim=True)
-    x = (x - m) * f() + m
+    x = (x - m) * f[:, 1] + m
     grey = x.mean(1, keepdim=True)
-    x = (x - grey) * f() + grey
+    x = (x - grey) * f[:, 2] + grey
     return x.clamp(0, 1)
 
 
-def random_erase(x, generator=None, p=0.0, area=(0.02, 0.25), max_aspect=3.0):
+def random_erase(x, u, p=0.0, area=(0.02, 0.25), max_aspect=3.0):
     """With probability p per image, set one rectangle to 0 (after normalisation: the mean colour).
-    Its area is U(area) of the image, its aspect ratio log-uniform in [1/max_aspect, max_aspect]."""
+    Its area is U(area) of the image, its aspect ratio log-uniform in [1/max_aspect, max_aspect].
+    u (B, 5): area, aspect, top, left, whether to erase."""
     B, _, H, W = x.shape
-    u = lambda lo=0.0, hi=1.0: _uniform(B, generator, x.device, lo, hi)  # noqa: E731
-    a, r = u(*area) * H * W, torch.exp(u(-1.0, 1.0) * math.log(max_aspect))
+    a = (area[0] + (area[1] - area[0]) * u[:, 0]) * H * W
+    r = torch.exp(_sym(u[:, 1]) * math.log(max_aspect))
     h, w = (a * r).sqrt().clamp(max=H), (a / r).sqrt().clamp(max=W)
-    y0, x0, hit = u() * (H - h), u() * (W - w), u() < p
+    y0, x0, hit = u[:, 2] * (H - h), u[:, 3] * (W - w), u[:, 4] < p
     ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
     rows = (ys >= y0[:, None]) & (ys < (y0 + h)[:, None])  # (B, H)
     cols = (xs >= x0[:, None]) & (xs < (x0 + w)[:, None])  # (B, W)
@@ -335,11 +348,13 @@ class GPULoader:
     translate), color_jitter (jitter), normalise, random_erase (erase = its probability)."""
 
     def __init__(self, x, y, batch_size, mean, std, train, pad=4, flip=True, seed=0, rank=0, world=1,
-                 rotate=0.0, zoom=0.0, translate=0.0, jitter=0.0, erase=0.0):
+                 rotate=0.0, zoom=0.0, translate=0.0, jitter=0.0, erase=0.0, compile=False):
         self.x, self.y, self.bs, self.train, self.pad, self.flip = x, y, batch_size, train, pad, flip
         self.affine, self.jitter, self.erase = (rotate, zoom, translate), jitter, erase
         self.mean, self.std = mean.to(y.device), std.to(y.device)
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        # compiled, the ~70 small kernels of the pipeline become a few fused ones (CUDA: launch-bound)
+        self.transform = torch.compile(self.augment, dynamic=False) if compile else self.augment
 
     def __len__(self):
         return len(self.y) // self.bs if self.train else -(-len(self.y) // self.bs)
@@ -354,25 +369,31 @@ class GPULoader:
         """One random stream per (seed, epoch, rank) for the augmentation of the whole epoch."""
         return torch.Generator(device=device).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)
 
-    def augment(self, xb, g):
-        """uint8 (B, C, H, W) -> normalised float (B, C, H, W), augmented when training."""
+    def augment(self, xb, u=None):
+        """uint8 (B, C, H, W) -> normalised float (B, C, H, W); when training, augmented with the
+        (B, sum(DRAWS.values())) uniform draws u, one column block per transform."""
         if not self.train:
             return normalize(xb, self.mean, self.std)
-        xb = random_crop_flip(xb, self.pad, g, self.flip)
+        u_crop, u_affine, u_jitter, u_erase = u.split(list(DRAWS.values()), dim=1)
+        xb = random_crop_flip(xb, self.pad, u_crop, self.flip)
         x = xb.float() / 255
         if any(self.affine):
-            x = random_affine(x, g, *self.affine)
+            x = random_affine(x, u_affine, *self.affine)
         if self.jitter:
-            x = color_jitter(x, g, self.jitter)
+            x = color_jitter(x, u_jitter, self.jitter)
         x = standardize(x, self.mean, self.std)
-        return random_erase(x, g, self.erase) if self.erase else x
+        return random_erase(x, u_erase, self.erase) if self.erase else x
+
+    def draws(self, n, g):
+        """The random draws of one batch of n images (None for evaluation: nothing is random)."""
+        return uniforms(n, sum(DRAWS.values()), g, g.device) if self.train else None
 
     def __iter__(self):
         dev = self.x.device
         g, bs = self.generator(dev), self.batches()
         idxs = torch.cat(bs).to(dev).split([len(b) for b in bs])  # one copy per epoch, no sync per step
         for idx in idxs:
-            yield self.augment(self.x[idx], g), self.y[idx]
+            yield self.transform(self.x[idx], self.draws(len(idx), g)), self.y[idx]
 
 
 class _Files(torch.utils.data.Dataset):
@@ -402,4 +423,4 @@ class StreamLoader(GPULoader):
         g = self.generator(self.device)
         for xb, yb in dl:
             xb = xb.to(self.device, non_blocking=True)
-            yield self.augment(xb, g), yb.to(self.device, non_blocking=True)
+            yield self.transform(xb, self.draws(len(xb), g)), yb.to(self.device, non_blocking=True)

@@ -95,11 +95,20 @@ class Attention(nn.Module):
         if kind == "softmax":
             y = infsa.softmax_attention(q, k, v)  # (B, H, N, d)
         elif kind == "pure":
-            y = infsa.pure_infsa(q, k, v, g, self.cfg.hops, chunk=self.cfg.chunk or None)
+            y = self._pure(q, k, v, g)
         else:  # linear: one context vector per head, broadcast to every token after proj
             y = infsa.linear_infsa(q, k, v, g, expand=False)  # (B, H, 1, d)
         y = y.transpose(1, 2).reshape(B, y.shape[2], C)  # (B, N or 1, C)
         return self.drop(self.proj(y))  # (B, 1, C) for linear: broadcast by the residual add
+
+    def _pure(self, q, k, v, g):
+        """Pure-InfSA on N padded with zero tokens to a multiple of 8. Exact: a zero query or key
+        gives a zero row or column of S, so ||S||_F and A_hat^t v on the real tokens are unchanged;
+        the padded output rows are dropped. With N = 65 (64 patches + CLS) the GPU's bf16 matrix
+        products fell back to slow kernels for misaligned rows; padded, they take the fast ones."""
+        N = q.shape[-2]
+        q, k, v = (F.pad(t, (0, 0, 0, -N % 8)) for t in (q, k, v))  # each (B, H, 8 * ceil(N / 8), d)
+        return infsa.pure_infsa(q, k, v, g, self.cfg.hops, chunk=self.cfg.chunk or None)[..., :N, :]
 
     @torch.no_grad()
     def _maps(self, q, k):

@@ -4,7 +4,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import infsa
-from model import ViT, ViTConfig, paper_4l64h
+from model import Attention, ViT, ViTConfig, paper_4l64h
 
 KINDS = ["softmax", "pure", "linear"]
 
@@ -57,6 +57,20 @@ def test_forward_loss_and_gamma_gradients(attn):
         assert torch.isfinite(g).all() and (g.abs() > 0).all()
 
 
+def test_pure_zero_padding_keeps_gradients():
+    """The module pads N = 17 to 24 with zero tokens; the weights' gradients must equal those of the
+    unpadded Neumann sum."""
+    m = tiny("pure", hops=3).blocks[0].attn
+    x = torch.randn(3, 17, 16)
+    m(x).square().sum().backward()
+    padded = m.qkv.weight.grad.clone()
+    m.zero_grad()
+    q, k, v = m.qkv(x).view(3, 17, 3, 2, 8).permute(2, 0, 3, 1, 4)  # each (B, H, N, d)
+    y = infsa.neumann_series(infsa.affinity(q, k), v, m.gamma().view(2, 1, 1), 3)
+    m.proj(y.transpose(1, 2).reshape(3, 17, 16)).square().sum().backward()
+    torch.testing.assert_close(padded, m.qkv.weight.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_pure_chunked_model_equals_unchunked():
     x = torch.randn(2, 3, 16, 16)
     a, b = tiny("pure"), tiny("pure", chunk=5)
@@ -88,6 +102,8 @@ def test_flop_count_matches_pytorch_flop_counter(attn, monkeypatch):
     m = tiny(attn, hops=3)
     # count softmax in its materialised form: the counter does not see inside every SDPA kernel
     monkeypatch.setattr(infsa, "softmax_attention", lambda q, k, v: infsa.softmax_attention_materialized(q, k, v)[0])
+    # and Pure-InfSA without the zero tokens that pad N to a multiple of 8: they only cost, they compute nothing
+    monkeypatch.setattr(Attention, "_pure", lambda self, q, k, v, g: infsa.pure_infsa(q, k, v, g, self.cfg.hops))
     with FlopCounterMode(display=False) as fc:
         m(torch.randn(1, 3, 16, 16))
     assert abs(fc.get_total_flops() - m.flops_per_image()) / fc.get_total_flops() < 0.01

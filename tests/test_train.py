@@ -91,6 +91,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     (["--compile", "maybe"], "--compile takes true or false"),
     (["linear"], "unexpected argument"),
     (["--attn"], "--attn needs a value"),
+    (["--compile_mode", "fast"], "--compile_mode must be one of default | reduce-overhead | max-autotune"),
 ])
 def test_cli_errors(argv, msg):
     r = cli(*argv)
@@ -107,6 +108,14 @@ def test_cli_equals_form_and_help():
 def test_preset_applies_before_explicit_overrides():
     cfg, _ = train.parse_args(["--n_embd", "64", "--preset", "cifar"], dict(train.DEFAULTS))
     assert cfg["n_embd"] == 64 and cfg["n_layer"] == train.PRESETS["cifar"]["n_layer"]
+
+
+def test_long_preset_and_cuda_graph_fallback(tmp_path, capsys):
+    cfg, _ = train.parse_args(["--preset", "cifar_long"], dict(train.DEFAULTS))
+    assert cfg["n_embd"] == 384 and cfg["epochs"] == 560 and cfg["cutmix"] == 1.0 and cfg["compile_mode"] == "reduce-overhead"
+    # gradients accumulated over micro-batches cannot live in replayed graph buffers: fall back, say so
+    s = run(TINY + ["--compile_mode", "reduce-overhead", "--grad_accum", "2", "--out_dir", str(tmp_path)])
+    assert "using default" in capsys.readouterr().out and s["steps"] == 3
 
 
 def test_lr_schedule():
