@@ -393,7 +393,7 @@ def main(cfg, given=()):
     if world > 1:
         check_ranks_agree(model, master)
     if not master:
-        torch.distributed.destroy_process_group()
+        close_process_group()
         return None
     val = {}
     if val_split:  # the held-out test set, once, after training on the rest
@@ -423,7 +423,7 @@ def main(cfg, given=()):
     print(f"done: test acc {100 * test_acc:.2f}%{best} | {ips:.0f} img/s | "
           f"{wall / 60:.1f} min{mfu_s} | checkpoint {ckpt_path}")
     if world > 1:
-        torch.distributed.destroy_process_group()
+        close_process_group()
     return summary
 
 
@@ -453,6 +453,13 @@ def gather_rng_states(world):
         states = [None] * world
         torch.distributed.all_gather_object(states, torch.get_rng_state())
     return dict(torch=states, world=world)
+
+
+def close_process_group():
+    """Every rank waits for rank 0 to finish its evaluation, then all close together: a rank that tore
+    down its gloo connections while another still used them aborted at exit now and then."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def check_ranks_agree(model, master):
