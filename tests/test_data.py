@@ -88,6 +88,17 @@ def test_folder_reader_decodes_resizes_and_caches(tmp_path):
         data.load("folder", str(tmp_path / "missing"))
 
 
+def test_parallel_decode_equals_one_process(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (10 + i, 14, 3), dtype=np.uint8)).save(paths[-1])
+    one = np.stack([data._decode(p, 8) for p in paths])
+    assert np.array_equal(data.decode_all(paths, 8, min_parallel=1), one) and one.shape == (12, 3, 8, 8)
+
+
 def test_random_crop_is_a_shifted_window_and_flip_mirrors():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     g = torch.Generator().manual_seed(0)
