@@ -363,7 +363,7 @@ class GPULoader:
         self.affine, self.jitter, self.erase = (rotate, zoom, translate), jitter, erase
         self.mean, self.std = mean.to(y.device), std.to(y.device)
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
-        # compiled, the ~70 small kernels of the pipeline become a few fused ones (CUDA: launch-bound)
+        # compiled, the pipeline's many small kernels become a few fused ones (on a GPU they were launch-bound)
         self.transform = torch.compile(self.augment, dynamic=False) if compile else self.augment
 
     def __len__(self):

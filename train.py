@@ -317,8 +317,9 @@ def main(cfg, given=()):
         mode = "default"  # a replay reuses its output buffers: no DDP hooks, no gradients accumulated in them
         if master:
             print("note: --compile_mode reduce-overhead needs one process and --grad_accum 1; using default")
-    graphs = compile and is_cuda and mode == "reduce-overhead"
-    fwd = torch.compile(model, mode=mode) if (compile and is_cuda) else model  # evaluation uses this one
+    mode = mode if (compile and is_cuda) else None  # None: not compiled
+    graphs = mode == "reduce-overhead"
+    fwd = torch.compile(model, mode=mode) if mode else model  # evaluation uses this one
     step_fwd = fwd
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -415,7 +416,7 @@ def main(cfg, given=()):
                    img_s=ips, wall_s=wall, mfu=mfu, params=model.num_params(), device=dev, world=world,
                    loader=type(train_loader).__name__, gamma_mean=model.gammas().mean().item(), steps=step,
                    shift=shift, flops_per_image=flops_img, peak_tflops=peak or None,
-                   compile_mode=mode if (compile and is_cuda) else None, **val)
+                   compile_mode=mode, **val)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     mfu_s = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
