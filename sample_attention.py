@@ -228,7 +228,7 @@ def read_log(path):
 
 
 def draw_curves(runs, path):
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6 + 0.25 * len(runs)), layout="constrained")
     for k, run in enumerate(runs):
         log = os.path.join(os.path.dirname(run["path"]), "log.jsonl")
         if not os.path.exists(log):
@@ -250,7 +250,7 @@ def draw_curves(runs, path):
     axes[1].set(xlabel="step", ylabel="accuracy (%; train: augmented batches)", title="accuracy", ylim=(0, 100))
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.15))  # below: curves stay visible
     save(fig, path)
 
 

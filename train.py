@@ -302,12 +302,13 @@ def main(cfg, given=()):
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and n not in ("cls", "pos"))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, beta2), fused=is_cuda)
-    step, start_epoch, best_acc = 0, 0, 0.0
+    step, start_epoch, best_acc, wall_before = 0, 0, 0.0, 0.0
     torch.manual_seed(seed + rank)  # per-rank randomness (mixup, stochastic depth)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, start_epoch, best_acc = ckpt["step"], ckpt["epoch"], ckpt["best_acc"]
+        wall_before = ckpt.get("wall_s", 0.0)  # the run's time up to that checkpoint
         if world == ckpt["rng"].get("world", 1):
             torch.set_rng_state(ckpt["rng"]["torch"][rank])
         if master:
@@ -328,7 +329,10 @@ def main(cfg, given=()):
     total = epochs * len(train_loader)
     peak = peak_tflops or ((lookup_peak(torch.cuda.get_device_name(dev)) or 0) if is_cuda else 0)
     flops_img = model.flops_per_image(training=True)
-    log = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if master and ckpt is not None and os.path.exists(log_path):
+        trim_log(log_path, step)
+    log = open(log_path, "a") if master else None
     t_start, train_time, seen, first_step = time.time(), 0.0, 0, step
     test_acc = test_loss = float("nan")
     split = "val" if val_split else "test"  # what the loop evaluates on
@@ -388,9 +392,10 @@ def main(cfg, given=()):
             if master:
                 save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=model_args,
                                      config=cfg, step=step, epoch=epoch + 1, best_acc=best_acc, test_acc=test_acc,
-                                     classes=classes, mean=mean, std=std, rng=rng), ckpt_path)
+                                     classes=classes, mean=mean, std=std, rng=rng,
+                                     wall_s=wall_before + time.time() - t_start), ckpt_path)
     bar.close()
-    wall = time.time() - t_start
+    wall = wall_before + time.time() - t_start  # a resumed run counts its earlier segments up to the checkpoint
     if world > 1:
         check_ranks_agree(model, master)
     if not master:
@@ -445,6 +450,15 @@ def forward_loss(fwd, xb, yb):
     logits, _ = fwd(xb)
     ce = lambda y: F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)  # noqa: E731
     return logits, lam * ce(yb) + (1 - lam) * ce(yb[perm])
+
+
+def trim_log(path, step):
+    """Drop the records a killed run wrote after its last checkpoint (they are redone on resume)."""
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def gather_rng_states(world):

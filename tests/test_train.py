@@ -52,9 +52,16 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(TINY + AUGS + ["--epochs", "2", "--out_dir", str(b)])
     monkeypatch.setattr(train, "save_checkpoint", save)
-    assert torch.load(b / "ckpt.pt", weights_only=False)["step"] == 3
+    first = torch.load(b / "ckpt.pt", weights_only=False)
+    assert first["step"] == 3 and first["wall_s"] > 0
+    with open(b / "log.jsonl", "a") as f:  # what a run killed after its checkpoint had logged: redone
+        f.write(json.dumps(dict(step=4, epoch=1, loss=9.0, acc=0.0, lr=0.0, img_s=1.0)) + "\n")
     s = run(TINY + AUGS + ["--epochs", "2", "--out_dir", str(b), "--init_from", "resume"])
     assert s["steps"] == 6
+    steps = [r["step"] for r in map(json.loads, open(b / "log.jsonl")) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # one record per step: the killed run's extra one is gone
+    # the summary's time is the whole run's: the first segment (to its checkpoint) plus the second
+    assert s["wall_s"] > first["wall_s"] and torch.load(b / "ckpt.pt", weights_only=False)["wall_s"] > first["wall_s"]
     wa = torch.load(a / "ckpt.pt", weights_only=False)["model"]
     wb = torch.load(b / "ckpt.pt", weights_only=False)["model"]
     for k in wa:  # an interrupted run, resumed, ends with the weights of an uninterrupted one
