@@ -453,9 +453,15 @@ def forward_loss(fwd, xb, yb):
 
 
 def trim_log(path, step):
-    """Drop the records a killed run wrote after its last checkpoint (they are redone on resume)."""
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    """Drop the records a killed run wrote after its last checkpoint (they are redone on resume),
+    and a last line the kill cut short."""
+    keep = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line.rstrip("\n") + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)

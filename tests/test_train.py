@@ -56,6 +56,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert first["step"] == 3 and first["wall_s"] > 0
     with open(b / "log.jsonl", "a") as f:  # what a run killed after its checkpoint had logged: redone
         f.write(json.dumps(dict(step=4, epoch=1, loss=9.0, acc=0.0, lr=0.0, img_s=1.0)) + "\n")
+        f.write('{"step": 5, "epoch": 1, "lo')  # and a line the kill cut short
     s = run(TINY + AUGS + ["--epochs", "2", "--out_dir", str(b), "--init_from", "resume"])
     assert s["steps"] == 6
     steps = [r["step"] for r in map(json.loads, open(b / "log.jsonl")) if "loss" in r]
