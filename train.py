@@ -303,12 +303,15 @@ def main(cfg, given=()):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, beta2), fused=is_cuda)
     step, start_epoch, best_acc, wall_before = 0, 0, 0.0, 0.0
+    train_time, seen, test_acc = 0.0, 0, float("nan")  # timed training steps so far; the last evaluation
     torch.manual_seed(seed + rank)  # per-rank randomness (mixup, stochastic depth)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, start_epoch, best_acc = ckpt["step"], ckpt["epoch"], ckpt["best_acc"]
         wall_before = ckpt.get("wall_s", 0.0)  # the run's time up to that checkpoint
+        train_time, seen = ckpt.get("train_s", 0.0), ckpt.get("seen", 0)  # so img/s covers every segment
+        test_acc = ckpt.get("test_acc", test_acc)
         if world == ckpt["rng"].get("world", 1):
             torch.set_rng_state(ckpt["rng"]["torch"][rank])
         if master:
@@ -333,8 +336,7 @@ def main(cfg, given=()):
     if master and ckpt is not None and os.path.exists(log_path):
         trim_log(log_path, step)
     log = open(log_path, "a") if master else None
-    t_start, train_time, seen, first_step = time.time(), 0.0, 0, step
-    test_acc = test_loss = float("nan")
+    t_start, first_step = time.time(), step
     split = "val" if val_split else "test"  # what the loop evaluates on
     bar = tqdm(total=total, initial=step, desc=model_args["attn"], dynamic_ncols=True, disable=None if master else True)
     for epoch in range(start_epoch, epochs):
@@ -372,7 +374,7 @@ def main(cfg, given=()):
                          f"The last good checkpoint (if any) is {ckpt_path}; try a lower --lr")
                 dt = time.time() - t0
                 ips = len(pending) * batch_size / dt
-                if step - len(pending) > first_step:  # the first interval holds the compile: not in img/s
+                if step - len(pending) > first_step:  # a segment's first interval holds the compile: not timed
                     train_time, seen = train_time + dt, seen + len(pending) * batch_size
                 t0 = time.time()
                 rec = dict(step=step, epoch=epoch, loss=losses.mean().item(), acc=stats[:, 1].mean().item(),
@@ -393,7 +395,8 @@ def main(cfg, given=()):
                 save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=model_args,
                                      config=cfg, step=step, epoch=epoch + 1, best_acc=best_acc, test_acc=test_acc,
                                      classes=classes, mean=mean, std=std, rng=rng,
-                                     wall_s=wall_before + time.time() - t_start), ckpt_path)
+                                     wall_s=wall_before + time.time() - t_start, train_s=train_time, seen=seen),
+                                ckpt_path)
     bar.close()
     wall = wall_before + time.time() - t_start  # a resumed run counts its earlier segments up to the checkpoint
     if world > 1:

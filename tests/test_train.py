@@ -67,6 +67,14 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     wb = torch.load(b / "ckpt.pt", weights_only=False)["model"]
     for k in wa:  # an interrupted run, resumed, ends with the weights of an uninterrupted one
         torch.testing.assert_close(wb[k], wa[k], msg=k)
+    # img/s counts the timed steps of both segments: steps 2-3 of the first, 5-6 of the second
+    # (each segment's first interval holds the compile), not the second segment alone
+    done = torch.load(b / "ckpt.pt", weights_only=False)
+    assert done["seen"] == 4 * 64 and s["img_s"] == pytest.approx(done["seen"] / done["train_s"])
+    # killed after its last checkpoint: a resume runs no step and still writes the same summary
+    again = run(TINY + AUGS + ["--epochs", "2", "--out_dir", str(b), "--init_from", "resume"])
+    for k in ("steps", "img_s", "mfu", "test_acc", "best_acc"):
+        assert again[k] == s[k], k
 
 
 def test_resume_refuses_a_different_model(tmp_path):
