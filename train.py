@@ -459,12 +459,13 @@ def trim_log(path, step):
     """Drop the records a killed run wrote after its last checkpoint (they are redone on resume),
     and a last line the kill cut short."""
     keep = []
-    for line in open(path):
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line.rstrip("\n") + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line.rstrip("\n") + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
