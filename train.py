@@ -29,6 +29,7 @@ out_dir = "out"             # checkpoint, log.jsonl and summary.json go here
 init_from = "scratch"       # scratch | resume (from out_dir/ckpt.pt)
 preset = ""                 # "" | cifar: a recipe applied before the other overrides
 eval_every = 1              # evaluate on the test split (and checkpoint) every N epochs
+ckpt_every = 0              # >0: also checkpoint every N epochs without evaluating (resumable, test seen once)
 log_every = 20              # refresh the progress bar / log every N steps
 # data
 dataset = "shapes"          # shapes (built in) | cifar10 | folder
@@ -88,6 +89,9 @@ PRESETS = {
 # the same model and optimiser, 7.5x as many epochs, with augmentation strong enough for that many
 PRESETS["cifar_long"] = dict(PRESETS["cifar"], epochs=560, eval_every=20, rotate=15.0, zoom=0.15, jitter=0.3,
                              erase=0.25, mixup=0.8, cutmix=1.0)
+# the final runs: cifar_long on all 50,000 training images, as many epochs as fit in 10 minutes on an H200;
+# the test set is evaluated once, at the end, and the run checkpoints every 40 epochs
+PRESETS["cifar_10min"] = dict(PRESETS["cifar_long"], epochs=640, val_split=0, eval_every=640, ckpt_every=40)
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
 CHOICES = {"attn": ATTN_KINDS, "dataset": ("shapes", "cifar10", "folder"), "init_from": ("scratch", "resume"),
@@ -315,7 +319,8 @@ def main(cfg, given=()):
         if world == ckpt["rng"].get("world", 1):
             torch.set_rng_state(ckpt["rng"]["torch"][rank])
         if master:
-            print(f"resuming from {ckpt_path} at step {step} (epoch {start_epoch}, best acc {best_acc:.4f})")
+            best = f", best acc {best_acc:.4f}" if test_acc == test_acc else ""  # nan: not evaluated yet
+            print(f"resuming from {ckpt_path} at step {step} (epoch {start_epoch}{best})")
     mode = compile_mode
     if mode == "reduce-overhead" and (world > 1 or grad_accum > 1):
         mode = "default"  # a replay reuses its output buffers: no DDP hooks, no gradients accumulated in them
@@ -389,7 +394,7 @@ def main(cfg, given=()):
             log.write(json.dumps({"step": step, "epoch": epoch, f"{split}_acc": test_acc, f"{split}_loss": test_loss}) + "\n")
             log.flush()
             bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {test_acc:.4f}, {split} loss {test_loss:.4f}")
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs or (ckpt_every and (epoch + 1) % ckpt_every == 0):
             rng = gather_rng_states(world)
             if master:
                 save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=model_args,

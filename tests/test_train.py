@@ -134,6 +134,17 @@ def test_long_preset_and_cuda_graph_fallback(tmp_path, capsys):
     assert "using default" in capsys.readouterr().out and s["steps"] == 3
 
 
+def test_ckpt_every_checkpoints_without_looking_at_the_test_set(tmp_path, monkeypatch):
+    cfg, _ = train.parse_args(["--preset", "cifar_10min"], dict(train.DEFAULTS))
+    assert cfg["val_split"] == 0 and cfg["eval_every"] == cfg["epochs"] and cfg["cutmix"] == 1.0
+    saved, save = [], train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: (saved.append(obj["epoch"]), save(obj, path)))
+    run(TINY + ["--epochs", "4", "--eval_every", "4", "--ckpt_every", "2", "--out_dir", str(tmp_path)])
+    assert saved == [2, 4]  # a checkpoint at epoch 2 with no evaluation, then the end
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["epoch"] for r in log if "test_acc" in r] == [3]  # the test set, once
+
+
 def test_lr_schedule():
     total = 100
     lrs = [train.lr_at(s, total, 1e-3, 1e-5, 0.1) for s in range(total)]
