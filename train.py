@@ -27,7 +27,7 @@ from model import peak_tflops as lookup_peak
 # default config: the built-in dataset, sized to train on a 2-core CPU in minutes
 out_dir = "out"             # checkpoint, log.jsonl and summary.json go here
 init_from = "scratch"       # scratch | resume (from out_dir/ckpt.pt)
-preset = ""                 # "" | cifar: a recipe applied before the other overrides
+preset = ""                 # "" | cifar | cifar_long | cifar_10min: a recipe applied before the other overrides
 eval_every = 1              # evaluate on the test split (and checkpoint) every N epochs
 ckpt_every = 0              # >0: also checkpoint every N epochs without evaluating (resumable, test seen once)
 log_every = 20              # refresh the progress bar / log every N steps
