@@ -319,7 +319,7 @@ def main(cfg, given=()):
         if world == ckpt["rng"].get("world", 1):
             torch.set_rng_state(ckpt["rng"]["torch"][rank])
         if master:
-            best = f", best acc {best_acc:.4f}" if test_acc == test_acc else ""  # nan: not evaluated yet
+            best = "" if math.isnan(test_acc) else f", best acc {best_acc:.4f}"  # nan: not evaluated yet
             print(f"resuming from {ckpt_path} at step {step} (epoch {start_epoch}{best})")
     mode = compile_mode
     if mode == "reduce-overhead" and (world > 1 or grad_accum > 1):
@@ -388,13 +388,14 @@ def main(cfg, given=()):
                     log.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{ips:.0f}")
                 pending = []
-        if master and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+        evaluate_now = (epoch + 1) % eval_every == 0 or epoch + 1 == epochs
+        if master and evaluate_now:
             test_acc, test_loss = evaluate(fwd, test_loader, ctx)
             best_acc = max(best_acc, test_acc)
             log.write(json.dumps({"step": step, "epoch": epoch, f"{split}_acc": test_acc, f"{split}_loss": test_loss}) + "\n")
             log.flush()
             bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {test_acc:.4f}, {split} loss {test_loss:.4f}")
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs or (ckpt_every and (epoch + 1) % ckpt_every == 0):
+        if evaluate_now or (ckpt_every and (epoch + 1) % ckpt_every == 0):
             rng = gather_rng_states(world)
             if master:
                 save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=model_args,
