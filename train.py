@@ -28,7 +28,7 @@ from model import peak_tflops as lookup_peak
 out_dir = "out"             # checkpoint, log.jsonl and summary.json go here
 init_from = "scratch"       # scratch | resume (from out_dir/ckpt.pt)
 preset = ""                 # "" | cifar | cifar_long | cifar_10min: a recipe applied before the other overrides
-eval_every = 1              # evaluate on the test split (and checkpoint) every N epochs
+eval_every = 1              # evaluate on the test split (and checkpoint) every N epochs; 0 = only at the end
 ckpt_every = 0              # >0: also checkpoint every N epochs without evaluating (resumable, test seen once)
 log_every = 20              # refresh the progress bar / log every N steps
 # data
@@ -91,12 +91,19 @@ PRESETS["cifar_long"] = dict(PRESETS["cifar"], epochs=560, eval_every=20, rotate
                              erase=0.25, mixup=0.8, cutmix=1.0)
 # the final runs: cifar_long on all 50,000 training images, as many epochs as fit in 10 minutes on an H200;
 # the test set is evaluated once, at the end, and the run checkpoints every 40 epochs
-PRESETS["cifar_10min"] = dict(PRESETS["cifar_long"], epochs=640, val_split=0, eval_every=640, ckpt_every=40)
+PRESETS["cifar_10min"] = dict(PRESETS["cifar_long"], epochs=640, val_split=0, eval_every=0, ckpt_every=40)
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
 CHOICES = {"attn": ATTN_KINDS, "dataset": ("shapes", "cifar10", "folder"), "init_from": ("scratch", "resume"),
            "loader": ("auto", "gpu", "stream"), "compile_mode": ("default", "reduce-overhead", "max-autotune"),
            "preset": ("",) + tuple(PRESETS)}
+RANGES = {**{k: (1, None) for k in ("epochs", "batch_size", "grad_accum", "log_every", "n_train", "n_test", "image_size",
+                                    "patch_size", "n_layer", "n_head", "n_embd", "hops")},
+          **{k: (0, None) for k in ("eval_every", "ckpt_every", "val_split", "workers", "crop_pad", "rotate", "mixup",
+                                    "cutmix", "chunk", "mlp_ratio", "init_std", "lr", "min_lr", "weight_decay",
+                                    "grad_clip", "peak_tflops")},
+          **{k: (0, 1) for k in ("translate", "jitter", "erase", "zoom", "dropout", "drop_path", "warmup",
+                                 "label_smoothing")}, "beta2": (0, 0.9999)}  # lo <= value <= hi; None: no bound
 
 
 def _die(msg):
@@ -153,6 +160,9 @@ def parse_args(argv, cfg):
             _die(f"--{k} must be one of {_choices(k)}; got {cfg[k]!r}")
         if k == "preset" and cfg[k]:
             cfg.update(PRESETS[cfg[k]])
+    for k, (lo, hi) in RANGES.items():
+        if not lo <= cfg[k] <= (math.inf if hi is None else hi):
+            _die(f"--{k} must be " + (f"at least {lo}" if hi is None else f"between {lo} and {hi}") + f"; got {cfg[k]}")
     return cfg, {k for k, _ in pairs}
 
 
@@ -269,6 +279,13 @@ def make_loaders(dev, rank, world):
 def main(cfg, given=()):
     """Train with config dict cfg (every key of config_keys); `given` = keys set explicitly."""
     globals().update(cfg)
+    model_args = dict(image_size=image_size, patch_size=patch_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                      mlp_ratio=mlp_ratio, dropout=dropout, drop_path=drop_path, attn=attn, hops=hops,
+                      gamma_init=gamma_init, chunk=chunk, init_std=init_std)
+    try:
+        ViTConfig(**model_args)  # its checks (divisibility, gamma_init in (0, 1)) before anything is touched
+    except ValueError as e:
+        _die(f"{e}; change that option (see -h)")
     dev, rank, world = setup_device()
     master, is_cuda = rank == 0, dev.startswith("cuda")
     if batch_size % (world * grad_accum):
@@ -281,9 +298,6 @@ def main(cfg, given=()):
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
     # ---- model config (the checkpoint's own when resuming)
-    model_args = dict(image_size=image_size, patch_size=patch_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                      mlp_ratio=mlp_ratio, dropout=dropout, drop_path=drop_path, attn=attn, hops=hops,
-                      gamma_init=gamma_init, chunk=chunk, init_std=init_std)
     ckpt = None
     if init_from == "resume":
         ckpt = load_checkpoint(ckpt_path)
@@ -388,7 +402,7 @@ def main(cfg, given=()):
                     log.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{ips:.0f}")
                 pending = []
-        evaluate_now = (epoch + 1) % eval_every == 0 or epoch + 1 == epochs
+        evaluate_now = epoch + 1 == epochs or (eval_every > 0 and (epoch + 1) % eval_every == 0)
         if master and evaluate_now:
             test_acc, test_loss = evaluate(fwd, test_loader, ctx)
             best_acc = max(best_acc, test_acc)

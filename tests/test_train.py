@@ -111,7 +111,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 ])
 def test_cli_errors(argv, msg):
     r = cli(*argv)
-    assert r.returncode == 2 and msg in r.stderr and r.stdout == ""
+    assert r.returncode == 2 and msg in r.stderr and r.stdout == "" and len(r.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--epochs", "0"], "--epochs must be at least 1; got 0"),
+    (["--eval_every", "-1"], "--eval_every must be at least 0; got -1"),
+    (["--dropout", "1.5"], "--dropout must be between 0 and 1; got 1.5"),
+    (["--n_embd", "30", "--n_head", "4"], "n_embd (30) must be divisible by n_head (4); change that option"),
+    (["--gamma_init", "1"], "gamma_init must lie in (0, 1); got 1.0"),
+])
+def test_out_of_range_options_stop_before_anything_is_written(argv, msg, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(argv + ["--out_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_cli_equals_form_and_help():
@@ -136,10 +150,10 @@ def test_long_preset_and_cuda_graph_fallback(tmp_path, capsys):
 
 def test_ckpt_every_checkpoints_without_looking_at_the_test_set(tmp_path, monkeypatch):
     cfg, _ = train.parse_args(["--preset", "cifar_10min"], dict(train.DEFAULTS))
-    assert cfg["val_split"] == 0 and cfg["eval_every"] == cfg["epochs"] and cfg["cutmix"] == 1.0
+    assert cfg["val_split"] == 0 and cfg["eval_every"] == 0 and cfg["cutmix"] == 1.0  # 0: test only at the end
     saved, save = [], train.save_checkpoint
     monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: (saved.append(obj["epoch"]), save(obj, path)))
-    run(TINY + ["--epochs", "4", "--eval_every", "4", "--ckpt_every", "2", "--out_dir", str(tmp_path)])
+    run(TINY + ["--epochs", "4", "--eval_every", "0", "--ckpt_every", "2", "--out_dir", str(tmp_path)])
     assert saved == [2, 4]  # a checkpoint at epoch 2 with no evaluation, then the end
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["epoch"] for r in log if "test_acc" in r] == [3]  # the test set, once
