@@ -104,3 +104,19 @@ def test_auto_chunk_fits_the_memory_cap():
     assert cfg.n_tokens == 65537 and cfg.chunk == 1024  # 10 B * 64 heads * 1024 rows * 65537 cols ~ 43 GB
     cfg = bench.make_config("pure-K1", 512, 32, bench.argparse.Namespace(cpu=False, chunk=0, pure_mem_gb=48.0))
     assert cfg.chunk == 0 and cfg.hops == 1  # the whole A_hat fits
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--kinds", "linear,pure-K0"], "unknown kind 'pure-K0'"),
+    (["--sizes", "32,abc"], "--sizes takes positive integers"),
+    (["--sizes", "36"], "image_size (36) must be divisible by patch_size (8)"),
+    (["--batch", "64:0"], "--batch takes one batch size (8) or size:batch pairs"),
+    (["--runs", "0"], "--runs must be positive"),
+    (["--replot", "missing.json"], "not a readable results file (FileNotFoundError)"),
+])
+def test_bad_options_stop_before_anything_is_measured_or_written(argv, msg, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--cpu", "--out_dir", "run"] + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
