@@ -102,8 +102,8 @@ RANGES = {**{k: (1, None) for k in ("epochs", "batch_size", "grad_accum", "log_e
           **{k: (0, None) for k in ("eval_every", "ckpt_every", "val_split", "workers", "crop_pad", "rotate", "mixup",
                                     "cutmix", "chunk", "mlp_ratio", "init_std", "lr", "min_lr", "weight_decay",
                                     "grad_clip", "peak_tflops")},
-          **{k: (0, 1) for k in ("translate", "jitter", "erase", "zoom", "dropout", "drop_path", "warmup",
-                                 "label_smoothing")}, "beta2": (0, 0.9999)}  # lo <= value <= hi; None: no bound
+          **{k: (0, 1) for k in ("translate", "jitter", "erase", "dropout", "drop_path", "warmup", "label_smoothing")},
+          "zoom": (0, 0.9), "beta2": (0, 0.9999)}  # lo <= value <= hi; None: no bound (zoom 1 would scale by 0)
 
 
 def _die(msg):
@@ -297,7 +297,7 @@ def main(cfg, given=()):
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
-    # ---- model config (the checkpoint's own when resuming)
+    # ---- resuming: the checkpoint's model config replaces the one asked for
     ckpt = None
     if init_from == "resume":
         ckpt = load_checkpoint(ckpt_path)
