@@ -22,7 +22,7 @@ from its warm-up) is 'skipped: over budget' with an estimate; compiling counts a
 only; out of memory is a row, status 'oom'. torch.compile (default on CUDA) adds compiled linear and
 softmax inference rows at --compile_sizes beside the eager ones, each a fresh static-shape compile.
 """
-import argparse, gc, json, math, os, re, resource, signal, statistics, sys, time
+import argparse, gc, json, math, os, re, resource, signal, statistics, time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import datetime
@@ -30,7 +30,10 @@ from datetime import datetime
 import torch
 
 import infsa
+import train
 from model import ViT, ViTConfig, paper_4l64h
+
+die = train._die  # prints "error: ..." (one line) and exits with status 2
 
 KINDS = ("linear", "softmax-mat", "pure-K3", "softmax", "pure-K1")  # default run order: claims first
 SMOKE = dict(sizes="32,64", train_sizes="64", batch="2", budget_s=10, total_s=60, matmul_n=256, compile=False)
@@ -341,12 +344,12 @@ def main(argv=None):
             with open(args.replot) as fh:
                 res = json.load(fh)
         except (OSError, ValueError) as e:
-            _die(f"--replot {args.replot}: not a readable results file ({type(e).__name__}); run bench.py first")
+            die(f"--replot {args.replot}: not a readable results file ({type(e).__name__}); run bench.py first")
         return finish(res, os.path.dirname(args.replot) or ".", os.path.basename(args.replot))
     cpu = args.cpu
     if not cpu and not torch.cuda.is_available():
-        _die("no CUDA device: use --cpu for the smoke run")
-    kinds, train_kinds = check_args(args)
+        die("no CUDA device: use --cpu for the smoke run")
+    kinds, train_kinds, sizes, train_sizes, compile_sizes = check_args(args)
     t_end = time.perf_counter() + args.total_s
     left = lambda: t_end - time.perf_counter()  # noqa: E731
     dev, dt = (torch.device("cpu"), torch.float32) if cpu else (torch.device("cuda"), torch.bfloat16)
@@ -361,12 +364,12 @@ def main(argv=None):
                matmul=f"{args.matmul_n}^3 {str(dt)[6:]}", matmul_tflops=rate,
                args={k: v for k, v in vars(args).items() if k != "batch_of"}, rows=[])
     print(f"{name} | torch {torch.__version__} | {res['date']} | matmul {res['matmul']}: {rate:.1f} TFLOP/s")
-    comp = set(ints(args.compile_sizes, "--compile_sizes")) if args.compile else set()
+    comp = set(compile_sizes) if args.compile else set()
     tasks = []  # each kind: its inference rows (eager, then compiled where asked), then its training rows
     for k in kinds + [k for k in train_kinds if k not in kinds]:
-        tasks += [("infer", k, S, c) for S in ints(args.sizes, "--sizes") if k in kinds
+        tasks += [("infer", k, S, c) for S in sizes if k in kinds
                   for c in (False, True) if not c or (S in comp and k in ("linear", "softmax"))]
-        tasks += [("train", k, S, False) for S in ints(args.train_sizes, "--train_sizes") if k in train_kinds]
+        tasks += [("train", k, S, False) for S in train_sizes if k in train_kinds]
     os.makedirs(args.out_dir, exist_ok=True)
     hist, dead = {}, False
     sigterm = signal.signal(signal.SIGTERM, _stop)  # under `timeout`, still write the tables and figure
@@ -397,11 +400,6 @@ def _stop(*_):
     raise KeyboardInterrupt
 
 
-def _die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def ints(s, flag):
     """'224,512' -> [224, 512]; anything but positive integers is a one-line error naming the flag."""
     try:
@@ -409,33 +407,33 @@ def ints(s, flag):
     except ValueError:
         vals = [0]
     if not all(v >= 1 for v in vals):
-        _die(f"{flag} takes positive integers separated by commas, e.g. 224,512; got {s!r}")
+        die(f"{flag} takes positive integers separated by commas, e.g. 224,512; got {s!r}")
     return vals
 
 
 def check_args(args):
     """Every option checked before the first measurement: a typo fails in a second, not minutes later.
-    Sets args.batch_of(size); returns (inference kinds, training kinds)."""
+    Sets args.batch_of(size); returns the parsed lists: kinds, train_kinds, sizes, train_sizes, compile_sizes."""
     for flag, lo in (("runs", 1), ("warmup", 0), ("budget_s", 1e-9), ("total_s", 1e-9), ("chunk", 0),
                      ("pure_mem_gb", 1e-9), ("matmul_n", 1)):
         if getattr(args, flag) < lo:
-            _die(f"--{flag} must be {'at least 0' if lo == 0 else 'positive'}; got {getattr(args, flag)}")
+            die(f"--{flag} must be {'at least 0' if lo == 0 else 'positive'}; got {getattr(args, flag)}")
     pos = r"[1-9]\d*"
     if not re.fullmatch(rf"|{pos}|{pos}:{pos}(,{pos}:{pos})*", args.batch):
-        _die(f"--batch takes one batch size (8) or size:batch pairs (1024:8,4096:1); got {args.batch!r}")
+        die(f"--batch takes one batch size (8) or size:batch pairs (1024:8,4096:1); got {args.batch!r}")
     bmap = dict(tuple(map(int, kv.split(":"))) for kv in args.batch.split(",") if ":" in kv)  # size -> batch
     one = int(args.batch) if args.batch and ":" not in args.batch else None
     args.batch_of = lambda S: bmap.get(S, one or min(64, max(1, round(8 * (1024 / S) ** 2))))
     kinds, train_kinds = [k for k in args.kinds.split(",") if k], [k for k in args.train_kinds.split(",") if k]
-    sizes = ints(args.sizes, "--sizes") + ints(args.train_sizes, "--train_sizes") + ints(args.compile_sizes, "--compile_sizes")
+    sizes = [ints(getattr(args, f), f"--{f}") for f in ("sizes", "train_sizes", "compile_sizes")]
     for k in kinds + train_kinds:
         try:
             parse_kind(k)
-            for S in sizes:
+            for S in sum(sizes, []):
                 make_config(k, S, 1, args)  # the model's own checks, e.g. size divisible by the patch
         except ValueError as e:
-            _die(f"{e}; change --kinds or the sizes")
-    return kinds, train_kinds
+            die(f"{e}; change --kinds or the sizes")
+    return (kinds, train_kinds, *sizes)
 
 
 def save(res, out_dir, name):

@@ -98,7 +98,7 @@ CHOICES = {"attn": ATTN_KINDS, "dataset": ("shapes", "cifar10", "folder"), "init
            "loader": ("auto", "gpu", "stream"), "compile_mode": ("default", "reduce-overhead", "max-autotune"),
            "preset": ("",) + tuple(PRESETS)}
 RANGES = {**{k: (1, None) for k in ("epochs", "batch_size", "grad_accum", "log_every", "n_train", "n_test", "image_size",
-                                    "patch_size", "n_layer", "n_head", "n_embd", "hops")},
+                                    "patch_size", "n_layer", "n_head", "n_embd")},
           **{k: (0, None) for k in ("eval_every", "ckpt_every", "val_split", "workers", "crop_pad", "rotate", "mixup",
                                     "cutmix", "chunk", "mlp_ratio", "init_std", "lr", "min_lr", "weight_decay",
                                     "grad_clip", "peak_tflops")},
@@ -402,14 +402,15 @@ def main(cfg, given=()):
                     log.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{ips:.0f}")
                 pending = []
-        evaluate_now = epoch + 1 == epochs or (eval_every > 0 and (epoch + 1) % eval_every == 0)
+        due = lambda n: n > 0 and (epoch + 1) % n == 0  # noqa: E731 -- after epochs n, 2n, ... (0: never)
+        evaluate_now = epoch + 1 == epochs or due(eval_every)
         if master and evaluate_now:
             test_acc, test_loss = evaluate(fwd, test_loader, ctx)
             best_acc = max(best_acc, test_acc)
             log.write(json.dumps({"step": step, "epoch": epoch, f"{split}_acc": test_acc, f"{split}_loss": test_loss}) + "\n")
             log.flush()
             bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {test_acc:.4f}, {split} loss {test_loss:.4f}")
-        if evaluate_now or (ckpt_every and (epoch + 1) % ckpt_every == 0):
+        if evaluate_now or due(ckpt_every):
             rng = gather_rng_states(world)
             if master:
                 save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=model_args,
