@@ -175,14 +175,24 @@ def lr_at(step, total, lr, min_lr, warmup):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
 
 
-def save_checkpoint(obj, path):
-    """Write to a temporary file, flush it to disk, then rename: a crash never leaves half a file."""
+def write_atomic(path, write, mode="w"):
+    """write(f) to a temporary file, flush it to disk, then rename: a crash never leaves half a file
+    and never replaces a good one."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):  # the half-written copy goes; the previous file was never touched
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
+
+
+def save_checkpoint(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f), "wb")
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -446,8 +456,7 @@ def main(cfg, given=()):
                    loader=type(train_loader).__name__, gamma_mean=model.gammas().mean().item(), steps=step,
                    shift=shift, flops_per_image=flops_img, peak_tflops=peak or None,
                    compile_mode=mode, **val)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_atomic(os.path.join(out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
     mfu_s = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
     best = "" if val_split else f" (best {100 * best_acc:.2f}%)"
     print(f"done: test acc {100 * test_acc:.2f}%{best} | {ips:.0f} img/s | "
@@ -487,9 +496,7 @@ def trim_log(path, step):
                     keep.append(line.rstrip("\n") + "\n")
             except (ValueError, KeyError, TypeError):
                 continue
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda f: f.writelines(keep))
 
 
 def gather_rng_states(world):

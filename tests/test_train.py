@@ -77,6 +77,20 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         assert again[k] == s[k], k
 
 
+def test_write_atomic_never_leaves_half_a_file(tmp_path):
+    """A writer that dies halfway (a crash, a full disk) leaves the previous file as it was."""
+    path = str(tmp_path / "summary.json")
+    train.write_atomic(path, lambda f: json.dump(dict(test_acc=0.9), f))
+
+    def half_then_die(f):
+        f.write('{"test_acc": 0.')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        train.write_atomic(path, half_then_die)
+    assert json.load(open(path)) == dict(test_acc=0.9) and os.listdir(tmp_path) == ["summary.json"]
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     run(TINY + ["--out_dir", str(tmp_path)])
     with pytest.raises(SystemExit):
