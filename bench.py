@@ -438,9 +438,7 @@ def check_args(args):
 
 def save(res, out_dir, name):
     res["ratios"] = ratios(res["rows"])
-    with open(os.path.join(out_dir, name + ".tmp"), "w") as fh:
-        json.dump(res, fh, indent=1, default=str)
-    os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    train.write_atomic(os.path.join(out_dir, name), lambda fh: json.dump(res, fh, indent=1, default=str))
 
 
 def finish(res, out_dir, name):

@@ -34,6 +34,11 @@ def pct(x):
     return 100 * x
 
 
+def mean_test_acc(prefix, kind):
+    runs = summaries(prefix, kind).values()
+    return sum(pct(s["test_acc"]) for s in runs) / len(runs)
+
+
 def close(shown, value, decimals):
     """The README shows `value` rounded to `decimals` (either way at an exact half)."""
     return abs(float(shown) - value) <= 0.5 * 10 ** -decimals + 1e-4  # summaries hold fp32
@@ -50,11 +55,9 @@ def test_in_short_table_is_the_mean_over_seeds_of_the_summaries():
     for row in rows:
         prefix = recipe[row[0].split()[0]]
         for kind, cell in zip(("softmax", "pure", "linear"), row[1:]):
-            runs = summaries(prefix, kind)
-            assert len(runs) == 2, (prefix, kind)
-            mean = sum(pct(s["test_acc"]) for s in runs.values()) / len(runs)
+            assert len(summaries(prefix, kind)) == 2, (prefix, kind)
             shown = re.match(r"[\d.]+", cell).group()
-            assert close(shown, mean, 2), (prefix, kind, shown, mean)
+            assert close(shown, mean_test_acc(prefix, kind), 2), (prefix, kind, shown)
 
 
 @pytest.mark.parametrize("header, prefix, col, n_runs", [
@@ -65,10 +68,7 @@ def test_per_seed_rows_match_their_summaries(header, prefix, col, n_runs):
     seen = 0
     for row in table_after(header):
         if not row[1]:  # a "mean" row: checked against the seed rows above it
-            kind = kind_of(row[0])
-            runs = summaries(prefix, kind).values()
-            mean = sum(pct(s["test_acc"]) for s in runs) / len(runs)
-            assert close(row[col], mean, 2), (prefix, kind)
+            assert close(row[col], mean_test_acc(prefix, kind_of(row[0])), 2), row
             continue
         run_prefix = "long360" if "--epochs 360" in row[0] else prefix
         run = summaries(run_prefix, kind_of(row[0]))[int(row[1])]
