@@ -1,457 +1,294 @@
 """
-Speed and memory of the paper's InfViT 4L-64H (width 1024, 64 heads, patch 16) for each attention
-kind, from 224^2 to 9216^2 images (197 to 331,777 tokens), on one GPU.
+Speed and memory of the paper's InfViT 4L-64H (width 1024, 64 heads, patch 16) on one GPU, for each
+attention kind, from 224^2 to 9216^2 images (197 to 331,777 tokens).
 
-    python bench.py --out_dir bench_out                      # the whole sweep, bounded by --total_s
-    python bench.py --kinds linear,softmax --sizes 1024      # a part of it
-    python bench.py --cpu --out_dir /tmp/bench               # tiny fp32 smoke run, seconds
-    python bench.py --tokens_cpu                             # Linear-InfSA alone at 2^20 tokens, CPU
-    python bench.py --replot bench_out/bench_results.json    # tables and figure again
+    python bench.py                                                  # the whole sweep
+    python bench.py --kinds pure,pure-chunked --sizes 1024,4096 --train_kinds pure --train_sizes 4096
+    python bench.py --kinds linear,softmax --sizes 1024 --compile true   # torch.compile'd models
+    python bench.py --cpu true --out_dir /tmp/bench                  # a tiny fp32 smoke run on the CPU
+    python bench.py --replot bench_out/bench.json                    # the table and figure again
 
-Kinds: softmax (PyTorch SDPA, fused: the strong baseline); softmax-mat (P = softmax(q k^T / sqrt(d_h))
-built in full, O(N^2) memory: the kind of baseline the paper's 13.4x is measured against; the model
-has no switch for it, so materialized_softmax() swaps the function it calls); pure-K<n> (Pure-InfSA,
-n hops, chunked when A_hat would not fit --pure_mem_gb); linear (Linear-InfSA).
-Precision: inference casts the weights to bf16 (no autocast, nothing re-cast per call: faster); a
-training step keeps fp32 weights under torch.autocast(bf16); --cpu is fp32. Timing: warm-up, then
-CUDA events around each of >= --runs calls (fast rows: ~0.5 s of them), median. MFU = achieved FLOP/s
-/ the bf16 matmul rate measured at the start of the same run. FLOPs two ways: ViT.flops_per_image (every matmul, attention included)
-and the issue's 24 N d^2 L (qkv + proj + MLP); the 50% target is stated in the latter.
-Budgets: a row whose timed runs would not fit --budget_s (predicted from the kind's last row, then
-from its warm-up) is 'skipped: over budget' with an estimate; compiling counts against --total_s
-only; out of memory is a row, status 'oom'. torch.compile (default on CUDA) adds compiled linear and
-softmax inference rows at --compile_sizes beside the eager ones, each a fresh static-shape compile.
+Kinds: linear (Linear-InfSA); softmax (PyTorch's fused SDPA: the strong baseline); softmax-mat
+(P = softmax(q k^T / sqrt(d_h)) built in full, O(N^2) memory: the kind of baseline the paper's 13.4x
+is measured against); pure (Pure-InfSA, K = 3, as the model runs it: on CUDA from 1,024 tokens the
+fused FlexAttention hops); pure-chunked (the same sum by a loop over blocks of rows of A_hat, which
+never holds N x N but recomputes it every hop: the path the fused hops replace, kept as a baseline).
+Inference casts the weights to bf16 under inference_mode; a training step (forward, backward, SGD)
+keeps fp32 weights under bf16 autocast; --cpu runs fp32. Each row: a warm-up call (it compiles, where
+anything does) and a second one, then CUDA events around up to --runs calls within --budget_s seconds
+(fast rows: about 0.5 s of calls), median. A row whose first call alone exceeds the budget reports
+that call ("the warm-up call only"). Out of memory is a row. MFU = ViT.flops_per_image x img/s / the bf16 matmul rate measured at the start of the run.
 """
-import argparse, gc, json, math, os, re, resource, signal, statistics, time
+import gc
+import json
+import os
+import statistics
+import sys
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import datetime
+from types import SimpleNamespace
 
 import torch
 
+import data
 import infsa
-import train
+import model
+from configurator import configure, die
 from model import ViT, ViTConfig, paper_4l64h
 
-die = train._die  # prints "error: ..." (one line) and exits with status 2
-
-KINDS = ("linear", "softmax-mat", "pure-K3", "softmax", "pure-K1")  # default run order: claims first
-SMOKE = dict(sizes="32,64", train_sizes="64", batch="2", budget_s=10, total_s=60, matmul_n=256, compile=False)
+KINDS = ("linear", "softmax", "softmax-mat", "pure", "pure-chunked")
 # -----------------------------------------------------------------------------
-# what is measured
+out_dir = "bench_out"       # bench.json, bench.md and bench.png go here
+kinds = "linear,softmax-mat,softmax,pure"  # inference rows, in this order
+sizes = "224,512,1024,2048,4096,9216"
+train_kinds = "linear,softmax"  # training-step rows
+train_sizes = "1024,4096"
+batch = 0                   # images per call; 0 = round(8 (1024 / size)^2), between 1 and 64
+runs = 5                    # timed calls per row, at most
+budget_s = 60.0             # seconds of timed calls per row, at most (the warm-up call aside)
+compile = False             # torch.compile every model of this run
+chunk_gb = 48.0             # pure-chunked: rows of A_hat per block chosen to fit this much
+matmul_n = 8192             # the size of the matmul whose rate MFU is measured against
+cpu = False                 # tiny shapes in fp32 on the CPU: a smoke run
+replot = ""                 # a bench.json: only redraw its table and figure
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (int, float, bool, str)}
+
+
+def chunked_pure_infsa(q, k, v, gamma, hops, chunk, eps=1e-6):
+    """pure_infsa holding at most `chunk` rows of S = ReLU(q k^T / sqrt(d)) at a time: one pass sums
+    ||S||_F^2 over row blocks, then each hop z_t = gamma S z_{t-1} / ||S||_F recomputes S block by block.
+    O(N chunk) memory, S computed hops + 1 times."""
+    blocks = q.split(chunk, dim=-2)  # each (B, H, chunk, d)
+    norm = sum(infsa.frobenius_norm(infsa.relu_scores(qb, k)).square() for qb in blocks).sqrt()  # (B, H, 1, 1)
+    z, y = v, 0
+    for _ in range(hops):
+        Sz = torch.cat([infsa.relu_scores(qb, k) @ z for qb in blocks], dim=-2)  # (B, H, N, d)
+        z = (gamma * Sz / (norm + eps)).to(v.dtype)
+        y = y + z
+    return y
 
 
 @contextmanager
-def materialized_softmax():
-    """Inside the block the model's softmax attention builds P in full (infsa.softmax_attention_materialized)."""
-    sdpa = infsa.softmax_attention
-    infsa.softmax_attention = lambda q, k, v: infsa.softmax_attention_materialized(q, k, v)[0]
+def swapped(module, name, fn):
+    """Inside the block, module.name is fn (how a row swaps in the materialised or the chunked baseline)."""
+    old = getattr(module, name)
+    setattr(module, name, fn)
     try:
         yield
     finally:
-        infsa.softmax_attention = sdpa
+        setattr(module, name, old)
 
 
-def parse_kind(kind):
-    """'linear' | 'softmax' | 'softmax-mat' | 'pure-K<n>' -> (attn, hops)."""
-    if kind in ("linear", "softmax", "softmax-mat"):
-        return kind.split("-")[0], 3
-    if kind.startswith("pure-K") and kind[6:].isdigit() and int(kind[6:]) >= 1:
-        return "pure", int(kind[6:])
-    raise ValueError(f"unknown kind {kind!r}: use linear, softmax, softmax-mat or pure-K<hops>")
+def baseline(kind, cfg, B, mem_gb):
+    """The swap a kind needs: softmax-mat builds P in full; pure-chunked runs chunked_pure_infsa."""
+    if kind == "softmax-mat":
+        return swapped(infsa, "softmax_attention", lambda q, k, v: infsa.softmax_attention_materialized(q, k, v)[0])
+    if kind == "pure-chunked":
+        N = cfg.n_tokens  # rows per block: S's block in bf16 plus its fp32 norm copy, ~10 bytes a score
+        C = N if 10 * B * cfg.n_head * N * N <= mem_gb * 1e9 else 2 ** int(torch.tensor(mem_gb * 1e9 / (10 * B * cfg.n_head * N)).log2())
+        return swapped(model, "pure_attention", lambda q, k, v, g, hops: chunked_pure_infsa(q, k, v, g, hops, max(C, 16)))
+    return nullcontext()
 
 
-def auto_chunk(cfg, batch, mem_gb):
-    """Rows of A_hat per Pure-InfSA block: 0 (all at once) when B*H*N*N scores at ~10 bytes each (bf16
-    scores plus the fp32 copies of the Frobenius norm) fit mem_gb, else the largest power of 2 that fits."""
-    N, BH = cfg.n_tokens, batch * cfg.n_head
-    if 10 * BH * N * N <= mem_gb * 1e9:
-        return 0
-    return max(16, 2 ** int(math.log2(max(1.0, mem_gb * 1e9 / (10 * BH * N)))))
+def timed(fn, n, cuda):
+    """Seconds of each of n calls: CUDA events on the GPU (one sync at the end), else the wall clock."""
+    if not cuda:
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return out
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for a, b in ev:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) / 1e3 for a, b in ev]
 
 
-def make_config(kind, size, batch, args):
-    attn, hops = parse_kind(kind)
-    if args.cpu:  # a tiny shape for the smoke run
-        cfg = ViTConfig(image_size=size, patch_size=8, n_classes=10, n_layer=2, n_head=4, n_embd=64,
-                        mlp_ratio=4.0, attn=attn, hops=hops)
-    else:
-        cfg = replace(paper_4l64h(attn, size), hops=hops)
-    return replace(cfg, chunk=args.chunk or auto_chunk(cfg, batch, args.pure_mem_gb)) if attn == "pure" else cfg
-
-
-def flops_24(cfg, training=False):
-    """The issue's count, 24 N d^2 L: qkv 6, proj 2, MLP 16 N d^2 per layer; x3 for a training step."""
-    return 24 * cfg.n_tokens * cfg.n_embd ** 2 * cfg.n_layer * (3 if training else 1)
-
-# -----------------------------------------------------------------------------
-# timing
-
-
-def timed(fn, runs, dev):
-    """Seconds of each of `runs` calls: CUDA events on the GPU (one sync at the end), else wall clock."""
-    if dev.type == "cuda":
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
-        for a, b in ev:
-            a.record(); fn(); b.record()
-        torch.cuda.synchronize()
-        return [a.elapsed_time(b) / 1e3 for a, b in ev]
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter(); fn(); out.append(time.perf_counter() - t)
-    return out
-
-
-def matmul_rate(n, dev, dtype, runs=10):
-    """Measured dense matmul rate in TFLOP/s: 2 n^3 / median time of (n x n) @ (n x n), after 3 warm-ups."""
+def matmul_rate(n, dev, dtype):
+    """Dense matmul rate in TFLOP/s: 2 n^3 / the median of 10 timed (n x n) @ (n x n), after 3 warm-ups."""
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-    timed(lambda: a @ b, 3, dev)
-    return 2 * n ** 3 / statistics.median(timed(lambda: a @ b, runs, dev)) / 1e12
+    timed(lambda: a @ b, 3, dev.type == "cuda")
+    return 2 * n ** 3 / statistics.median(timed(lambda: a @ b, 10, dev.type == "cuda")) / 1e12
 
 
-def guarded(row, fn):
-    """fn(row) fills row; out of memory becomes status 'oom' and any other error 'error: ...', never a crash."""
+def measure(mode, kind, S, cfg, B, dev, opt):
+    """One row: build the model, one warm-up call, then timed calls (opt: runs, budget_s, compile, chunk_gb).
+    Out of memory is a status, not a crash."""
+    cuda, training = dev.type == "cuda", mode == "train"
+    with torch.device("meta"):
+        flops = B * ViT(cfg, verbose=False).flops_per_image(training)
+    row = dict(mode=mode, kind=kind, image=S, tokens=cfg.n_tokens, batch=B, compiled=opt.compile, status="ok", flops=flops)
+    torch._dynamo.reset()  # every row compiles afresh: no recompile limits carried between rows
     try:
-        fn(row)
+        with torch.device(dev):
+            m = ViT(cfg, verbose=False).to(torch.bfloat16 if cuda and not training else torch.float32).train(training)
+        x = torch.randn(B, cfg.in_chans, S, S, device=dev, dtype=next(m.parameters()).dtype)
+        y = torch.randint(0, cfg.n_classes, (B,), device=dev)
+        f, sgd = torch.compile(m) if opt.compile else m, torch.optim.SGD(m.parameters(), lr=1e-6)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and training else nullcontext()
+
+        def call():
+            if not training:
+                return f(x)[0]
+            with amp:
+                loss = f(x, y)[1]
+            loss.backward()
+            sgd.step()
+            sgd.zero_grad(set_to_none=True)
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with baseline(kind, cfg, B, opt.chunk_gb), (nullcontext() if training else torch.inference_mode()):
+            out = []
+            t = timed(lambda: out.append(call()), 1, cuda)  # the warm-up call (compiles, where anything does)
+            row["finite"] = None if training else bool(torch.isfinite(out.pop()).all())  # no NaN in the logits
+            if t[0] < opt.budget_s:
+                t = timed(call, 1, cuda)  # a second warm-up: the cost of a call without the compile
+            n = min(max(opt.runs, int(0.5 / t[0])), 100, int(opt.budget_s / t[0]))  # fast rows: ~0.5 s of calls
+            if n >= 1:
+                t = timed(call, n, cuda)
+            else:
+                row["status"] = "ok (the warm-up call only)"
+        row.update(runs=max(n, 1), s=statistics.median(t), img_s=B / statistics.median(t))
+        if cuda:
+            row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     except Exception as e:  # noqa: BLE001 -- one configuration must not end the sweep
-        msg = str(e)
-        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg.lower() or "ALLOC_FAILED" in msg
-        row["status"] = "oom" if oom else f"error: {type(e).__name__}: {(msg.splitlines() or [''])[0][:200]}"
-    gc.collect()  # the traceback's frames held the row's tensors
-    if torch.cuda.is_available():
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        row["status"] = "oom" if oom else f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+    gc.collect()
+    if cuda:
         torch.cuda.empty_cache()
-    return row
-
-
-def measure(row, cfg, args, dev, budget):
-    """Build the model, warm up, time --runs calls; fills img_s, ms, runs, peak_gb, or a skip with an estimate."""
-    cuda, train, B, S = dev.type == "cuda", row["mode"] == "train", row["batch"], row["image"]
-    with torch.device(dev):
-        m = ViT(cfg, verbose=False).to(torch.bfloat16 if cuda and not train else torch.float32).train(train)
-    x = torch.randn(B, cfg.in_chans, S, S, device=dev, dtype=next(m.parameters()).dtype)
-    y = torch.randint(0, cfg.n_classes, (B,), device=dev)
-    f, opt = m, torch.optim.SGD(m.parameters(), lr=1e-6) if train else None
-    if row["compiled"]:
-        from torch._dynamo.utils import counters
-        torch._dynamo.reset()  # each resolution is a new model: a clean cache, static shapes, no recompiles
-        counters.clear()
-        f = torch.compile(m, dynamic=False, mode=args.compile_mode)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and train else nullcontext()
-
-    def step():
-        if not train:
-            return f(x)
-        with amp:
-            _, loss = f(x, y)
-        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()  # peak = weights + input + everything the calls allocate
-    with (materialized_softmax() if row["kind"] == "softmax-mat" else nullcontext()), \
-         (nullcontext() if train else torch.inference_mode()):
-        first = timed(step, 1, dev)[0]  # on the GPU too this spans a compile: it runs between the events
-        end = time.perf_counter() + budget - (0 if row["compiled"] else first)  # compiling is not in the row budget
-        if row["compiled"]:
-            row["compile_s"] = round(first, 2)
-            row["graphs"], row["graph_breaks"] = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-        est = None if row["compiled"] else first  # seconds per call
-        for _ in range(max(args.warmup - 1, 1 if row["compiled"] else 0)):
-            if est is not None and (est > 1.0 or 2 * est > end - time.perf_counter()):
-                break  # a slow call needs no more warming up, and the budget is for timed runs
-            est = timed(step, 1, dev)[0]
-        row["est_s"] = est
-        est = max(est, 1e-6)  # fast rows get more runs, for about 0.5 s of timing (at most 100)
-        runs = min(max(args.runs, int(0.5 / est)), 100, int((end - time.perf_counter()) / est))
-        if runs < 1:
-            row.update(status="skipped: over budget", completed=True, img_s_est=B / est, note=f"one call {est:.3g} s")
-        else:
-            med = statistics.median(timed(step, runs, dev))
-            row.update(runs=runs, ms=med * 1e3, img_s=B / med, est_s=med)
-    if cuda:
-        row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-
-
-def run_task(task, args, dev, hist, left, rate):
-    """One row: (mode, kind, size, compiled) -> dict; skipped without running when predicted over budget."""
-    mode, kind, size, compiled = task
-    train, B = mode == "train", args.batch_of(size)
-    cfg = make_config(kind, size, B, args)
-    with torch.device("meta"):  # FLOPs from the model's own count, no memory
-        fl = ViT(cfg, verbose=False).flops_per_image(training=train)
-    N, d, L, pure = cfg.n_tokens, cfg.n_embd, cfg.n_layer, cfg.attn == "pure"
-    row = dict(mode=mode, kind=kind, image=size, tokens=N, batch=B, compiled=compiled,
-               dtype="fp32" if dev.type == "cpu" else "bf16 autocast" if train else "bf16",
-               hops=cfg.hops if pure else None, chunk=cfg.chunk if pure else None,
-               flops_model=fl, flops_24=flops_24(cfg, train), status="ok")
-    recompute = 2 * N * N * d * L * cfg.hops * (3 if train else 1) if pure and 0 < cfg.chunk < N else 0
-    work, key, budget = B * (fl + recompute), (mode, kind, compiled), min(args.budget_s, left() - 5)
-    if left() < 6 or (compiled and left() < args.compile_min_left_s):
-        return dict(row, status="skipped: total budget")
-    if key in hist:  # one call predicted from this kind's last row, scaled by the work
-        pred = hist[key][1] * work / hist[key][0]
-        if 2 * pred > budget:  # a warm-up and one timed run
-            return dict(row, status="skipped: over budget", completed=False, img_s_est=B / pred,
-                        note=f"predicted from {hist[key][2]}^2: {pred:.3g} s per call")
-    guarded(row, lambda r: measure(r, cfg, args, dev, budget))
-    if compiled:
-        torch._dynamo.reset()  # drop the compiled graphs and the model they hold
-    if row.get("est_s"):
-        hist[key] = (work, row["est_s"], size)
-    for c in ("model", "24") if row.get("img_s") else ():
-        row[f"tflops_{c}"] = row[f"flops_{c}"] * row["img_s"] / 1e12
-        row[f"mfu_{c}"] = row[f"tflops_{c}"] / rate
     return row
 
 # -----------------------------------------------------------------------------
 # reporting
 
 
-def best(rows, kind, size):
-    """The fastest measured inference row of a kind at a size, else its first row (for the status)."""
-    rs = [r for r in rows if r["mode"] == "infer" and r["kind"] == kind and r["image"] == size]
-    ok = [r for r in rs if r.get("img_s")]
-    return max(ok, key=lambda r: r["img_s"]) if ok else (rs[0] if rs else None)
-
-
-def ratios(rows):
-    """Per size: Linear img/s over materialised softmax and over SDPA softmax (best row of each)."""
-    out = []
-    for S in sorted({r["image"] for r in rows if r["mode"] == "infer"}):
-        lin, mat, sdpa = (best(rows, k, S) or {} for k in ("linear", "softmax-mat", "softmax"))
-        v, w, s = lin.get("img_s"), mat.get("img_s"), sdpa.get("img_s")
-        out.append(dict(image=S, tokens=next(r["tokens"] for r in rows if r["image"] == S), linear=v, mat=w, sdpa=s,
-                        mat_status=mat.get("status", "-"), sdpa_status=sdpa.get("status", "-"),
-                        linear_over_mat=v / w if v and w else None, linear_over_sdpa=v / s if v and s else None))
-    return out
-
-
-def fmt(x, spec=".1f"):
+def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
-def rank(kind):
-    return (KINDS + (kind,)).index(kind)
-
-
-def tables(res):
-    """Markdown: every row, then the speed ratios."""
+def table(res):
+    """Markdown: every row, then the speed ratios of each size (inference)."""
     line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
-    cols = ["mode", "kind", "image", "tokens", "batch", "compiled", "chunk", "status", "img/s", "ms", "peak GB",
-            "TFLOP/s (model)", "MFU (model)", "TFLOP/s (24Nd²L)", "MFU (24Nd²L)"]
-    t = [f"device: {res['device']} | torch {res['torch']} | {res['date']} | "
-         f"measured matmul rate {res['matmul_tflops']:.1f} TFLOP/s ({res['matmul']})\n", line(cols), line(["---"] * 15)]
-    for r in sorted(res["rows"], key=lambda r: (r["mode"] != "infer", rank(r["kind"]), r["image"], r["compiled"])):
-        st = r["status"] + (f" (~{r['img_s_est']:.3g} img/s)" if r.get("img_s_est") else "")
-        st += f" ({r['runs']} runs)" if r.get("runs", 5) < 5 else ""
-        t.append(line([r["mode"], r["kind"], f"{r['image']}²", r["tokens"], r["batch"], "yes" if r["compiled"] else "no",
-                       "-" if r.get("chunk") is None else r["chunk"] or "full", st, fmt(r.get("img_s"), ".4g"),
-                       fmt(r.get("ms"), ".4g"), fmt(r.get("peak_gb"), ".2f"), fmt(r.get("tflops_model"), ".4g"),
-                       fmt(r.get("mfu_model"), ".1%"), fmt(r.get("tflops_24"), ".4g"), fmt(r.get("mfu_24"), ".1%")]))
-    t += ["\nInference speed ratios, best row of each kind (paper: 13.4× at 1024², Linear vs softmax ViT):\n",
-          line(["image", "tokens", "linear img/s", "softmax-mat img/s", "softmax (SDPA) img/s", "linear ÷ mat",
-                "linear ÷ SDPA"]), line(["---"] * 7)]
-    x = lambda v: "-" if v is None else f"{v:.1f}×"  # noqa: E731
-    for r in res["ratios"]:
-        t.append(line([f"{r['image']}²", r["tokens"], fmt(r["linear"], ".4g"),
-                       fmt(r["mat"], ".4g") if r["mat"] else r["mat_status"],
-                       fmt(r["sdpa"], ".4g") if r["sdpa"] else r["sdpa_status"],
-                       x(r["linear_over_mat"]), x(r["linear_over_sdpa"])]))
+    t = [f"{res['device']} | torch {res['torch']} | {res['date']} | measured bf16 matmul rate "
+         f"{res['matmul_tflops']:.0f} TFLOP/s | " + " ; ".join(f"`{c}`" for c in res["commands"]) + "\n",
+         line(["mode", "kind", "image", "tokens", "batch", "status", "img/s", "s per call", "runs", "peak GB", "TFLOP/s", "MFU"]),
+         line(["---"] * 12)]
+    for r in sorted(res["rows"], key=lambda r: (r["mode"] != "infer", KINDS.index(r["kind"]), r["compiled"], r["image"])):
+        tf = r["flops"] / r["s"] / 1e12 if r.get("s") else None
+        t.append(line([r["mode"], r["kind"] + (" (compiled)" if r["compiled"] else ""), f"{r['image']}²", f"{r['tokens']:,}", r["batch"], r["status"],
+                       fmt(r.get("img_s"), ",.4g"), fmt(r.get("s"), ".4g"), r.get("runs", "-"), fmt(r.get("peak_gb"), ".2f"),
+                       fmt(tf, ".4g"), fmt(tf and tf / res["matmul_tflops"], ".1%")]))
+    t += ["\nInference, img/s ratios between kinds measured in this run:\n",
+          line(["image", "linear ÷ softmax-mat", "linear ÷ softmax (SDPA)", "pure ÷ pure-chunked"]), line(["---"] * 4)]
+    speed = {(r["kind"], r["image"]): r.get("img_s") for r in res["rows"] if r["mode"] == "infer" and not r["compiled"]}
+    ratio = lambda a, b, S: f"{speed[a, S] / speed[b, S]:.3g}×" if speed.get((a, S)) and speed.get((b, S)) else "-"  # noqa: E731
+    for S in sorted({S for _, S in speed}):
+        t.append(line([f"{S}²", ratio("linear", "softmax-mat", S), ratio("linear", "softmax", S), ratio("pure", "pure-chunked", S)]))
     return "\n".join(t) + "\n"
 
 
 def plot(res, path):
-    """Inference, log-log, one line per kind: img/s and peak memory vs tokens. x: out of memory (at the
-    panel's floor / at the GPU's memory); open circle: an over-budget estimate."""
+    """Inference without compile, log-log, one line per kind: img/s and peak memory against tokens; x: out of memory
+    (at the bottom of the speed panel, at the GPU's memory in the other)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, 2, figsize=(11, 4.2))
-    rows = [r for r in res["rows"] if r["mode"] == "infer"]
-    kinds = sorted({r["kind"] for r in rows}, key=rank)
+    fig, axs = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    rows = [r for r in res["rows"] if r["mode"] == "infer" and not r["compiled"]]
     floor = min([r["img_s"] for r in rows if r.get("img_s")] + [1.0]) / 3
-    gpu = res.get("gpu_gb")
-    for i, k in enumerate(kinds):
-        bs = [r for r in (best(rows, k, S) for S in sorted({r["image"] for r in rows})) if r]
-        pts = lambda key: ([r["tokens"] for r in bs if r.get(key)], [r[key] for r in bs if r.get(key)])  # noqa: E731
-        oom = [r["tokens"] for r in bs if r["status"] == "oom"]
-        axs[0].plot(*pts("img_s"), "o-", color=f"C{i}", label=k)
-        axs[0].plot(*pts("img_s_est"), "o", mfc="none", color=f"C{i}")
-        axs[0].plot(oom, [floor] * len(oom), "x", color=f"C{i}", ms=10, mew=2)
-        axs[1].plot(*pts("peak_gb"), "o-", color=f"C{i}", label=k)
-        if gpu:
-            axs[1].plot(oom, [gpu] * len(oom), "x", color=f"C{i}", ms=10, mew=2)
-    if gpu:
-        axs[1].axhline(gpu, color="gray", ls="--", lw=1, label="GPU memory")
-    for ax, yl in zip(axs, ("images / s (inference)", "peak GPU memory (GB)")):
-        ax.set(xlabel="tokens N", ylabel=yl)
-        if ax.has_data() and any(y > 0 for ln in ax.get_lines() for y in ln.get_ydata()):
+    for i, k in enumerate(sorted({r["kind"] for r in rows}, key=KINDS.index)):
+        rs = sorted((r for r in rows if r["kind"] == k), key=lambda r: r["tokens"])
+        oom = [r["tokens"] for r in rs if r["status"] == "oom"]
+        for ax, key, at in ((axs[0], "img_s", floor), (axs[1], "peak_gb", res["gpu_gb"])):
+            ax.plot([r["tokens"] for r in rs if r.get(key)], [r[key] for r in rs if r.get(key)], "o-", color=f"C{i}", label=k)
+            if at:
+                ax.plot(oom, [at] * len(oom), "x", color=f"C{i}", ms=10, mew=2)
+    for ax, label in zip(axs, ("images / s (inference)", "peak GPU memory (GB)")):
+        ax.set(xlabel="tokens N", ylabel=label)
+        if any(len(line.get_ydata()) for line in ax.get_lines()):
             ax.set(xscale="log", yscale="log")
-            ax.legend(fontsize=8, title="x = OOM, o = estimate", title_fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "not measured on the CPU", ha="center", transform=ax.transAxes)
+            ax.legend(fontsize=8, title="x: out of memory", title_fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"InfViT on {res['device']} (matmul {res['matmul_tflops']:.3g} TFLOP/s)", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"InfViT 4L-64H on {res['device']}, torch {res['torch']}, bf16, not compiled", fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def tokens_cpu(ns=(2 ** 18, 2 ** 19, 2 ** 20), H=64, dh=16):
-    """Linear-InfSA alone on the CPU (fp32, batch 1, 64 heads x d_h 16) up to 1,048,576 tokens: time and
-    peak RSS. q, k, v are filled in place, one tensor each (3 x 4.3 GB at 2^20); the scores add O(H N)."""
-    g = torch.full((H, 1, 1), 0.9)
-    print("| tokens N | q,k,v GB | linear_infsa s | peak RSS GB | a softmax P would need (fp32) |\n|" + " --- |" * 5)
-    for N in ns:
-        q, k, v = (torch.empty(1, H, N, dh).normal_() for _ in range(3))  # each (1, H, N, d_h)
-        t = time.perf_counter()
-        o = infsa.linear_infsa(q, k, v, g, expand=False)  # (1, H, 1, d_h)
-        dt = time.perf_counter() - t
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB -> GB
-        print(f"| {N:,} | {3 * q.numel() * 4 / 1e9:.1f} | {dt:.2f} | {rss:.1f} | {H * N * N * 4 / 1e12:,.0f} TB |",
-              flush=True)
-        del q, k, v, o
+def finish(res, folder):
+    """bench.json (atomically, after every row), bench.md and bench.png."""
+    os.makedirs(folder, exist_ok=True)
+    data.write_atomic(os.path.join(folder, "bench.json"), lambda f: json.dump(res, f, indent=1))
+    md = table(res)
+    data.write_atomic(os.path.join(folder, "bench.md"), lambda f: f.write(md))
+    plot(res, os.path.join(folder, "bench.png"))
+    return md
 
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--out_dir", default="bench_out"); a("--out", default="bench_results.json", help="JSON name; .md, .png beside it")
-    a("--cpu", action="store_true", help="tiny fp32 smoke run on the CPU (other defaults: SMOKE)")
-    a("--tokens_cpu", action="store_true", help="only Linear-InfSA at 2^18, 2^19, 2^20 tokens on the CPU")
-    a("--replot", default="", help="tables and figure again from this JSON")
-    a("--kinds", default=",".join(KINDS), help="run in this order"); a("--train_kinds", default="linear,softmax")
-    a("--sizes", default="224,512,1024,2048,4096,9216"); a("--train_sizes", default="1024,4096")
-    a("--batch", default="", help="an int, or size:batch pairs; default round(8 (1024/size)^2) in [1, 64]")
-    a("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile (--cpu: off unless given)")
-    a("--compile_sizes", default="1024", help="sizes that also get compiled linear and softmax inference rows")
-    a("--compile_mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs (slow to compile)")
-    a("--compile_min_left_s", type=float, default=120, help="start a compile only with this much of --total_s left")
-    a("--warmup", type=int, default=3); a("--runs", type=int, default=5)
-    a("--budget_s", type=float, default=60, help="per row: warm-up and timed runs, compile excluded")
-    a("--total_s", type=float, default=400, help="the whole run, compiles included")
-    a("--chunk", type=int, default=0, help="Pure-InfSA rows per block (0: from --pure_mem_gb)")
-    a("--pure_mem_gb", type=float, default=48.0); a("--matmul_n", type=int, default=8192)
-    args = p.parse_args(argv)
-    if args.cpu:  # the smoke run's defaults (SMOKE); flags given still win
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
-    if args.tokens_cpu:
-        return tokens_cpu()
-    if args.replot:
-        try:
-            with open(args.replot) as fh:
-                res = json.load(fh)
-        except (OSError, ValueError) as e:
-            die(f"--replot {args.replot}: not a readable results file ({type(e).__name__}); run bench.py first")
-        return finish(res, os.path.dirname(args.replot) or ".", os.path.basename(args.replot))
-    cpu = args.cpu
-    if not cpu and not torch.cuda.is_available():
-        die("no CUDA device: use --cpu for the smoke run")
-    kinds, train_kinds, sizes, train_sizes, compile_sizes = check_args(args)
-    t_end = time.perf_counter() + args.total_s
-    left = lambda: t_end - time.perf_counter()  # noqa: E731
-    dev, dt = (torch.device("cpu"), torch.float32) if cpu else (torch.device("cuda"), torch.bfloat16)
-    threads = torch.get_num_threads()
-    if cpu:
-        torch.set_num_threads(1)  # smoke timings on a shared CPU stay sane
-    else:
-        torch.backends.cudnn.benchmark = True
-    name, rate = "CPU" if cpu else torch.cuda.get_device_name(), matmul_rate(args.matmul_n, dev, dt)
-    res = dict(device=name, torch=torch.__version__, date=datetime.now().isoformat(timespec="seconds"),
-               gpu_gb=None if cpu else torch.cuda.get_device_properties(0).total_memory / 1e9,
-               matmul=f"{args.matmul_n}^3 {str(dt)[6:]}", matmul_tflops=rate,
-               args={k: v for k, v in vars(args).items() if k != "batch_of"}, rows=[])
-    print(f"{name} | torch {torch.__version__} | {res['date']} | matmul {res['matmul']}: {rate:.1f} TFLOP/s")
-    comp = set(compile_sizes) if args.compile else set()
-    tasks = []  # each kind: its inference rows (eager, then compiled where asked), then its training rows
-    for k in kinds + [k for k in train_kinds if k not in kinds]:
-        tasks += [("infer", k, S, c) for S in sizes if k in kinds
-                  for c in (False, True) if not c or (S in comp and k in ("linear", "softmax"))]
-        tasks += [("train", k, S, False) for S in train_sizes if k in train_kinds]
-    os.makedirs(args.out_dir, exist_ok=True)
-    hist, dead = {}, False
-    sigterm = signal.signal(signal.SIGTERM, _stop)  # under `timeout`, still write the tables and figure
+def ints(key, value):
     try:
-        for task in tasks:
-            row = run_task(task, args, dev, hist, left, rate) if not dead else \
-                dict(mode=task[0], kind=task[1], image=task[2], compiled=task[3], status="skipped: CUDA error",
-                     batch=args.batch_of(task[2]), tokens=make_config(task[1], task[2], 1, args).n_tokens)
-            if not cpu and row["status"].startswith("error"):
-                try:
-                    torch.cuda.synchronize()
-                except Exception:  # noqa: BLE001 -- a sticky CUDA error: nothing after it can be trusted
-                    dead = True
-            res["rows"].append(row)
-            print(f"[{args.total_s - left():6.1f}s] {task[0]} {task[1]:<11} {task[2]}² B={row['batch']}"
-                  f"{' compiled' if task[3] else ''}: {row['status']}, {fmt(row.get('img_s'))} img/s, "
-                  f"{fmt(row.get('peak_gb'), '.2f')} GB, MFU(24Nd²L) {fmt(row.get('mfu_24'), '.1%')}", flush=True)
-            save(res, args.out_dir, args.out)  # a killed run still leaves its rows
-    except KeyboardInterrupt:
-        print("interrupted: writing what was measured")
-    finally:
-        torch.set_num_threads(threads)
-        signal.signal(signal.SIGTERM, sigterm)
-    return finish(res, args.out_dir, args.out)
-
-
-def _stop(*_):
-    raise KeyboardInterrupt
-
-
-def ints(s, flag):
-    """'224,512' -> [224, 512]; anything but positive integers is a one-line error naming the flag."""
-    try:
-        vals = [int(v) for v in s.split(",") if v]
+        vals = [int(v) for v in value.split(",") if v]
     except ValueError:
         vals = [0]
-    if not all(v >= 1 for v in vals):
-        die(f"{flag} takes positive integers separated by commas, e.g. 224,512; got {s!r}")
+    if not all(v > 0 for v in vals):
+        die(f"--{key} takes positive integers separated by commas, e.g. 224,512; got {value!r}")
     return vals
 
 
-def check_args(args):
-    """Every option checked before the first measurement: a typo fails in a second, not minutes later.
-    Sets args.batch_of(size); returns the parsed lists: kinds, train_kinds, sizes, train_sizes, compile_sizes."""
-    for flag, lo in (("runs", 1), ("warmup", 0), ("budget_s", 1e-9), ("total_s", 1e-9), ("chunk", 0),
-                     ("pure_mem_gb", 1e-9), ("matmul_n", 1)):
-        if getattr(args, flag) < lo:
-            die(f"--{flag} must be {'at least 0' if lo == 0 else 'positive'}; got {getattr(args, flag)}")
-    pos = r"[1-9]\d*"
-    if not re.fullmatch(rf"|{pos}|{pos}:{pos}(,{pos}:{pos})*", args.batch):
-        die(f"--batch takes one batch size (8) or size:batch pairs (1024:8,4096:1); got {args.batch!r}")
-    bmap = dict(tuple(map(int, kv.split(":"))) for kv in args.batch.split(",") if ":" in kv)  # size -> batch
-    one = int(args.batch) if args.batch and ":" not in args.batch else None
-    args.batch_of = lambda S: bmap.get(S, one or min(64, max(1, round(8 * (1024 / S) ** 2))))
-    kinds, train_kinds = [k for k in args.kinds.split(",") if k], [k for k in args.train_kinds.split(",") if k]
-    sizes = [ints(getattr(args, f), f"--{f}") for f in ("sizes", "train_sizes", "compile_sizes")]
-    for k in kinds + train_kinds:
+def main(argv):
+    opt = SimpleNamespace(**configure(argv, DEFAULTS, __doc__, choices={}, counts=("runs", "matmul_n"), fractions=())[0])
+    if opt.replot:
         try:
-            parse_kind(k)
-            for S in sum(sizes, []):
-                make_config(k, S, 1, args)  # the model's own checks, e.g. size divisible by the patch
+            res = json.load(open(opt.replot))
+            res["rows"], res["device"]  # noqa: B018 -- a results file has both
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            die(f"--replot {opt.replot}: not a results file of bench.py ({type(e).__name__}); run bench.py first")
+        return print(finish(res, os.path.dirname(opt.replot) or "."))
+    cpu = opt.cpu
+    if not cpu and not torch.cuda.is_available():
+        die("no CUDA device: use --cpu true for the smoke run")
+    plan = [("infer", k, S) for k in opt.kinds.split(",") if k for S in ints("sizes", opt.sizes)]
+    plan += [("train", k, S) for k in opt.train_kinds.split(",") if k for S in ints("train_sizes", opt.train_sizes)]
+    if not plan:
+        die("nothing to measure: give --kinds and --sizes (or --train_kinds and --train_sizes)")
+    configs = {}
+    for mode, k, S in plan:
+        if k not in KINDS:
+            die(f"unknown kind {k!r}; kinds are {', '.join(KINDS)}")
+        try:
+            base = ViTConfig(image_size=S, patch_size=8, n_layer=2, n_head=4, n_embd=64, mlp_ratio=4.0) if cpu \
+                else paper_4l64h(image_size=S)
+            configs[k, S] = replace(base, attn=k.split("-")[0], hops=3, n_classes=10 if cpu else 1000)
         except ValueError as e:
-            die(f"{e}; change --kinds or the sizes")
-    return (kinds, train_kinds, *sizes)
-
-
-def save(res, out_dir, name):
-    res["ratios"] = ratios(res["rows"])
-    train.write_atomic(os.path.join(out_dir, name), lambda fh: json.dump(res, fh, indent=1, default=str))
-
-
-def finish(res, out_dir, name):
-    """JSON, markdown tables and figure; returns the results dict."""
-    save(res, out_dir, name)
-    stem, md = os.path.join(out_dir, os.path.splitext(name)[0]), tables(res)
-    print(md)
-    with open(stem + ".md", "w") as fh:
-        fh.write(md)
-    plot(res, stem + ".png")
-    print(f"wrote {stem}.json, {stem}.md, {stem}.png")
+            die(f"{e}; change --sizes")
+    dev, dt = (torch.device("cpu"), torch.float32) if cpu else (torch.device("cuda"), torch.bfloat16)
+    rate = matmul_rate(256 if cpu else opt.matmul_n, dev, dt)
+    res = dict(device="CPU" if cpu else torch.cuda.get_device_name(), torch=torch.__version__,
+               commands=["python bench.py " + " ".join(argv)],
+               date=datetime.now().isoformat(timespec="seconds"), matmul_tflops=rate, rows=[],
+               gpu_gb=None if cpu else torch.cuda.get_device_properties(0).total_memory / 1e9)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # an unfused fallback would time the wrong thing
+    print(f"{res['device']} | torch {res['torch']} | matmul {rate:.1f} TFLOP/s", flush=True)
+    for mode, k, S in plan:
+        B = opt.batch or (2 if cpu else min(64, max(1, round(8 * (1024 / S) ** 2))))
+        row = measure(mode, k, S, configs[k, S], B, dev, opt)
+        res["rows"].append(row)
+        print(f"{mode} {k:<12} {S}² B={row['batch']}: {row['status']}, {fmt(row.get('img_s'), ',.4g')} img/s, "
+              f"{fmt(row.get('peak_gb'), '.2f')} GB", flush=True)
+        finish(res, opt.out_dir)  # a run killed by a timeout still leaves every row it measured
+    print(finish(res, opt.out_dir))
     return res
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,5 +1,5 @@
 """
-Datasets as uint8 tensors, and a loader that keeps them on the GPU.
+Datasets as uint8 tensors, and loaders that keep them on the device.
 
     shapes   built in: one of 10 shapes on a cluttered background, generated in memory from a
              seed in seconds, with a per-image object mask (ground truth for attention maps)
@@ -7,7 +7,8 @@ Datasets as uint8 tensors, and a loader that keeps them on the GPU.
     folder   DIR/train/<class>/*, DIR/test/<class>/* images, decoded once and cached as .npz
 
 load(...) returns a dict: x_train, x_test uint8 (n, 3, H, W); y_train, y_test int64 (n,);
-mask_test bool (n, H, W) or None; classes, a list of names.
+mask_test bool (n, H, W) or None; classes, a list of names. Anything wrong with the data on
+disk raises DataError with one line that names the file and the fix.
 """
 import hashlib
 import io
@@ -16,10 +17,33 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import uuid
+import zipfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+class DataError(Exception):
+    """A problem with the data on disk; the message names the file and the fix."""
+
+
+def write_atomic(path, write, mode="w"):
+    """write(f) into a temporary file of this process alone, flush it to disk, then rename it to path:
+    a crash never leaves half a file, a failed write never replaces a good one, and two processes
+    writing the same path at once each rename a whole file (the last one wins)."""
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
 
 SHAPES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond", "frame", "bars", "half-disk"]
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -123,13 +147,12 @@ def load_cifar10(data_dir):
         if not os.path.exists(tgz):
             print(f"CIFAR-10 not found in {data_dir}: downloading {CIFAR_URL} (163 MB)")
             try:
-                urllib.request.urlretrieve(CIFAR_URL, tgz + ".part")
+                write_atomic(tgz, lambda f: f.write(urllib.request.urlopen(CIFAR_URL).read()), "wb")
             except OSError as e:
-                raise SystemExit(f"error: could not download CIFAR-10 ({e}); put cifar-10-python.tar.gz "
-                                 f"in {data_dir} by hand, or use --dataset shapes")
-            os.replace(tgz + ".part", tgz)
+                raise DataError(f"could not download CIFAR-10 ({e}); put cifar-10-python.tar.gz "
+                                f"in {data_dir} by hand, or use --dataset shapes") from None
         if _md5(tgz) != CIFAR_MD5:
-            raise SystemExit(f"error: {tgz} fails its md5 check (corrupt or partial download); delete it and rerun")
+            raise DataError(f"{tgz} fails its md5 check (corrupt or partial download); delete it and rerun")
         with tarfile.open(tgz) as tar:
             tar.extractall(data_dir, filter="data")
     x_tr, y_tr = _read_batches(folder, [f"data_batch_{i}" for i in range(1, 6)])
@@ -139,63 +162,96 @@ def load_cifar10(data_dir):
 # -----------------------------------------------------------------------------
 # image folders (ImageNet-style layout)
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # other files are ignored
 
-def _decode(path, size):
-    """Decode with Pillow, resize the shorter side to `size`, centre-crop to size x size: (3, size, size)."""
+
+def decode(path, size):
+    """Decode with Pillow, resize the shorter side to `size`, centre-crop to size x size: (3, size, size)
+    uint8. 16-bit greyscale is scaled to 8 bits (a plain convert would clip it to white). A file Pillow
+    cannot read raises DataError naming it."""
     from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        s = size / min(im.size)
-        im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BILINEAR)
-        l, t = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-        return np.array(im.crop((l, t, l + size, t + size)), dtype=np.uint8).transpose(2, 0, 1)
+    try:
+        with Image.open(path) as im:
+            if im.mode.startswith("I"):  # I;16, I;16B, I: 16- or 32-bit integer greyscale
+                im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
+            im = im.convert("RGB")
+            s = size / min(im.size)
+            im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BILINEAR)
+            l, t = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+            return np.array(im.crop((l, t, l + size, t + size)), dtype=np.uint8).transpose(2, 0, 1)
+    except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises for unreadable or cut-short files
+        raise DataError(f"cannot decode image {path} ({type(e).__name__}); remove or replace it") from None
 
 
 def decode_all(paths, size, min_parallel=2048):
-    """_decode every file, (n, 3, size, size) uint8; in worker processes, one per core, when there
-    are at least min_parallel files (one process takes tens of seconds for CIFAR-10's 60,000 JPEGs)."""
+    """decode every file, (n, 3, size, size) uint8; in worker processes, one per core, when there are
+    at least min_parallel files (one process takes tens of seconds for CIFAR-10's 60,000 JPEGs)."""
     if len(paths) < min_parallel or (os.cpu_count() or 1) < 2:
-        return np.stack([_decode(p, size) for p in paths])
+        return np.stack([decode(p, size) for p in paths])
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor() as pool:
-        return np.stack(list(pool.map(_decode, paths, [size] * len(paths), chunksize=256)))
+        return np.stack(list(pool.map(decode, paths, [size] * len(paths), chunksize=256)))
 
 
 def folder_files(data_dir):
-    """List DATA_DIR/{train,test}/<class>/<image>: (classes, {split: (paths, labels)})."""
-    split_dirs = [os.path.join(data_dir, s) for s in ("train", "test")]
-    for d in split_dirs:
+    """The images of DATA_DIR/{train,test}/<class>/: (classes, {split: (paths, labels)}). Classes are
+    the folders of train/; files without an image extension (.DS_Store, README.txt) are ignored."""
+    def listing(d):
+        return sorted(f for f in os.listdir(d) if not f.startswith("."))
+    split_dirs = {s: os.path.join(data_dir, s) for s in ("train", "test")}
+    for d in split_dirs.values():
         if not os.path.isdir(d):
-            raise SystemExit(f"error: {d} not found; --dataset folder needs DATA_DIR/train/<class>/* "
-                             f"and DATA_DIR/test/<class>/*")
-    classes = sorted(os.listdir(split_dirs[0]))
+            raise DataError(f"{d} not found; --dataset folder needs DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*")
+    classes = [c for c in listing(split_dirs["train"]) if os.path.isdir(os.path.join(split_dirs["train"], c))]
+    extra = {c for c in listing(split_dirs["test"]) if os.path.isdir(os.path.join(split_dirs["test"], c))} - set(classes)
+    if extra:
+        raise DataError(f"{split_dirs['test']} has classes that train/ lacks ({', '.join(sorted(extra))}); "
+                        f"add them to train/ or remove them from test/")
     out = {}
-    for split, d in zip(("train", "test"), split_dirs):
-        files = [(os.path.join(d, c, f), i) for i, c in enumerate(classes)
-                 for f in sorted(os.listdir(os.path.join(d, c)))]
+    for split, d in split_dirs.items():
+        files = [(os.path.join(d, c, f), i) for i, c in enumerate(classes) if os.path.isdir(os.path.join(d, c))
+                 for f in listing(os.path.join(d, c)) if f.lower().endswith(IMAGE_EXTS)]
         if not files:
-            raise SystemExit(f"error: no images under {d}/<class>/")
+            raise DataError(f"no images under {d}/<class>/ (looked for {', '.join(IMAGE_EXTS)})")
         out[split] = ([p for p, _ in files], [i for _, i in files])
     return classes, out
 
 
+def cache_path(data_dir, image_size, files):
+    """Where the decoded folder is cached: a name keyed on the image size and on every file's path,
+    size and modification time (so adding, removing or changing a file makes a new cache), in the
+    data folder when it is writable, else in ~/.cache/infsa (a shared or read-only dataset)."""
+    h = hashlib.sha1(str(image_size).encode())
+    for paths, _ in files.values():
+        for p in paths:
+            st = os.stat(p)
+            h.update(f"{os.path.relpath(p, data_dir)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    name = f"cache_{image_size}_{h.hexdigest()[:12]}.npz"
+    if os.access(data_dir, os.W_OK):
+        return os.path.join(data_dir, name)
+    home = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "infsa")
+    os.makedirs(home, exist_ok=True)
+    return os.path.join(home, hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:8] + "_" + name)
+
+
 def load_folder(data_dir, image_size):
-    """DATA_DIR/{train,test}/<class>/<image>; decoded once, cached as DATA_DIR/cache_<size>.npz."""
-    cache = os.path.join(data_dir, f"cache_{image_size}.npz")
-    if os.path.exists(cache):
-        z = np.load(cache)
-        return dict(x_train=torch.from_numpy(z["x_train"]), y_train=torch.from_numpy(z["y_train"]),
-                    x_test=torch.from_numpy(z["x_test"]), y_test=torch.from_numpy(z["y_test"]),
-                    mask_test=None, classes=[str(c) for c in z["classes"]])
+    """DATA_DIR/{train,test}/<class>/<image>, decoded once and cached (cache_path); a cache that cannot
+    be read is rebuilt."""
     classes, files = folder_files(data_dir)
-    out = {"classes": np.array(classes)}
+    cache = cache_path(data_dir, image_size, files)
+    if os.path.exists(cache):
+        try:
+            with np.load(cache) as z:
+                d = {k: torch.from_numpy(z[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
+            return dict(d, mask_test=None, classes=classes)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            print(f"warning: cache {cache} is unreadable ({type(e).__name__}); decoding the images again")
+    out = {}
     for split, (paths, labels) in files.items():
         print(f"decoding {len(paths)} {split} images from {data_dir} (once; cached in {cache})")
-        out[f"x_{split}"] = decode_all(paths, image_size)
-        out[f"y_{split}"] = np.array(labels, dtype=np.int64)
-    np.savez(cache + ".tmp.npz", **out)
-    os.replace(cache + ".tmp.npz", cache)
-    return load_folder(data_dir, image_size)
+        out[f"x_{split}"], out[f"y_{split}"] = decode_all(paths, image_size), np.array(labels, dtype=np.int64)
+    write_atomic(cache, lambda f: np.savez(f, **out), "wb")
+    return dict({k: torch.from_numpy(v) for k, v in out.items()}, mask_test=None, classes=classes)
 
 
 def load(name, data_dir="data", image_size=32, seed=0, n_train=20000, n_test=2000):
@@ -203,9 +259,8 @@ def load(name, data_dir="data", image_size=32, seed=0, n_train=20000, n_test=200
         return load_shapes(n_train, n_test, seed)
     if name == "cifar10":
         return load_cifar10(data_dir)
-    if name == "folder":
-        return load_folder(data_dir, image_size)
-    raise SystemExit(f"error: unknown dataset {name!r}; choose shapes, cifar10 or folder")
+    return load_folder(data_dir, image_size)
+
 
 # -----------------------------------------------------------------------------
 # distribution shift: common corruptions at one fixed severity
@@ -406,7 +461,9 @@ class GPULoader:
             yield self.transform(self.x[idx], self.draws(len(idx), g)), self.y[idx]
 
 
-class _Files(torch.utils.data.Dataset):
+class Files(torch.utils.data.Dataset):
+    """Image files decoded on demand: (3, size, size) uint8 and the label."""
+
     def __init__(self, paths, labels, size):
         self.paths, self.labels, self.size = paths, labels, size
 
@@ -414,23 +471,71 @@ class _Files(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return torch.from_numpy(_decode(self.paths[i], self.size)), self.labels[i]
+        return torch.from_numpy(decode(self.paths[i], self.size)), self.labels[i]
 
 
 class StreamLoader(GPULoader):
-    """The same batches as GPULoader, but images are decoded from files by `workers` processes
-    (torch.utils.data) and only each batch is moved to the device: for sets too large for its memory."""
+    """The batches of GPULoader, but decoded from the files by `workers` processes every epoch and moved
+    to the device batch by batch: for image folders too large for memory."""
 
-    def __init__(self, paths, labels, size, batch_size, mean, std, train, device, workers=4, **kw):
-        self.files, self.device, self.workers = _Files(paths, labels, size), device, workers
-        super().__init__(None, torch.tensor(labels), batch_size, mean, std, train, **kw)  # no images in memory
+    def __init__(self, files, device, workers, batch_size, mean, std, train, **kw):
+        self.files, self.device, self.workers = files, device, workers
+        super().__init__(None, torch.tensor(files.labels), batch_size, mean, std, train, **kw)  # no images held
         self.mean, self.std = mean.to(device), std.to(device)
 
     def __iter__(self):
         dl = torch.utils.data.DataLoader(self.files, batch_sampler=[b.tolist() for b in self.batches()],
-                                         num_workers=self.workers, pin_memory=self.device != "cpu",
-                                         persistent_workers=False)
+                                         num_workers=self.workers, pin_memory=self.device != "cpu")
         g = self.generator(self.device)
-        for xb, yb in dl:
-            xb = xb.to(self.device, non_blocking=True)
-            yield self.transform(xb, self.draws(len(xb), g)), yb.to(self.device, non_blocking=True)
+        try:
+            for xb, yb in dl:
+                xb = xb.to(self.device, non_blocking=True)
+                yield self.transform(xb, self.draws(len(xb), g)), yb.to(self.device, non_blocking=True)
+        except DataError as e:  # re-raised from a worker with its traceback: keep the worker's own line
+            raise DataError(str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")) from None
+
+
+def channel_stats(x):
+    """Per-channel mean and std of uint8 images (n, 3, H, W) on the [0, 1] scale (std at least 1/255)."""
+    f = x.float() / 255
+    return f.mean((0, 2, 3)), f.std((0, 2, 3)).clamp_min(1 / 255)
+
+
+def loaders(cfg, device, rank=0, world=1):
+    """The loaders of a run, from its config (train.py's keys): (train, evaluate, test, classes, mean, std).
+    `evaluate` is what training evaluates on: the validation split when cfg.val_split > 0 (a fixed
+    random subset of the training images, the same for every seed), else the test set; `test` is the
+    test set, evaluated once at the end when there is a validation split, else None."""
+    aug = dict(seed=cfg.seed, rank=rank, world=world, pad=cfg.crop_pad, flip=cfg.hflip, rotate=cfg.rotate,
+               zoom=cfg.zoom, translate=cfg.translate, jitter=cfg.jitter, erase=cfg.erase,
+               compile=cfg.compile and str(device).startswith("cuda"))
+    if cfg.stream:
+        if cfg.dataset != "folder":
+            raise DataError("--stream true reads image files: use it with --dataset folder")
+        classes, files = folder_files(cfg.data_dir)
+        tr, te = (Files(*files[s], cfg.image_size) for s in ("train", "test"))
+        sample = torch.stack([tr[i][0] for i in range(0, len(tr), max(1, len(tr) // 512))])
+        mean, std = channel_stats(sample)
+        return (StreamLoader(tr, device, cfg.workers, cfg.batch_size, mean, std, True, **aug),
+                StreamLoader(te, device, cfg.workers, 500, mean, std, False), None, classes, mean, std)
+    d = load(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.n_train, cfg.n_test)
+    x_tr, y_tr, x_te, y_te = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
+    if x_tr.shape[-1] != cfg.image_size:
+        raise DataError(f"{cfg.dataset} images are {x_tr.shape[-1]}px but --image_size is {cfg.image_size}; "
+                        f"pass --image_size {x_tr.shape[-1]}")
+    if cfg.val_split >= len(x_tr):
+        raise DataError(f"--val_split {cfg.val_split} leaves no training images (there are {len(x_tr)}); lower it")
+    if cfg.batch_size > len(x_tr) - cfg.val_split:
+        raise DataError(f"--batch_size {cfg.batch_size} is larger than the training set "
+                        f"({len(x_tr) - cfg.val_split} images); lower it")
+    test = None
+    if cfg.val_split:
+        perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))  # files are often sorted by class
+        test = (x_te, y_te)
+        x_tr, y_tr, x_te, y_te = x_tr[perm[:-cfg.val_split]], y_tr[perm[:-cfg.val_split]], x_tr[perm[-cfg.val_split:]], y_tr[perm[-cfg.val_split:]]
+    mean, std = channel_stats(x_tr[:10000])
+    x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
+    if test is not None:
+        test = GPULoader(test[0].to(device), test[1].to(device), 1000, mean, std, False)
+    return (GPULoader(x_tr, y_tr, cfg.batch_size, mean, std, True, **aug),
+            GPULoader(x_te, y_te, 1000, mean, std, False), test, d["classes"], mean, std)

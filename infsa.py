@@ -1,52 +1,48 @@
 """
 Infinite Self-Attention (InfSA): attention as diffusion on a graph of tokens.
 
-One attention layer moves information one step along a graph whose nodes are
-tokens and whose edge weights are query-key affinities. Pure-InfSA sums many
-such steps with a discount gamma,
+One attention layer moves information one step along a graph whose nodes are tokens and whose
+edge weights are query-key affinities A_hat. Pure-InfSA sums many such steps with a discount
+gamma,
 
-    Y = sum_{t=1..K} gamma^t A^t V   ->   ((I - gamma A)^-1 - I) V   as K -> inf,
+    Y = sum_{t=1..K} gamma^t A_hat^t V   ->   ((I - gamma A_hat)^-1 - I) V   as K -> inf,
 
-a Neumann series whose limit is the resolvent of the graph: the same object as
-Katz centrality and as the fundamental matrix of an absorbing Markov chain.
-Linear-InfSA keeps only the dominant direction of that operator: one pooled
-score vector a over the tokens, so the state per head is O(d_h), whatever N is.
+a Neumann series whose limit is the resolvent of the graph: the same object as Katz centrality
+and as the fundamental matrix of an absorbing Markov chain. The sum starts at t = 1 because the
+transformer's residual stream x + Attn(x) already carries the t = 0 term, V itself.
+Linear-InfSA keeps a single pooled score vector a over the tokens instead of the N x N matrix,
+so its state per head is O(d_h) whatever N is.
 
-Every function takes tensors shaped (..., N, d_h) (any leading batch / head
-dims) and states its formula in its docstring. Reading order: affinity ->
-neumann_series -> neumann_closed_form -> pure_infsa -> the centrality and
-Markov views -> linear_infsa -> softmax baselines -> toy_graph.
+Tensors are (..., N, d_h): any leading batch / head dims. Every function states its formula in
+its docstring. Reading order: affinity -> neumann_series -> neumann_closed_form -> pure_infsa
+-> the centrality and Markov views -> linear_infsa -> softmax baselines -> toy_graph. The last
+section holds one fast path, pure_infsa_flex, which computes pure_infsa without the N x N
+matrix; nothing above depends on it.
 """
 import math
 from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 # -----------------------------------------------------------------------------
-# argument checks (one clear line each)
+# argument checks: one line each, where a caller can go wrong
 
 
 def _check_qkv(q, k, v=None):
     if q.dim() < 2 or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"k must be (..., N, d_h) with the leading dims and d_h of q; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if v is not None and (v.shape[:-1] != k.shape[:-1]):
-        raise ValueError(f"v must be (..., N, d_v) with the same leading dims and N as k; "
+    if v is not None and v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v must be (..., N, d_v) with the leading dims and N of k; "
                          f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
 def _check_gamma(gamma):
-    """gamma must lie in (0, 1). Python numbers are always checked; constant tensors only on the
-    CPU (checking a CUDA tensor would synchronise the GPU on every call). A trained gamma,
-    sigmoid(logit), is in (0, 1) by construction and is not checked."""
-    if isinstance(gamma, torch.Tensor):
-        if gamma.device.type == "cpu" and not gamma.requires_grad and not torch.compiler.is_compiling():
-            bad = (gamma <= 0) | (gamma >= 1)
-            if bool(bad.any()):
-                raise ValueError("gamma must lie in (0, 1) for the Neumann series to converge; "
-                                 f"got values in [{gamma.min().item():.4g}, {gamma.max().item():.4g}]")
-    elif not 0.0 < float(gamma) < 1.0:
+    """A Python number must lie in (0, 1). A tensor is not inspected (that would synchronise a GPU
+    on every call); the model's gamma = sigmoid(logit) lies in (0, 1) by construction."""
+    if not isinstance(gamma, torch.Tensor) and not 0.0 < gamma < 1.0:
         raise ValueError(f"gamma must lie in (0, 1) for the Neumann series to converge; got {gamma}")
 
 
@@ -55,14 +51,19 @@ def _check_hops(hops):
         raise ValueError(f"hops must be an integer >= 1 (the number of Neumann terms); got {hops!r}")
 
 
-def _acc(x):
-    """x in an accumulation dtype of at least fp32 (fp16 / bf16 -> fp32; fp64 stays fp64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _square(A):
+def _check_square(A):
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"A must be (..., N, N); got {tuple(A.shape)}")
+
+
+def _like(gamma, x):
+    """gamma in x's dtype, so that bf16 data stays bf16 (a float gamma passes through)."""
+    return gamma.to(x.dtype) if isinstance(gamma, torch.Tensor) else gamma
+
+
+def _acc(x):
+    """The dtype sums over tokens run in: fp32 for fp16 / bf16 / fp32 data, fp64 for fp64."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 # -----------------------------------------------------------------------------
 # Pure-InfSA: the affinity graph and the Neumann series on it
@@ -74,83 +75,61 @@ def relu_scores(q, k):
 
 
 def frobenius_norm(S):
-    """||S||_F = sqrt(sum_ij S_ij^2) over the last two dims, accumulated in fp32, (..., 1, 1)."""
-    return torch.linalg.vector_norm(S, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(S.dtype, torch.float32))
+    """||S||_F = sqrt(sum_ij S_ij^2) over the last two dims, summed in fp32 (at least), (..., 1, 1)."""
+    return torch.linalg.vector_norm(S, dim=(-2, -1), keepdim=True, dtype=_acc(S))
 
 
 def affinity(q, k, eps=1e-6):
     """A_hat = S / (||S||_F + eps),  S = ReLU(q k^T / sqrt(d_h)).
 
-    Normalised over the whole N x N matrix, not per row: A_hat >= 0, ||A_hat||_F = 1
-    (or A_hat = 0 when every affinity is <= 0), so its spectral radius is <= 1. Row sums
-    vary, unlike softmax. Invariant to positive rescaling of q or k (up to eps).
-    The norm is accumulated in fp32 and the scaling is done in fp32."""
+    Normalised over the whole N x N matrix, not per row: A_hat >= 0 and ||A_hat||_F = 1 (or
+    A_hat = 0 when every affinity is <= 0), so its spectral radius is at most 1. Row sums vary,
+    unlike softmax. Invariant to positive rescaling of q or k (up to eps). Returned in S's dtype."""
     _check_qkv(q, k)
     S = relu_scores(q, k)
-    inv = 1.0 / (frobenius_norm(S) + eps)  # (..., 1, 1), >= fp32
-    if S.requires_grad:
-        return (S * inv).to(S.dtype)  # autograd needs S as it is
-    return S.mul_(inv)  # no gradient: scale in place, one N x N buffer in S's own dtype
+    return (S / (frobenius_norm(S) + eps)).to(S.dtype)
 
 
 def neumann_series(A, x, gamma, hops):
     """Y = sum_{t=1..hops} gamma^t A^t x, by repeated products:
-    z_0 = x, z_t = gamma A z_{t-1}, Y = sum_t z_t.  A^t is never formed.
+    z_0 = x, z_t = gamma A z_{t-1}, Y = sum_t z_t. A^t is never formed.
 
-    A: (..., N, N); x: (..., N, d); gamma: a float in (0, 1) or a tensor broadcastable
-    against x, e.g. (H, 1, 1) for one gamma per head."""
-    _square(A)
+    A: (..., N, N); x: (..., N, d); gamma: a float in (0, 1), or a tensor broadcastable against x,
+    e.g. (H, 1, 1) for one gamma per head."""
+    _check_square(A)
     _check_gamma(gamma)
     _check_hops(hops)
     if x.shape[-2] != A.shape[-1]:
         raise ValueError(f"x must be (..., N, d) with N = {A.shape[-1]} to match A; got {tuple(x.shape)}")
-    z, y = x, None
+    gamma = _like(gamma, x)
+    z, y = x, 0
     for _ in range(hops):
         z = gamma * (A @ z)
-        y = z if y is None else y + z
+        y = y + z
     return y
 
 
 def neumann_closed_form(A, x, gamma):
     """Y_inf = ((I - gamma A)^-1 - I) x, by a linear solve (for teaching and tests)."""
-    _square(A)
+    _check_square(A)
     _check_gamma(gamma)
     I = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     return torch.linalg.solve(I - gamma * A, x) - x
 
 
 def truncation_bound(gamma, hops):
-    """||Y_inf - Y_K|| <= gamma^(K+1) / (1 - gamma) * ||x||  when ||A||_2 <= 1 (true for A_hat).
-
-    The tail sum_{t>K} gamma^t ||A||_2^t ||x||: a certificate for cutting the series at K."""
+    """||Y_inf - Y_K||_2 <= gamma^(K+1) / (1 - gamma) * ||x||_2  when ||A||_2 <= 1 (true for A_hat):
+    the tail sum_{t>K} gamma^t ||A||_2^t ||x||_2, a certificate for cutting the series at K."""
     _check_gamma(gamma)
     _check_hops(hops)
     return gamma ** (hops + 1) / (1 - gamma)
 
 
-def pure_infsa(q, k, v, gamma, hops=3, chunk=None, eps=1e-6):
-    """Pure-InfSA head output: Y = sum_{t=1..hops} gamma^t A_hat^t v, A_hat = affinity(q, k).
-
-    chunk=None builds A_hat (N x N) once. chunk=C never holds more than C rows of it:
-    a first pass accumulates ||S||_F over row blocks, then every hop recomputes
-    A_hat[rows] @ z block by block, so peak memory is O(N C) instead of O(N^2),
-    at the price of recomputing S once per hop."""
+def pure_infsa(q, k, v, gamma, hops=3, eps=1e-6):
+    """Pure-InfSA head output: Y = sum_{t=1..hops} gamma^t A_hat^t v,  A_hat = affinity(q, k).
+    Builds A_hat (N x N) once; pure_infsa_flex (below) computes the same without it."""
     _check_qkv(q, k, v)
-    if chunk is None or chunk >= q.shape[-2]:
-        return neumann_series(affinity(q, k, eps), v, gamma, hops)
-    _check_gamma(gamma)
-    _check_hops(hops)
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer (rows of A_hat per block); got {chunk!r}")
-    blocks = q.split(chunk, dim=-2)  # each (..., C, d_h)
-    sq = sum(frobenius_norm(relu_scores(qb, k)).square() for qb in blocks)
-    inv = 1.0 / (sq.sqrt() + eps)  # (..., 1, 1), >= fp32
-    z, y = v, None
-    for _ in range(hops):
-        Az = torch.cat([_acc(relu_scores(qb, k) @ z) for qb in blocks], dim=-2)  # (..., N, d)
-        z = gamma * (Az * inv).to(v.dtype)
-        y = z if y is None else y + z
-    return y
+    return neumann_series(affinity(q, k, eps), v, gamma, hops)
 
 # -----------------------------------------------------------------------------
 # The same operator read as graph centrality and as a Markov chain
@@ -163,7 +142,7 @@ def katz_centrality(A, gamma, direction="in"):
     direction='in': how much each token is attended, directly or through chains.
     direction='out' uses A instead of A^T: how much each token attends. Needs
     gamma < 1 / rho(A) (any gamma in (0, 1) for A_hat)."""
-    _square(A)
+    _check_square(A)
     if direction not in ("in", "out"):
         raise ValueError(f"direction must be 'in' or 'out'; got {direction!r}")
     if not isinstance(gamma, torch.Tensor) and gamma <= 0:
@@ -176,13 +155,12 @@ def katz_centrality(A, gamma, direction="in"):
 
 def eigenvector_centrality(A, iters=200, eps=1e-12):
     """Principal left eigenvector of A: c proportional to A^T c, by power iteration
-    c <- A^T c / ||A^T c||_1 from c = 1/N. Normalised to sum 1 (Perron vector, c >= 0).
+    c <- A^T c / ||A^T c||_1 from c = 1/N. Normalised to sum 1 (the Perron vector, c >= 0).
     Converges geometrically when A is irreducible and aperiodic (e.g. A > 0)."""
-    _square(A)
+    _check_square(A)
     c = torch.full(A.shape[:-1], 1.0 / A.shape[-1], dtype=A.dtype, device=A.device)  # (..., N)
-    At = A.transpose(-2, -1)
     for _ in range(iters):
-        c = (At @ c.unsqueeze(-1)).squeeze(-1)
+        c = (c.unsqueeze(-2) @ A).squeeze(-2)  # (A^T c)_j = sum_i c_i A_ij
         c = c / (c.sum(-1, keepdim=True) + eps)
     return c
 
@@ -191,7 +169,7 @@ def pagerank(A, alpha=0.85, iters=100):
     """PageRank: the stationary vector pi = pi G of G = alpha P + (1 - alpha) 1 1^T / N,
     P = A row-normalised (a row with no weight jumps uniformly). Power iteration
     pi <- alpha pi P + (1 - alpha) / N; pi >= 0 and sums to 1."""
-    _square(A)
+    _check_square(A)
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie in (0, 1) (the follow-a-link probability); got {alpha}")
     N = A.shape[-1]
@@ -203,41 +181,40 @@ def pagerank(A, alpha=0.85, iters=100):
     return pi
 
 
-_Chain = namedtuple("Chain", "M R fundamental valid")
+Chain = namedtuple("Chain", "M R fundamental valid")
 
 
 def absorbing_chain(A, gamma):
-    """Absorbing Markov chain read of gamma A.
+    """The absorbing Markov chain read of gamma A.
 
-    M = gamma A (transient -> transient), absorption R_i = 1 - sum_j M_ij,
-    fundamental matrix F = (I - M)^-1 = sum_{t>=0} M^t: F_ij is the expected number of
-    visits to j of a walk started at i before it is absorbed; (F - I) 1 is out-Katz.
-    valid is True only where every R_i >= 0 (each row of M a sub-distribution);
-    Frobenius normalisation does not guarantee it, so the probabilistic reading
-    is only offered where valid holds. Returns (M, R, fundamental, valid), a named tuple."""
-    _square(A)
+    M = gamma A (transient -> transient), absorption R_i = 1 - sum_j M_ij, fundamental matrix
+    F = (I - M)^-1 = sum_{t>=0} M^t: F_ij is the expected number of visits to j of a walk started
+    at i before it is absorbed, and (F - I) 1 is the out-Katz score. The probabilistic reading
+    holds only when M is sub-stochastic (every R_i >= 0); Frobenius normalisation does not
+    guarantee it (row sums of A_hat above 1 occur), so `valid` says whether it holds.
+    Returns Chain(M, R, fundamental, valid)."""
+    _check_square(A)
     _check_gamma(gamma)
     M = gamma * A
     R = 1 - M.sum(-1)
     I = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    F_ = torch.linalg.inv(I - M)
     valid = bool((A >= 0).all() and (R >= -1e-12).all())
-    return _Chain(M, R, F_, valid)
+    return Chain(M, R, torch.linalg.inv(I - M), valid)
 
 
 def random_walk_visits(M, walks=20000, max_steps=1000, generator=None):
-    """Monte-Carlo estimate of the fundamental matrix F = (I - M)^-1 of a valid chain.
+    """Monte-Carlo estimate of the fundamental matrix F = (I - M)^-1 of a valid chain, (N, N).
 
-    From each start i run `walks` walks: count the visit to the current state, then move
-    to j with probability M_ij or stop with probability R_i = 1 - sum_j M_ij. The mean
-    visit counts estimate F_ij (an independent check of the closed form). M: (N, N)."""
-    _square(M)
+    From each start i run `walks` walks: count the visit to the current state, then move to j with
+    probability M_ij or stop with probability R_i = 1 - sum_j M_ij. The mean visit counts estimate
+    F_ij: an independent check of the closed form."""
+    _check_square(M)
     N = M.shape[-1]
     R = 1 - M.sum(-1)
     if (M < 0).any() or (R < -1e-12).any():
         raise ValueError("M must be a valid sub-stochastic chain (M >= 0, row sums <= 1); "
                          "check absorbing_chain(...).valid first")
-    T = torch.cat([M, R.clamp_min(0).unsqueeze(-1)], dim=-1)  # (N, N+1); column N = absorbed
+    T = torch.cat([M, R.clamp_min(0).unsqueeze(-1)], dim=-1).double()  # (N, N + 1); column N = absorbed
     state = torch.arange(N).repeat_interleave(walks)  # (N * walks,)
     start = state.clone()
     visits = torch.zeros(N, N, dtype=torch.float64)
@@ -247,7 +224,7 @@ def random_walk_visits(M, walks=20000, max_steps=1000, generator=None):
             break
         s, s0 = state[alive], start[alive]
         visits.index_put_((s0, s), torch.ones(len(s), dtype=torch.float64), accumulate=True)
-        state[alive] = torch.multinomial(T[s].double(), 1, generator=generator).squeeze(-1)
+        state[alive] = torch.multinomial(T[s], 1, generator=generator).squeeze(-1)
     return visits / walks
 
 # -----------------------------------------------------------------------------
@@ -255,75 +232,56 @@ def random_walk_visits(M, walks=20000, max_steps=1000, generator=None):
 
 
 def query_energy(q, eps=1e-6):
-    """w_t = ||q_t|| / sum_s ||q_s||: each token's share of the query energy, (..., N), >= fp32."""
-    n = _acc(q).norm(dim=-1)
+    """w_t = ||q_t|| / sum_s ||q_s||: each token's share of the query energy, (..., N), fp32 (at least)."""
+    n = torch.linalg.vector_norm(q, dim=-1, dtype=_acc(q))
     return n / (n.sum(-1, keepdim=True) + eps)
 
 
 def linear_infsa_scores(q, k, eps=1e-6):
-    """a_j = ReLU(qbar . k_j) / (sum_l ReLU(qbar . k_l) + eps),  qbar = sum_t w_t q_t.
+    """a_j = ReLU(k_j . qbar) / (sum_l ReLU(k_l . qbar) + eps),  qbar = sum_t w_t q_t,  (..., N).
 
-    One power-iteration step toward the principal left eigenvector of ReLU(q k^T),
-    started from the query energies w. Cost O(N d_h); nothing N x N is built. (..., N).
-    Every sum runs in fp32 (weighted_sum); q and k are never copied to fp32."""
+    Since qbar . k_j = sum_t w_t (q k^T)_tj, the scores are one power-iteration step on S = q k^T,
+    started from the query energies w, *followed by* a ReLU. That is not a power step on
+    ReLU(q k^T): on random q, k with no shared direction the two differ (cosine about 0.7);
+    when queries and keys share a direction, as after training, they agree (cosine about 1).
+    Cost O(N d_h); nothing N x N is built. The sums over tokens run in fp32 (at least)."""
     _check_qkv(q, k)
-    w = query_energy(q, eps)  # (..., N), fp32
-    qbar = weighted_sum(w, q)  # sum_t w_t q_t: (..., d_h), fp32
-    s = F.relu(token_dots(k, qbar))  # qbar . k_j: (..., N), fp32
-    return s / (s.sum(-1, keepdim=True) + eps)  # (..., N)
-
-
-def weighted_sum(w, x, fused=None):
-    """sum_t w_t x_t for w (..., T) and x (..., T, d) -> (..., d), accumulated in fp32 (at least).
-
-    fused (default: on a GPU): a product and a sum, which torch.compile fuses into one pass
-    over x (as a matrix product it would be a batched matrix-vector product, slow on GPUs);
-    otherwise a matrix product, which needs no temporary of x's size."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    w = w.to(x.dtype)
-    if x.is_cuda if fused is None else fused:
-        return (w.unsqueeze(-1) * x).sum(-2, dtype=acc)
-    return (w.unsqueeze(-2) @ x).squeeze(-2).to(acc)  # matmuls accumulate in fp32 on bf16 / fp16 inputs
-
-
-def token_dots(k, qbar, fused=None):
-    """qbar . k_j for every token j: k (..., N, d), qbar (..., d) -> (..., N), accumulated in fp32
-    (at least); fused (default: on a GPU) as a product and a sum, else a matrix product (see weighted_sum)."""
-    acc = torch.promote_types(k.dtype, torch.float32)
-    qbar = qbar.to(k.dtype)
-    if k.is_cuda if fused is None else fused:
-        return (k * qbar.unsqueeze(-2)).sum(-1, dtype=acc)
-    return (qbar.unsqueeze(-2) @ k.transpose(-2, -1)).squeeze(-2).to(acc)
+    w = query_energy(q, eps)  # (..., N)
+    qbar = (w.to(q.dtype).unsqueeze(-1) * q).sum(-2, dtype=_acc(q))  # sum_t w_t q_t: (..., d_h)
+    s = F.relu((k * qbar.to(k.dtype).unsqueeze(-2)).sum(-1, dtype=_acc(k)))  # k_j . qbar: (..., N)
+    return s / (s.sum(-1, keepdim=True) + eps)
 
 
 def linear_infsa(q, k, v, gamma, eps=1e-6, expand=True):
-    """Linear-InfSA: o_i = gamma c for every token i, c = sum_j a_j v_j, a = linear_infsa_scores.
+    """Linear-InfSA: o_i = gamma c for every token i,  c = sum_j a_j v_j,  a = linear_infsa_scores.
 
-    State per head: qbar and c, both d_h-sized; time O(N d_h). The output is the same
-    context vector for every token (rank one): tokens differ only through their
-    residual stream. expand=False returns the (..., 1, d_v) context alone, which a
-    model can broadcast instead of repeating it N times."""
+    Why this approximates the Neumann sum: if A_hat is close to rank one, A_hat ~ lam 1 a^T (every
+    token attends like a, with a summing to 1), then A_hat^t = lam^t 1 a^T and
+    sum_{t>=1} gamma^t A_hat^t V = gamma lam / (1 - gamma lam) 1 a^T V: the whole series is the one
+    context vector c = a^T V, scaled. So gamma acts as a scale here, not as a discount over hops.
+    The output is the same vector for every token (rank one): tokens differ only through their
+    residual stream. State per head: qbar and c, both d_h-sized; time O(N d_h). expand=False
+    returns the (..., 1, d_v) context alone, which a model broadcasts instead of repeating it."""
     _check_qkv(q, k, v)
     _check_gamma(gamma)
     a = linear_infsa_scores(q, k, eps)  # (..., N)
-    c = weighted_sum(a, v).unsqueeze(-2).to(v.dtype)  # sum_j a_j v_j: (..., 1, d_v)
-    o = gamma * c
-    return o.expand(*v.shape) if expand else o
+    c = (a.to(v.dtype).unsqueeze(-1) * v).sum(-2, keepdim=True, dtype=_acc(v))  # sum_j a_j v_j: (..., 1, d_v)
+    o = (_like(gamma, v) * c.to(v.dtype))
+    return o.expand(v.shape) if expand else o
 
 # -----------------------------------------------------------------------------
 # Softmax attention: the baseline
 
 
 def softmax_attention(q, k, v):
-    """softmax(q k^T / sqrt(d_h)) v through PyTorch's fused SDPA kernel (never builds N x N
-    on GPUs with a flash / memory-efficient kernel)."""
+    """softmax(q k^T / sqrt(d_h)) v through PyTorch's fused SDPA kernel (on GPUs it never builds N x N)."""
     _check_qkv(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
 def softmax_attention_materialized(q, k, v):
-    """P = softmax(q k^T / sqrt(d_h)) built explicitly, then P v. Returns (P v, P).
-    The unfused baseline: O(N^2) memory, used for attention maps and fair benchmarks."""
+    """P = softmax(q k^T / sqrt(d_h)) built explicitly, then P v. Returns (P v, P): the unfused
+    baseline, O(N^2) memory, for attention maps and for the paper's kind of benchmark."""
     _check_qkv(q, k, v)
     P = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
     return P @ v, P
@@ -334,12 +292,59 @@ def softmax_attention_materialized(q, k, v):
 
 def toy_graph():
     """Five tokens: tokens 1 and 2 attend to token 0, and a chain 0 -> 3 -> 4 leads on.
-    A_ij = 1 when token i attends to token j. One hop (in-degree, the column sums)
-    ranks token 0 first (2 in-links); Katz in-centrality with gamma = 0.9 ranks token 4
-    first (0.9 + 0.81 + 2 * 0.729 = 3.17 > 2.52 for token 3 > 1.8 for token 0), because
-    everything that flows into 0 flows on to 3 and then to 4. Token 4 attends to nothing:
-    it is where the absorbing walk ends. Returns A, (5, 5) float64."""
+    A_ij = 1 when token i attends to token j. One hop (in-degree, the column sums) ranks token 0
+    first (2 in-links); Katz in-centrality with gamma = 0.9 ranks token 4 first
+    (0.9 + 0.81 + 2 * 0.729 = 3.17 > 2.52 for token 3 > 1.8 for token 0), because everything that
+    flows into 0 flows on to 3 and then to 4. Token 4 attends to nothing: it is where the absorbing
+    walk ends. Returns A, (5, 5) float64."""
     A = torch.zeros(5, 5, dtype=torch.float64)
     for i, j in [(1, 0), (2, 0), (0, 3), (3, 4)]:
         A[i, j] = 1.0
     return A
+
+# -----------------------------------------------------------------------------
+# Fast path: Pure-InfSA with each hop one fused kernel, never holding N x N (FlexAttention).
+# tests/test_infsa.py checks it against pure_infsa.
+
+TINY = 1e-30  # the weight a score s <= 0 gets instead of 0, so that log stays finite (fp32 holds it)
+
+
+def log_relu(s, b, h, i, j):
+    """FlexAttention score_mod: s -> log ReLU(s), so that its softmax weights are ReLU(s) / sum ReLU(s)."""
+    return torch.log(torch.clamp(s, min=TINY))
+
+
+def two_log_relu(s, b, h, i, j):
+    """FlexAttention score_mod: s -> log ReLU(s)^2, so that its lse is log sum_j ReLU(s_ij)^2."""
+    return 2 * torch.log(torch.clamp(s, min=TINY))
+
+
+# compiled once; a recompile per new shape (dynamic=False keeps each kernel specialised)
+flex_compiled = torch.compile(flex_attention, dynamic=False)
+
+
+def pure_infsa_flex(q, k, v, gamma, hops=3, eps=1e-6):
+    """pure_infsa without the N x N matrix: hops + 1 fused FlexAttention calls, O(N d) memory.
+
+    FlexAttention computes o = softmax(score_mod(S)) z and lse_i = log sum_j exp(score_mod(s_ij)).
+    With score_mod = log ReLU:      ReLU(S) z = exp(lse) * o                (one hop, unnormalised);
+    with score_mod = 2 log ReLU:    ||ReLU(S)||_F^2 = sum_i exp(lse2_i)      (the norm, one call).
+    So each hop z_t = gamma A_hat z_{t-1} = gamma exp(lse - log(||S||_F + eps)) * flex(q, k, z_{t-1}),
+    still the explicit Neumann sum. A row with every s_ij <= 0 gets weights TINY: ~1e-30 instead of 0.
+    On CUDA the compiled kernel runs; elsewhere flex_attention's eager reference (which builds N x N
+    and has no backward on the CPU: for tests of the identity only)."""
+    _check_qkv(q, k, v)
+    if q.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, N, d_h) for FlexAttention; got q {tuple(q.shape)}")
+    _check_gamma(gamma)
+    _check_hops(hops)
+    flex = flex_compiled if q.is_cuda else flex_attention
+    _, aux = flex(q, k, v, score_mod=two_log_relu, return_aux=AuxRequest(lse=True))
+    log_norm = torch.log(torch.exp(0.5 * torch.logsumexp(aux.lse, -1, keepdim=True)) + eps)  # log(||S||_F + eps): (..., 1)
+    gamma = gamma.float() if isinstance(gamma, torch.Tensor) else gamma
+    z, y = v, 0
+    for _ in range(hops):
+        o, aux = flex(q, k, z, score_mod=log_relu, return_aux=AuxRequest(lse=True))  # o: (..., N, d), lse: (..., N)
+        z = (gamma * torch.exp(aux.lse - log_norm).unsqueeze(-1) * o).to(v.dtype)  # gamma A_hat z_{t-1}
+        y = y + z
+    return y

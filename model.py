@@ -1,7 +1,7 @@
 """
 A small Vision Transformer whose attention is one switch: softmax | pure | linear.
 
-    ViT: patch embedding (conv) -> [CLS] + tokens + learned positions
+    ViT: patch embedding (a Linear on flattened patches) -> [CLS] + tokens + learned positions
          -> n_layer pre-LN blocks (x + Attn(LN(x)), x + MLP(LN(x))) -> LN -> linear head on CLS
 
 The three attentions (see infsa.py):
@@ -37,7 +37,6 @@ class ViTConfig:
     attn: str = "linear"     # softmax | pure | linear
     hops: int = 3            # K, Neumann terms per layer (pure)
     gamma_init: float = 0.9  # initial discount gamma for every head (pure, linear)
-    chunk: int = 0           # rows of A_hat per block for pure (0 = build A_hat at once)
     init_std: float = 0.0    # Linear weights: 0 = Xavier-uniform (scales with width), > 0 = N(0, init_std^2)
     bias: bool = True
 
@@ -65,10 +64,25 @@ def paper_4l64h(attn="linear", image_size=224):
                      n_embd=1024, mlp_ratio=4.0, attn=attn)
 
 
+FLEX_MIN_TOKENS = 1024  # from here on CUDA, Pure-InfSA runs as fused FlexAttention hops (never N x N)
+
+
+def pure_attention(q, k, v, gamma, hops):
+    """Pure-InfSA as the model runs it. On CUDA with N >= FLEX_MIN_TOKENS: infsa.pure_infsa_flex,
+    O(N d) memory. Otherwise infsa.pure_infsa on N padded with zero tokens to a multiple of 8,
+    which is exact (a zero query or key adds a zero row or column to S, so ||S||_F and the real
+    tokens' outputs are unchanged) and lets GPU bf16 matrix products take their aligned kernels."""
+    N = q.shape[-2]
+    if q.is_cuda and N >= FLEX_MIN_TOKENS:
+        return infsa.pure_infsa_flex(q, k, v, gamma, hops)
+    q, k, v = (F.pad(t, (0, 0, 0, -N % 8)) for t in (q, k, v))  # each (B, H, 8 * ceil(N / 8), d)
+    return infsa.pure_infsa(q, k, v, gamma, hops)[..., :N, :]
+
+
 class Attention(nn.Module):
-    """Multi-head attention with fused qkv; `kind` picks the mixing rule.
+    """Multi-head attention with fused qkv; cfg.attn picks the mixing rule.
     Set `self.keep_maps = True` to store per-head maps in `self.maps` on the next forward
-    (model.attention_maps does this); training never pays for them."""
+    (ViT.attention_maps does this); training never pays for them."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -88,27 +102,17 @@ class Attention(nn.Module):
         B, N, C = x.shape
         H, d = self.n_head, C // self.n_head
         q, k, v = self.qkv(x).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, N, d)
-        g = self.gamma().to(q.dtype).view(H, 1, 1)  # (H, 1, 1), broadcasts over (B, H, N, d)
-        kind = self.cfg.attn
+        g = self.gamma().view(H, 1, 1)  # (H, 1, 1): broadcasts over (B, H, N, d)
         if self.keep_maps:
             self.maps = self._maps(q, k)
-        if kind == "softmax":
+        if self.cfg.attn == "softmax":
             y = infsa.softmax_attention(q, k, v)  # (B, H, N, d)
-        elif kind == "pure":
-            y = self._pure(q, k, v, g)
-        else:  # linear: one context vector per head, broadcast to every token after proj
-            y = infsa.linear_infsa(q, k, v, g, expand=False)  # (B, H, 1, d)
-        y = y.transpose(1, 2).reshape(B, y.shape[2], C)  # (B, N or 1, C)
-        return self.drop(self.proj(y))  # (B, 1, C) for linear: broadcast by the residual add
-
-    def _pure(self, q, k, v, g):
-        """Pure-InfSA on N padded with zero tokens to a multiple of 8. Exact: a zero query or key
-        gives a zero row or column of S, so ||S||_F and A_hat^t v on the real tokens are unchanged;
-        the padded output rows are dropped. With N = 65 (64 patches + CLS) the GPU's bf16 matrix
-        products fell back to slow kernels for misaligned rows; padded, they take the fast ones."""
-        N = q.shape[-2]
-        q, k, v = (F.pad(t, (0, 0, 0, -N % 8)) for t in (q, k, v))  # each (B, H, 8 * ceil(N / 8), d)
-        return infsa.pure_infsa(q, k, v, g, self.cfg.hops, chunk=self.cfg.chunk or None)[..., :N, :]
+        elif self.cfg.attn == "pure":
+            y = pure_attention(q, k, v, g, self.cfg.hops)  # (B, H, N, d)
+        else:  # the same context vector for every token: keep it once, (B, H, 1, d)
+            y = infsa.linear_infsa(q, k, v, g, expand=False)
+        y = y.transpose(1, 2).reshape(B, y.shape[2], C)  # (B, N, C); linear: (B, 1, C)
+        return self.drop(self.proj(y))  # linear: (B, 1, C), which the residual add broadcasts to N tokens
 
     @torch.no_grad()
     def _maps(self, q, k):
@@ -160,7 +164,7 @@ class ViT(nn.Module):
     def __init__(self, cfg, verbose=True):
         super().__init__()
         self.cfg = cfg
-        self.patch = nn.Conv2d(cfg.in_chans, cfg.n_embd, cfg.patch_size, cfg.patch_size)
+        self.patch = nn.Linear(cfg.in_chans * cfg.patch_size ** 2, cfg.n_embd)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
         self.pos = nn.Parameter(torch.randn(1, cfg.n_tokens, cfg.n_embd) * 0.02)
         self.drop = nn.Dropout(cfg.dropout)
@@ -168,7 +172,8 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, p) for p in dp])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.n_classes)
-        self.apply(lambda m: self._init(m, cfg.init_std))
+        for m in (self.blocks, self.head):  # the patch embedding keeps PyTorch's default U(+-1/sqrt(fan_in))
+            m.apply(lambda m: self._init(m, cfg.init_std))
         if verbose:
             print(f"ViT ({cfg.attn}): {self.num_params() / 1e6:.2f}M parameters, {cfg.n_tokens} tokens")
 
@@ -189,13 +194,12 @@ class ViT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def embed(self, images):
-        """Patch embedding: each p x p patch, flattened in (channel, row, column) order, times the
-        conv's weight: (B, in_chans, H, W) -> (B, h*w, C). The same as self.patch(images), but a
-        plain matrix product, which GPUs run far faster than a stride-p convolution."""
+        """Patch embedding: every p x p patch, flattened in (channel, row, column) order, through one
+        Linear: (B, c, H, W) -> (B, h*w, C). The same as a stride-p convolution, as a matrix product."""
         B, c, H, W = images.shape
         p = self.cfg.patch_size
         x = images.view(B, c, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, c, p, p)
-        return F.linear(x.reshape(B, (H // p) * (W // p), c * p * p), self.patch.weight.flatten(1), self.patch.bias)
+        return self.patch(x.reshape(B, (H // p) * (W // p), c * p * p))  # (B, h*w, C)
 
     def forward(self, images, targets=None, label_smoothing=0.0):
         x = self.embed(images)  # (B, h*w, C)
@@ -240,15 +244,3 @@ class ViT(nn.Module):
         embed = 2 * (N - 1) * c.in_chans * c.patch_size ** 2 * d
         fwd = embed + L * layer + 2 * d * c.n_classes
         return 3 * fwd if training else fwd
-
-
-# Dense bf16 matmul peaks (vendor datasheets, TFLOP/s) for MFU; pass your own with --peak_tflops.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "4090": 165.0}
-
-
-def peak_tflops(device_name):
-    """Datasheet bf16 peak for a GPU name, or None when unknown (then MFU is not reported)."""
-    for key, val in PEAK_TFLOPS.items():
-        if key in device_name:
-            return val
-    return None

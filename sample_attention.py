@@ -1,10 +1,10 @@
 """
-Pictures and numbers from trained checkpoints: where does each kind of attention look?
+Pictures and numbers from trained runs: where does each kind of attention look?
 
-    python sample_attention.py --out_dir out                          # maps.png, curves.png of out/ckpt.pt
-    python sample_attention.py --compare out_s out_p out_l --metrics  # compare.png, curves.png, the quality
-                                                                      # table and morf_lerf.png, one per run
-    python sample_attention.py --toy                                  # toy.png: one hop vs Katz, 5 tokens
+    python sample_attention.py --runs out/linear                             # maps.png, curves.png in out/linear
+    python sample_attention.py --runs out/softmax,out/pure,out/linear --metrics true --out_dir assets
+                                                # compare.png, curves.png, the quality table, morf_lerf.png
+    python sample_attention.py --toy true --out_dir assets                  # toy.png: one hop vs Katz, 5 tokens
 
 Token maps (heads averaged, or one head with --head h; CLS dropped; patches on their grid):
     softmax  cls      CLS row of the attention matrix P of a layer
@@ -12,9 +12,9 @@ Token maps (heads averaged, or one head with --head h; CLS dropped; patches on t
     pure     katz     Katz in-centrality ((I - gamma A^T)^-1 - I) 1 of A_hat, each head its own gamma
              hopT     CLS row of A_hat^T, T = 1..hops: where a walk from CLS is after T hops
     linear   a        the pooled scores a of Linear-InfSA
---metrics scores --map (default cls | katz | a) of --layer (default the last) on the built-in shapes
+--metrics scores --score_map (default cls | katz | a) of --layer (default the last) on the built-in shapes
 dataset, whose test images carry object masks; a patch is "object" when the mask covers >= --cover
-(default half) of its pixels:
+of its pixels:
     ROC-AUC   per image, the chance that an object patch outscores a background patch (ties count half)
     PR-AUC    per image, the average precision of the patches ranked by score
     MoRF/LeRF blank the patches (set them to the dataset mean) most / least relevant first in --steps
@@ -23,9 +23,10 @@ dataset, whose test images carry object masks; a patch is "object" when the mask
               LeRF-AUC = area under p (high: the patches the map ranks last are the ones it can spare)
     random    the same numbers for random scores / a random order (fixed seed): the floor.
 """
-import argparse
 import json
 import os
+import sys
+from types import SimpleNamespace
 
 import matplotlib
 matplotlib.use("Agg")
@@ -36,13 +37,28 @@ import torch
 import data
 import infsa
 import train
+from configurator import configure, die
 from model import ViT, ViTConfig
 
 DEFAULT_MAP = {"softmax": "cls", "pure": "katz", "linear": "a"}
 CMAP = "inferno"
 # the paper's ImageNet-1K numbers (%, bounding-box ground truth): MoRF-AOC / ROC-AUC / PR-AUC
 PAPER = {"softmax": (42.6, 53.8, 56.2), "pure": (71.7, 77.3, 72.4), "linear": (76.0, 75.9, 76.1)}
-die = train._die  # prints "error: ..." (one line) and exits with status 2
+# -----------------------------------------------------------------------------
+runs = "out/linear"         # run folders (or checkpoint files), comma separated; several: side by side
+out_dir = ""                # where the PNGs go; "" = the first run's folder
+toy = False                 # only draw the 5-token graph (no run needed)
+images = "0,1,2,3"          # test images to draw, comma separated
+head = 0                    # 1..n_head: one head's maps; 0 = the mean over heads
+layer = 0                   # 1..n_layer: the layer of the metric / rollout / hop maps; 0 = the last
+score_map = "auto"          # metric map: cls | rollout | katz | hop1.. | a; auto = cls / katz / a
+metrics = False             # the attention-quality table and morf_lerf.png
+n_metric = 500              # test images the metrics use
+steps = 8                   # MoRF / LeRF blanking steps
+cover = 0.5                 # mask fraction that makes a patch 'object'
+device = "auto"             # auto (cuda when present) | cpu | cuda | cuda:1
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (int, float, bool, str)}
 
 # -----------------------------------------------------------------------------
 # metrics (numpy, one image at a time) and patch blanking
@@ -215,15 +231,18 @@ def draw_grid(cols, x, y, mask, idx, classes, head, path, title):
 
 
 def read_log(path):
-    """Records of log.jsonl; when the steps start over (a new run in the same folder), the last run only."""
+    """Records of log.jsonl. A resumed run writes {"step": s, "resume": true}: what was logged past step s
+    (by the run it continues, after its last checkpoint) is dropped. Lines cut short by a crash are skipped."""
     recs = []
     for line in open(path):
         try:
             r = json.loads(line)
-        except ValueError:  # a line cut short by a crash
+        except ValueError:
             continue
-        recs = recs if not recs or r["step"] >= recs[-1]["step"] else []
-        recs.append(r)
+        if r.get("resume"):
+            recs = [x for x in recs if x["step"] <= r["step"]]
+        else:
+            recs.append(r)
     return recs
 
 
@@ -296,16 +315,16 @@ def draw_toy(path, gamma=0.9):
 
 
 @torch.no_grad()
-def quality(run, x, y, mask, args):
+def quality(run, x, y, mask, opt):
     """Mean per-image ROC-AUC and PR-AUC of run['map'] against the object patches (random scores beside),
     and the MoRF / LeRF / random-order curves p_s, s = 0..steps, with round(s P / steps) patches blanked."""
     model, patch, gen = run["model"], run["patch"], torch.Generator().manual_seed(0)
-    labels = patch_labels(mask, patch, args.cover).numpy()  # (n, P)
-    P, steps = labels.shape[1], args.steps
+    labels = patch_labels(mask, patch, opt.cover).numpy()  # (n, P)
+    P, steps = labels.shape[1], opt.steps
     curves, scores, correct = {"morf": [], "lerf": [], "random": []}, [], 0
     for b in range(0, len(x), 250):
         xb, yb = x[b:b + 250], y[b:b + 250].to(run["mean"].device)
-        probs, maps = run_maps(run, xb, args.head)
+        probs, maps = run_maps(run, xb, opt.head)
         s = maps[run["map"]][:, 1:].float().cpu()  # (B, P), CLS dropped
         scores.append(s.numpy())
         correct += (probs.argmax(-1) == yb).sum().item()
@@ -330,11 +349,11 @@ def quality(run, x, y, mask, args):
     return res
 
 
-def print_table(runs, results, args):
-    r0, heads = results[0], "heads averaged" if args.head < 0 else f"head {args.head}"
+def print_table(runs, results, opt):
+    r0, heads = results[0], "heads averaged" if opt.head < 0 else f"head {opt.head + 1}"
     skip = f"; ROC/PR over the {r0['n_scored']} with both kinds of patch" if r0["n_scored"] < r0["n"] else ""
     print(f"\nattention quality on the first {r0['n']} test images{skip} (%, random baseline in parentheses; "
-          f"object patch: mask covers >= {args.cover:g} of it; {args.steps} blanking steps; {heads})\n")
+          f"object patch: mask covers >= {opt.cover:g} of it; {opt.steps} blanking steps; {heads})\n")
     print("| run | map | acc | MoRF-AOC | LeRF-AUC | ROC-AUC | PR-AUC |\n|---|---|---|---|---|---|---|")
     for run, r in zip(runs, results):
         cells = [f"{100 * r[k]:.1f} ({100 * r[k + '_rand']:.1f})" for k in ("morf_aoc", "lerf_auc", "roc", "pr")]
@@ -363,76 +382,69 @@ def draw_morf_lerf(runs, results, path):
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out_dir", default="out", help="run folder: reads OUT_DIR/ckpt.pt, writes the PNGs here")
-    ap.add_argument("--ckpt", help="checkpoint to read instead of OUT_DIR/ckpt.pt")
-    ap.add_argument("--compare", nargs="+", metavar="CKPT", help="checkpoints or run folders, side by side")
-    ap.add_argument("--toy", action="store_true", help="only draw the 5-token graph (no checkpoint needed)")
-    ap.add_argument("--images", default="0,1,2,3", help="test-image indices to draw, comma separated")
-    ap.add_argument("--head", type=int, default=-1, help="one head's maps; -1 averages the heads")
-    ap.add_argument("--layer", type=int, default=-1, help="layer (1..L) of the metric / rollout / hop maps; -1: last")
-    ap.add_argument("--map", default="auto", help="metric map: cls | rollout | katz | hop1.. | a; auto: cls/katz/a")
-    ap.add_argument("--metrics", action="store_true", help="attention quality table and morf_lerf.png")
-    ap.add_argument("--n_metric", type=int, default=500, help="test images the metrics use")
-    ap.add_argument("--steps", type=int, default=8, help="MoRF / LeRF blanking steps")
-    ap.add_argument("--cover", type=float, default=0.5, help="mask fraction that makes a patch 'object'")
-    ap.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda | cuda:1")
-    args = ap.parse_args(argv)
-    if args.toy:
-        os.makedirs(args.out_dir, exist_ok=True)
-        return draw_toy(os.path.join(args.out_dir, "toy.png"))
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+def main(argv):
+    opt = SimpleNamespace(**configure(argv, DEFAULTS, __doc__, choices={}, counts=("n_metric", "steps"), fractions=())[0])
+    opt.head -= 1  # 0-based from here on; -1: the mean over heads
+    if opt.toy:
+        os.makedirs(opt.out_dir or ".", exist_ok=True)
+        return draw_toy(os.path.join(opt.out_dir, "toy.png"))
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if opt.device == "auto" else opt.device
     if dev.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {dev} but CUDA is not available; use --device cpu")
-    if args.steps < 2 or not 0 < args.cover <= 1 or args.n_metric < 1:
-        die("--steps must be >= 2, --cover in (0, 1] and --n_metric >= 1")
-    runs = [load_run(p, dev) for p in (args.compare or [args.ckpt or os.path.join(args.out_dir, "ckpt.pt")])]
+    if opt.steps < 2 or not 0 < opt.cover <= 1:
+        die(f"--steps must be at least 2 and --cover in (0, 1]; got {opt.steps} and {opt.cover}")
+    runs = [load_run(p, dev) for p in opt.runs.split(",") if p]
+    if not runs:
+        die("--runs names no run; give run folders like out/linear, comma separated")
     ref, kinds = runs[0]["ckpt"]["config"], [r["kind"] for r in runs]
     for run in runs:
         cfg, L = run["model"].cfg, run["model"].cfg.n_layer
         run["label"] = run["kind"] if kinds.count(run["kind"]) == 1 else f"{run['kind']} ({run['path']})"
-        if any(run["ckpt"]["config"].get(k) != ref.get(k) for k in ("dataset", "image_size", "seed", "n_test")):
-            die(f"{run['path']} was tested on other images than {runs[0]['path']} (dataset / seed / n_test differ)")
-        if not -1 <= args.head < cfg.n_head:
-            die(f"--head {args.head} out of range: {run['path']} has heads 0..{cfg.n_head - 1} (-1: their mean)")
-        if args.layer == 0 or not -1 <= args.layer <= L:
-            die(f"--layer {args.layer} out of range: {run['path']} has layers 1..{L} (-1: the last)")
-        name = DEFAULT_MAP[run["kind"]] if args.map == "auto" else args.map
+        if any(run["ckpt"]["config"][k] != ref[k] for k in ("dataset", "data_dir", "image_size", "seed", "n_test")):
+            die(f"{run['path']} was tested on other images than {runs[0]['path']} (dataset, data_dir, image_size, "
+                f"seed or n_test differ); compare runs of one dataset")
+        if opt.head >= cfg.n_head:
+            die(f"--head {opt.head + 1} out of range: {run['path']} has heads 1..{cfg.n_head} (0: their mean)")
+        if opt.layer > L:
+            die(f"--layer {opt.layer} out of range: {run['path']} has layers 1..{L} (0: the last)")
+        name = DEFAULT_MAP[run["kind"]] if opt.score_map == "auto" else opt.score_map
         if name not in map_names(run):
-            die(f"--map {args.map} is not a map of {run['kind']} attention; it has {', '.join(map_names(run))}")
-        run["map"] = f"{name}@{L if args.layer == -1 else args.layer}"
-    if args.metrics and ref["dataset"] != "shapes":
+            die(f"--score_map {opt.score_map} is not a map of {run['kind']} attention; it has {', '.join(map_names(run))}")
+        run["map"] = f"{name}@{opt.layer or L}"
+    if opt.metrics and ref["dataset"] != "shapes":
         die(f"--metrics needs object masks, which only the built-in shapes dataset has (this run used "
             f"{ref['dataset']}); drop --metrics or train with --dataset shapes")
     try:
-        idx = [int(i) for i in args.images.split(",")]
+        idx = [int(i) for i in opt.images.split(",")]
     except ValueError:
-        die(f"--images takes comma-separated integers like 0,1,2,3; got {args.images!r}")
-    x, y, mask, classes = load_test_split(runs[0]["ckpt"])
+        die(f"--images takes comma-separated integers like 0,1,2,3; got {opt.images!r}")
+    try:
+        x, y, mask, classes = load_test_split(runs[0]["ckpt"])
+    except data.DataError as e:
+        die(str(e))
     if any(not 0 <= i < len(x) for i in idx):
-        die(f"--images {args.images}: an index is out of range; the test split has {len(x)} images (0..{len(x) - 1})")
-    os.makedirs(args.out_dir, exist_ok=True)
-    heads = "heads averaged" if args.head < 0 else f"head {args.head}"
+        die(f"--images {opt.images}: an index is out of range; the test split has {len(x)} images (0..{len(x) - 1})")
+    out = opt.out_dir or os.path.dirname(runs[0]["path"])
+    os.makedirs(out, exist_ok=True)
+    heads = "heads averaged" if opt.head < 0 else f"head {opt.head + 1}"
     note = "cyan: object outline; under a map: the prediction, its p and (p of the true class)"
-    if args.compare:
+    if len(runs) > 1:
         draw_grid([(r, r["map"], f"{r['label']}: {caption(r['map'])}") for r in runs], x, y, mask, idx, classes,
-                  args.head, os.path.join(args.out_dir, "compare.png"), f"the same test images, {heads}\n{note}")
+                  opt.head, os.path.join(out, "compare.png"), f"the same test images, {heads}\n{note}")
     else:  # every layer's own map, then the multi-step ones (rollout / hops) of the chosen layer
         run, layer = runs[0], runs[0]["map"].split("@")[1]
         names = [f"{DEFAULT_MAP[run['kind']]}@{l}" for l in range(1, run["model"].cfg.n_layer + 1)]
         names += [f"{n}@{layer}" for n in map_names(run)[1:]]
-        draw_grid([(run, n, caption(n)) for n in names], x, y, mask, idx, classes, args.head,
-                  os.path.join(args.out_dir, "maps.png"), f"{runs[0]['kind']} attention, {heads} "
-                  f"({runs[0]['path']})\n{note}")
-    draw_curves(runs, os.path.join(args.out_dir, "curves.png"))
-    if args.metrics:
-        n = min(args.n_metric, len(x))
-        results = [quality(run, x[:n], y[:n], mask[:n], args) for run in runs]
-        print_table(runs, results, args)
-        draw_morf_lerf(runs, results, os.path.join(args.out_dir, "morf_lerf.png"))
+        draw_grid([(run, n, caption(n)) for n in names], x, y, mask, idx, classes, opt.head,
+                  os.path.join(out, "maps.png"), f"{run['kind']} attention, {heads} ({run['path']})\n{note}")
+    draw_curves(runs, os.path.join(out, "curves.png"))
+    if opt.metrics:
+        n = min(opt.n_metric, len(x))
+        results = [quality(run, x[:n], y[:n], mask[:n], opt) for run in runs]
+        print_table(runs, results, opt)
+        draw_morf_lerf(runs, results, os.path.join(out, "morf_lerf.png"))
         return results
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

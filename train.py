@@ -1,11 +1,13 @@
 """
 Train a small ViT with softmax, Pure-InfSA or Linear-InfSA attention.
 
-    python train.py --attn linear                      # built-in shapes dataset, CPU or GPU
-    python train.py --preset cifar --dataset cifar10   # CIFAR-10 recipe for one GPU
-    python train.py --attn pure --init_from resume     # continue the run in --out_dir
+    python train.py --attn linear                            # built-in dataset, CPU or GPU, minutes
+    python train.py config/cifar.py --attn pure              # a config file, then overrides
+    python train.py --init_from resume --out_dir out/pure    # continue a run from its last checkpoint
+    torchrun --standalone --nproc_per_node=8 train.py config/cifar.py   # several GPUs (DDP)
 
-Every global below can be overridden as --key value or --key=value; -h lists them.
+Every global in the config block below can be set with --key value, --key=value, or a config file
+of Python assignments (config/*.py), applied left to right; python train.py -h lists them all.
 """
 import contextlib
 import json
@@ -13,34 +15,34 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+from configurator import configure, die
 from model import ATTN_KINDS, ViT, ViTConfig
-from model import peak_tflops as lookup_peak
 
 # -----------------------------------------------------------------------------
-# default config: the built-in dataset, sized to train on a 2-core CPU in minutes
-out_dir = "out"             # checkpoint, log.jsonl and summary.json go here
-init_from = "scratch"       # scratch | resume (from out_dir/ckpt.pt)
-preset = ""                 # "" | cifar | cifar_long | cifar_10min: a recipe applied before the other overrides
-eval_every = 1              # evaluate on the test split (and checkpoint) every N epochs; 0 = only at the end
-ckpt_every = 0              # >0: also checkpoint every N epochs without evaluating (resumable, test seen once)
-log_every = 20              # refresh the progress bar / log every N steps
+# config: the built-in dataset, sized to train on a 2-core CPU in a few minutes
+out_dir = ""                # checkpoint, log.jsonl, summary.json; "" = out/<attn>
+init_from = "scratch"       # scratch | resume (out_dir/ckpt.pt, with the run's own config)
+overwrite = False           # let a new run replace the run already in out_dir
+eval_every = 1              # evaluate (and checkpoint) every N epochs; 0 = only at the end
+ckpt_every = 0              # also checkpoint every N epochs without evaluating; 0 = off
+log_every = 20              # steps between progress-bar and log updates
 # data
 dataset = "shapes"          # shapes (built in) | cifar10 | folder
 data_dir = "data"           # where cifar10 / folder data lives
 n_train = 20000             # shapes: training images
 n_test = 2000               # shapes: test images
-val_split = 0               # >0: hold out N random training images, evaluate on them while training; test once at the end
-crop_pad = 4                # random-crop padding (pixels); 0 disables the crop
+val_split = 0               # >0: hold out N training images to evaluate on; the test set is seen once, at the end
+stream = False              # folder: decode the files in worker processes every epoch (sets too large for memory)
+workers = 4                 # decoding processes when streaming
+crop_pad = 4                # random-crop padding in pixels; 0 = no crop
 hflip = True                # random horizontal flips
-loader = "auto"             # auto | gpu (whole set on the device) | stream (decode files in workers; folder only)
-workers = 4                 # decoding processes for --loader stream
 rotate = 0.0                # random rotation, up to this many degrees either way
 zoom = 0.0                  # random zoom by a factor in [1 - zoom, 1 + zoom]
 translate = 0.0             # random shift, up to this fraction of the image size
@@ -60,114 +62,40 @@ mlp_ratio = 2.0
 hops = 3                    # Neumann terms per layer (pure)
 gamma_init = 0.9            # initial gamma of every head (pure, linear)
 init_std = 0.0              # Linear weights: 0 = Xavier-uniform, > 0 = truncated normal with this std
-chunk = 0                   # pure: rows of A_hat per block (0 = whole matrix)
 dropout = 0.0
 drop_path = 0.0             # stochastic depth rate of the last block
 # optimisation
 epochs = 7                  # passes over the training set
-batch_size = 128            # global batch per optimizer step (split over processes and --grad_accum)
+min_steps = 1000            # a small training set gets more epochs, up to at least this many steps
+batch_size = 128            # global batch per optimizer step (split over processes and grad_accum)
 grad_accum = 1              # micro-batches per step on each process
 lr = 2e-3                   # peak learning rate (AdamW)
 min_lr = 1e-5               # cosine floor
 warmup = 0.05               # fraction of all steps spent in linear warm-up
 weight_decay = 0.05
 beta2 = 0.99
-grad_clip = 1.0             # 0 disables clipping
+grad_clip = 1.0             # 0 = no clipping
 label_smoothing = 0.1
 # system
 device = "auto"             # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
-compile = True              # torch.compile on CUDA: the model, and the augmentation pipeline
-compile_mode = "default"    # default | reduce-overhead (replays CUDA graphs: far fewer launches) | max-autotune
+compile = True              # torch.compile on CUDA: the model and the augmentation
+compile_mode = "default"    # default | reduce-overhead (CUDA graphs: far fewer launches) | max-autotune
 seed = 1337
-peak_tflops = 0.0           # bf16 peak of your GPU for MFU; 0 = look it up (H200/H100 989, A100 312)
+peak_tflops = 0.0           # your GPU's bf16 peak for MFU; 0 = look it up in PEAK_TFLOPS
 # -----------------------------------------------------------------------------
-PRESETS = {
-    "cifar": dict(dataset="cifar10", n_layer=6, n_head=8, n_embd=384, mlp_ratio=2.0, batch_size=512,
-                  epochs=75, lr=1e-3, warmup=0.1, weight_decay=0.05, drop_path=0.1, label_smoothing=0.1,
-                  mixup=0.2, eval_shift=True, init_std=0.02, eval_every=5, compile_mode="reduce-overhead"),
-}
-# the same model and optimiser, 7.5x as many epochs, with augmentation strong enough for that many
-PRESETS["cifar_long"] = dict(PRESETS["cifar"], epochs=560, eval_every=20, rotate=15.0, zoom=0.15, jitter=0.3,
-                             erase=0.25, mixup=0.8, cutmix=1.0)
-# the final runs: cifar_long on all 50,000 training images, as many epochs as fit in 10 minutes on an H200;
-# the test set is evaluated once, at the end, and the run checkpoints every 40 epochs
-PRESETS["cifar_10min"] = dict(PRESETS["cifar_long"], epochs=640, val_split=0, eval_every=0, ckpt_every=40)
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-DEFAULTS = {k: globals()[k] for k in config_keys}
-CHOICES = {"attn": ATTN_KINDS, "dataset": ("shapes", "cifar10", "folder"), "init_from": ("scratch", "resume"),
-           "loader": ("auto", "gpu", "stream"), "compile_mode": ("default", "reduce-overhead", "max-autotune"),
-           "preset": ("",) + tuple(PRESETS)}
-RANGES = {**{k: (1, None) for k in ("epochs", "batch_size", "grad_accum", "log_every", "n_train", "n_test", "image_size",
-                                    "patch_size", "n_layer", "n_head", "n_embd")},
-          **{k: (0, None) for k in ("eval_every", "ckpt_every", "val_split", "workers", "crop_pad", "rotate", "mixup",
-                                    "cutmix", "chunk", "mlp_ratio", "init_std", "lr", "min_lr", "weight_decay",
-                                    "grad_clip", "peak_tflops")},
-          **{k: (0, 1) for k in ("translate", "jitter", "erase", "dropout", "drop_path", "warmup", "label_smoothing")},
-          "zoom": (0, 0.9), "beta2": (0, 0.9999)}  # lo <= value <= hi; None: no bound (zoom 1 would scale by 0)
-
-
-def _die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _choices(k):
-    return " | ".join(repr(c) if c == "" else c for c in CHOICES[k])
-
-
-def _parse(value, default, key):
-    """Convert a command-line string to the type of the default."""
-    if isinstance(default, bool):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        _die(f"--{key} takes true or false; got {value!r}")
-    try:
-        return type(default)(value)
-    except ValueError:
-        _die(f"--{key} takes a {type(default).__name__}; got {value!r}")
-
-
-def parse_args(argv, cfg):
-    """--key value / --key=value overrides of the globals in cfg; --preset applies first.
-    Returns (cfg, the set of keys given on the command line)."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        for k in config_keys:
-            extra = f"  ({_choices(k)})" if k in CHOICES else ""
-            print(f"  --{k} {cfg[k]!r}{extra}")
-        sys.exit(0)
-    pairs, i = [], 0
-    while i < len(argv):
-        a = argv[i]
-        if not a.startswith("--"):
-            _die(f"unexpected argument {a!r}; options look like --attn linear (see -h)")
-        if "=" in a:
-            k, v = a[2:].split("=", 1)
-        elif i + 1 < len(argv):
-            k, v = a[2:], argv[i + 1]
-            i += 1
-        else:
-            _die(f"{a} needs a value (see -h)")
-        if k not in config_keys:
-            _die(f"unknown option --{k}; valid options: {', '.join(config_keys)}")
-        pairs.append((k, v))
-        i += 1
-    for k, v in sorted(pairs, key=lambda kv: kv[0] != "preset"):  # preset first
-        cfg[k] = _parse(v, cfg[k], k)
-        if k in CHOICES and cfg[k] not in CHOICES[k]:
-            _die(f"--{k} must be one of {_choices(k)}; got {cfg[k]!r}")
-        if k == "preset" and cfg[k]:
-            cfg.update(PRESETS[cfg[k]])
-    for k, (lo, hi) in RANGES.items():
-        if not lo <= cfg[k] <= (math.inf if hi is None else hi):
-            _die(f"--{k} must be " + (f"at least {lo}" if hi is None else f"between {lo} and {hi}") + f"; got {cfg[k]}")
-    return cfg, {k for k, _ in pairs}
+DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (int, float, bool, str)}
+CHOICES = dict(attn=ATTN_KINDS, dataset=("shapes", "cifar10", "folder"), init_from=("scratch", "resume"),
+               compile_mode=("default", "reduce-overhead", "max-autotune"))
+COUNTS = ("epochs", "batch_size", "grad_accum", "log_every", "n_train", "n_test", "image_size", "patch_size",
+          "n_layer", "n_head", "n_embd", "hops", "workers")  # at least 1; every other number at least 0
+FRACTIONS = ("dropout", "drop_path", "warmup", "label_smoothing", "zoom", "beta2")  # below 1
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor datasheets
+RESUME_FIXED = ("attn", "image_size", "patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "hops",
+                "dataset", "data_dir", "n_train", "n_test", "val_split", "seed")  # what a resumed run cannot change
 
 
 def lr_at(step, total, lr, min_lr, warmup):
-    """Linear warm-up to lr over the first `warmup` fraction of steps, then cosine to min_lr."""
+    """Linear warm-up to lr over the first `warmup` fraction of steps, then cosine down to min_lr."""
     w = max(1, int(warmup * total))
     if step < w:
         return lr * (step + 1) / w
@@ -175,40 +103,38 @@ def lr_at(step, total, lr, min_lr, warmup):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
 
 
-def write_atomic(path, write, mode="w"):
-    """write(f) to a temporary file, flush it to disk, then rename: a crash never leaves half a file
-    and never replaces a good one."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):  # the half-written copy goes; the previous file was never touched
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
-
-
-def save_checkpoint(obj, path):
-    write_atomic(path, lambda f: torch.save(obj, f), "wb")
-
-
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path):
     if not os.path.exists(path):
-        _die(f"no checkpoint at {path}; train first (python train.py) or point --out_dir at a run")
+        die(f"no checkpoint at {path}; train first (python train.py) or point --out_dir at a run")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated / not a torch file
-        _die(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or pick another --out_dir")
-    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= set(ckpt):
-        _die(f"{path} is not a checkpoint written by train.py (no model / model_args)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, or not a torch file
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or pick another --out_dir")
+    if not isinstance(ckpt, dict) or not {"model", "model_args", "config"} <= set(ckpt):
+        die(f"{path} is not a checkpoint written by this train.py (no model / model_args / config)")
     return ckpt
+
+
+def setup_device(name):
+    """(device, rank, world): under torchrun, one process per GPU (NCCL) or per CPU process (gloo)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as e:
+        die(f"--device {name} is not usable here ({str(e).splitlines()[0][:80]}); use auto, cpu, cuda, cuda:N or mps")
+    if "RANK" not in os.environ:
+        return name, 0, 1
+    torch.distributed.init_process_group("nccl" if name.startswith("cuda") else "gloo")
+    if name.startswith("cuda"):
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(name)
+    return name, torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 @torch.no_grad()
 def evaluate(model, loader, ctx):
+    """(accuracy, mean loss) over a loader."""
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
     for xb, yb in loader:
@@ -221,257 +147,12 @@ def evaluate(model, loader, ctx):
     return (correct / n).item(), (loss_sum / n).item()
 
 
-def setup_device():
-    """(device, rank, world): under torchrun, one process per GPU (NCCL) or per CPU process (gloo)."""
-    dev = device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        _die(f"--device {dev} but CUDA is not available; use --device cpu")
-    if "RANK" not in os.environ:
-        return dev, 0, 1
-    import torch.distributed as dist
-    dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
-    if dev.startswith("cuda"):
-        dev = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(dev)
-    return dev, dist.get_rank(), dist.get_world_size()
-
-
-def channel_stats(x):
-    """Per-channel mean and std of uint8 images on the [0, 1] scale (std at least 1/255)."""
-    f = x.float() / 255
-    return f.mean((0, 2, 3)), f.std((0, 2, 3)).clamp_min(1 / 255)
-
-
-def make_loaders(dev, rank, world):
-    """Training and evaluation loaders: GPU-resident tensors, or files streamed by worker processes
-    (--loader stream; auto picks it for an image folder too large for a quarter of device memory).
-    With --val_split the evaluation loader holds the validation images and `held_test` the test set
-    (evaluated once, after training); otherwise held_test is None."""
-    kw = dict(seed=seed, rank=rank, world=world, pad=crop_pad, flip=hflip, rotate=rotate, zoom=zoom,
-              translate=translate, jitter=jitter, erase=erase, compile=compile and dev.startswith("cuda"))
-    mode = loader
-    cached = os.path.exists(os.path.join(data_dir, f"cache_{image_size}.npz"))
-    if dataset == "folder" and (mode == "stream" or (mode == "auto" and not cached)):
-        classes, files = data.folder_files(data_dir)
-        need = (len(files["train"][0]) + len(files["test"][0])) * 3 * image_size ** 2
-        room = torch.cuda.mem_get_info(dev)[0] if dev.startswith("cuda") else 8 << 30
-        mode = "stream" if (mode == "stream" or need > room / 4) else "gpu"
-    elif mode == "stream":
-        _die("--loader stream reads image files: use it with --dataset folder")
-    if mode == "stream":
-        paths = files["train"][0]
-        sample = torch.stack([torch.from_numpy(data._decode(p, image_size)) for p in paths[::max(1, len(paths) // 512)]])
-        mean, std = channel_stats(sample)
-        tr = data.StreamLoader(*files["train"], image_size, batch_size, mean, std, True, dev, workers, **kw)
-        te = data.StreamLoader(*files["test"], image_size, 500, mean, std, False, dev, workers)
-        return tr, te, None, classes, 3, mean, std
-    d = data.load(dataset, data_dir, image_size, seed, n_train, n_test)
-    x_tr, y_tr, x_te, y_te = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
-    held = None
-    if val_split:  # a fixed random subset (the same for every seed): files are often sorted by class
-        if not 0 < val_split < len(x_tr):
-            _die(f"--val_split must be between 1 and {len(x_tr) - 1}; got {val_split}")
-        perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))
-        held = (x_te, y_te)
-        x_tr, y_tr, x_te, y_te = x_tr[perm[:-val_split]], y_tr[perm[:-val_split]], x_tr[perm[-val_split:]], y_tr[perm[-val_split:]]
-    if x_tr.shape[-1] != image_size:
-        _die(f"images are {x_tr.shape[-1]}px but the model expects {image_size}px; pass --image_size {x_tr.shape[-1]}")
-    mean, std = channel_stats(x_tr[:10000])
-    x_tr, y_tr, x_te, y_te = (t.to(dev) for t in (x_tr, y_tr, x_te, y_te))
-    tr = data.GPULoader(x_tr, y_tr, batch_size, mean, std, True, **kw)
-    te = data.GPULoader(x_te, y_te, 1000, mean, std, False)
-    held_test = None if held is None else data.GPULoader(held[0].to(dev), held[1].to(dev), 1000, mean, std, False)
-    return tr, te, held_test, d["classes"], x_tr.shape[1], mean, std
-
-
-def main(cfg, given=()):
-    """Train with config dict cfg (every key of config_keys); `given` = keys set explicitly."""
-    globals().update(cfg)
-    model_args = dict(image_size=image_size, patch_size=patch_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                      mlp_ratio=mlp_ratio, dropout=dropout, drop_path=drop_path, attn=attn, hops=hops,
-                      gamma_init=gamma_init, chunk=chunk, init_std=init_std)
-    try:
-        ViTConfig(**model_args)  # its checks (divisibility, gamma_init in (0, 1)) before anything is touched
-    except ValueError as e:
-        _die(f"{e}; change that option (see -h)")
-    dev, rank, world = setup_device()
-    master, is_cuda = rank == 0, dev.startswith("cuda")
-    if batch_size % (world * grad_accum):
-        _die(f"--batch_size {batch_size} must be divisible by processes x --grad_accum = {world * grad_accum}")
-    if is_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else torch.autocast("cpu", enabled=False)
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-
-    # ---- resuming: the checkpoint's model config replaces the one asked for
-    ckpt = None
-    if init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path)
-        for k in ("attn", "n_layer", "n_head", "n_embd", "patch_size", "image_size"):
-            if ckpt["model_args"][k] != model_args[k] and k in given:
-                _die(f"checkpoint in {out_dir} has {k}={ckpt['model_args'][k]!r} but --{k} {model_args[k]!r} "
-                     f"was asked; drop --{k} or use another --out_dir")
-        if ckpt["config"].get("dataset") != dataset:
-            _die(f"checkpoint in {out_dir} was trained on {ckpt['config'].get('dataset')!r}, not {dataset!r}; "
-                 f"pass --dataset {ckpt['config'].get('dataset')}")
-        model_args = ckpt["model_args"]
-
-    train_loader, test_loader, held_test, classes, chans, mean, std = make_loaders(dev, rank, world)
-    if len(train_loader) == 0:
-        _die(f"--batch_size {batch_size} is larger than the training set ({len(train_loader.y)} images)")
-    model_args.update(n_classes=len(classes), in_chans=chans)
-    torch.manual_seed(seed)  # the same initial weights on every rank
-    model = ViT(ViTConfig(**model_args), verbose=master).to(dev)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n not in ("cls", "pos")]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and n not in ("cls", "pos"))]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, beta2), fused=is_cuda)
-    step, start_epoch, best_acc, wall_before = 0, 0, 0.0, 0.0
-    train_time, seen, test_acc = 0.0, 0, float("nan")  # timed training steps so far; the last evaluation
-    torch.manual_seed(seed + rank)  # per-rank randomness (mixup, stochastic depth)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, start_epoch, best_acc = ckpt["step"], ckpt["epoch"], ckpt["best_acc"]
-        wall_before = ckpt.get("wall_s", 0.0)  # the run's time up to that checkpoint
-        train_time, seen = ckpt.get("train_s", 0.0), ckpt.get("seen", 0)  # so img/s covers every segment
-        test_acc = ckpt.get("test_acc", test_acc)
-        if world == ckpt["rng"].get("world", 1):
-            torch.set_rng_state(ckpt["rng"]["torch"][rank])
-        if master:
-            best = "" if math.isnan(test_acc) else f", best acc {best_acc:.4f}"  # nan: not evaluated yet
-            print(f"resuming from {ckpt_path} at step {step} (epoch {start_epoch}{best})")
-    mode = compile_mode
-    if mode == "reduce-overhead" and (world > 1 or grad_accum > 1):
-        mode = "default"  # a replay reuses its output buffers: no DDP hooks, no gradients accumulated in them
-        if master:
-            print("note: --compile_mode reduce-overhead needs one process and --grad_accum 1; using default")
-    mode = mode if (compile and is_cuda) else None  # None: not compiled
-    graphs = mode == "reduce-overhead"
-    fwd = torch.compile(model, mode=mode) if mode else model  # evaluation uses this one
-    step_fwd = fwd
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        step_fwd = DistributedDataParallel(fwd, device_ids=[dev] if is_cuda else None)
-
-    total = epochs * len(train_loader)
-    peak = peak_tflops or ((lookup_peak(torch.cuda.get_device_name(dev)) or 0) if is_cuda else 0)
-    flops_img = model.flops_per_image(training=True)
-    log_path = os.path.join(out_dir, "log.jsonl")
-    if master and ckpt is not None and os.path.exists(log_path):
-        trim_log(log_path, step)
-    log = open(log_path, "a") if master else None
-    t_start, first_step = time.time(), step
-    split = "val" if val_split else "test"  # what the loop evaluates on
-    bar = tqdm(total=total, initial=step, desc=model_args["attn"], dynamic_ncols=True, disable=None if master else True)
-    for epoch in range(start_epoch, epochs):
-        train_loader.epoch = epoch
-        t0, pending = time.time(), []
-        for xb, yb in train_loader:  # this rank's share of one global batch
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, lr, min_lr, warmup)
-            for i, (xm, ym) in enumerate(zip(xb.chunk(grad_accum), yb.chunk(grad_accum))):
-                if graphs:
-                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
-                last = i == grad_accum - 1
-                sync = contextlib.nullcontext() if (world == 1 or last) else step_fwd.no_sync()
-                with sync, ctx:
-                    logits, loss = forward_loss(step_fwd, xm, ym)
-                with sync:
-                    (loss / grad_accum).backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            pending.append(torch.stack([loss.detach().float(), (logits.argmax(-1) == ym).float().mean()]))
-            step += 1
-            bar.update(1)
-            if step % log_every == 0 or step == (epoch + 1) * len(train_loader):
-                stats = torch.stack(pending)  # (steps, 2): loss, accuracy of the last micro-batch
-                if world > 1:
-                    torch.distributed.all_reduce(stats)  # every rank sees the same numbers -> stops together
-                    stats /= world
-                stats = stats.cpu()  # one sync per log interval
-                losses = stats[:, 0]
-                if not torch.isfinite(losses).all():
-                    bad = step - len(pending) + int((~torch.isfinite(losses)).nonzero()[0]) + 1
-                    _die(f"loss became {losses[~torch.isfinite(losses)][0].item()} at step {bad}; stopped. "
-                         f"The last good checkpoint (if any) is {ckpt_path}; try a lower --lr")
-                dt = time.time() - t0
-                ips = len(pending) * batch_size / dt
-                if step - len(pending) > first_step:  # a segment's first interval holds the compile: not timed
-                    train_time, seen = train_time + dt, seen + len(pending) * batch_size
-                t0 = time.time()
-                rec = dict(step=step, epoch=epoch, loss=losses.mean().item(), acc=stats[:, 1].mean().item(),
-                           lr=lr_at(step - 1, total, lr, min_lr, warmup), img_s=ips)
-                if master:
-                    log.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{ips:.0f}")
-                pending = []
-        due = lambda n: n > 0 and (epoch + 1) % n == 0  # noqa: E731 -- after epochs n, 2n, ... (0: never)
-        evaluate_now = epoch + 1 == epochs or due(eval_every)
-        if master and evaluate_now:
-            test_acc, test_loss = evaluate(fwd, test_loader, ctx)
-            best_acc = max(best_acc, test_acc)
-            log.write(json.dumps({"step": step, "epoch": epoch, f"{split}_acc": test_acc, f"{split}_loss": test_loss}) + "\n")
-            log.flush()
-            bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {test_acc:.4f}, {split} loss {test_loss:.4f}")
-        if evaluate_now or due(ckpt_every):
-            rng = gather_rng_states(world)
-            if master:
-                save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=model_args,
-                                     config=cfg, step=step, epoch=epoch + 1, best_acc=best_acc, test_acc=test_acc,
-                                     classes=classes, mean=mean, std=std, rng=rng,
-                                     wall_s=wall_before + time.time() - t_start, train_s=train_time, seen=seen),
-                                ckpt_path)
-    bar.close()
-    wall = wall_before + time.time() - t_start  # a resumed run counts its earlier segments up to the checkpoint
-    if world > 1:
-        check_ranks_agree(model, master)
-    if not master:
-        close_process_group()
-        return None
-    val = {}
-    if val_split:  # the held-out test set, once, after training on the rest
-        val = dict(val_acc=test_acc, best_val_acc=best_acc)
-        test_loader = held_test
-        test_acc, _ = evaluate(fwd, test_loader, ctx)
-        log.write(json.dumps(dict(step=step, epoch=epochs - 1, test_acc=test_acc)) + "\n")
-        print(f"validation acc {100 * val['val_acc']:.2f}%; test set, evaluated once: {100 * test_acc:.2f}%")
-    shift = {}
-    if eval_shift and not isinstance(test_loader, data.StreamLoader):
-        for kind in data.CORRUPTIONS:
-            xc = data.corrupt(test_loader.x, kind, seed)
-            shift[kind] = evaluate(fwd, data.GPULoader(xc, test_loader.y, 1000, mean, std, False), ctx)[0]
-        shift["mean"] = sum(shift.values()) / len(shift)
-        print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
-    ips = seen / train_time if train_time else float("nan")
-    mfu = flops_img * ips / (world * peak * 1e12) if peak else None
-    summary = dict(attn=model_args["attn"], dataset=dataset, test_acc=test_acc, best_acc=best_acc,
-                   img_s=ips, wall_s=wall, mfu=mfu, params=model.num_params(), device=dev, world=world,
-                   loader=type(train_loader).__name__, gamma_mean=model.gammas().mean().item(), steps=step,
-                   shift=shift, flops_per_image=flops_img, peak_tflops=peak or None,
-                   compile_mode=mode, **val)
-    write_atomic(os.path.join(out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
-    mfu_s = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
-    best = "" if val_split else f" (best {100 * best_acc:.2f}%)"
-    print(f"done: test acc {100 * test_acc:.2f}%{best} | {ips:.0f} img/s | "
-          f"{wall / 60:.1f} min{mfu_s} | checkpoint {ckpt_path}")
-    if world > 1:
-        close_process_group()
-    return summary
-
-
-def forward_loss(fwd, xb, yb):
-    """Logits and training loss: cross-entropy with label smoothing, on mixed pairs when --mixup or
-    --cutmix > 0 (both: one of them per batch, at random): loss = lam CE(y) + (1 - lam) CE(y of the
-    partner image), lam ~ Beta(alpha, alpha); cutmix pastes a box of area (1 - lam) of the partner."""
+def mixed_loss(model, xb, yb, mixup, cutmix, label_smoothing):
+    """(logits, loss): cross-entropy with label smoothing; with mixup or cutmix > 0 (both: one of them per
+    batch, at random) on mixed pairs, loss = lam CE(y) + (1 - lam) CE(y of the partner image),
+    lam ~ Beta(alpha, alpha); cutmix pastes a box of area 1 - lam of the partner."""
     if not (mixup or cutmix):
-        return fwd(xb, yb, label_smoothing)
+        return model(xb, yb, label_smoothing)
     use_cutmix = cutmix > 0 and (mixup == 0 or torch.rand(()) < 0.5)
     alpha = cutmix if use_cutmix else mixup
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
@@ -480,53 +161,199 @@ def forward_loss(fwd, xb, yb):
         xb, lam = data.paste_box(xb, xb[perm], lam)
     else:
         xb = lam * xb + (1 - lam) * xb[perm]
-    logits, _ = fwd(xb)
+    logits, _ = model(xb)
     ce = lambda y: F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)  # noqa: E731
     return logits, lam * ce(yb) + (1 - lam) * ce(yb[perm])
 
 
-def trim_log(path, step):
-    """Drop the records a killed run wrote after its last checkpoint (they are redone on resume),
-    and a last line the kill cut short."""
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line.rstrip("\n") + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
-    write_atomic(path, lambda f: f.writelines(keep))
+def main(argv):
+    try:
+        return run(argv)
+    except data.DataError as e:  # a problem with the files on disk, found while loading or streaming
+        die(str(e))
 
 
-def gather_rng_states(world):
-    """Every rank's CPU RNG state (mixup, stochastic depth), so a resume continues each stream."""
-    states = [torch.get_rng_state()]
-    if world > 1:
-        states = [None] * world
-        torch.distributed.all_gather_object(states, torch.get_rng_state())
-    return dict(torch=states, world=world)
+def run(argv):
+    config, given = configure(argv, DEFAULTS, __doc__, CHOICES, COUNTS, FRACTIONS)
+    out = config["out_dir"] or os.path.join("out", config["attn"])
+    ckpt_path, ckpt = os.path.join(out, "ckpt.pt"), None
+    if config["init_from"] == "resume":  # the run's own config, then what this command line changes
+        ckpt = load_checkpoint(ckpt_path)
+        for k in sorted(given - {"init_from", "out_dir"}):
+            if config[k] != ckpt["config"][k]:
+                if k in RESUME_FIXED:
+                    die(f"the run in {out} has {k}={ckpt['config'][k]!r}; a resumed run cannot change it "
+                        f"(drop --{k}, or start a new run in another --out_dir)")
+                print(f"resume: {k} = {config[k]!r} (the run had {ckpt['config'][k]!r})")
+        config = {**ckpt["config"], **{k: config[k] for k in given}, "init_from": "resume"}
+    elif os.path.exists(ckpt_path) and not config["overwrite"]:
+        die(f"{out} already holds a run; continue it with --init_from resume, replace it with --overwrite true, "
+            f"or pick another --out_dir")
+    cfg = SimpleNamespace(**config)
+    model_args = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                      n_embd=cfg.n_embd, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, drop_path=cfg.drop_path,
+                      attn=cfg.attn, hops=cfg.hops, gamma_init=cfg.gamma_init, init_std=cfg.init_std)
+    try:
+        ViTConfig(**model_args)  # its checks (divisibility, gamma_init in (0, 1)) before anything is touched
+    except ValueError as e:
+        die(f"{e}; change that option (see -h)")
+    dev, rank, world = setup_device(cfg.device)
+    master, cuda = rank == 0, dev.startswith("cuda")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        die(f"--batch_size {cfg.batch_size} must be divisible by processes x grad_accum = {world * cfg.grad_accum}")
+    train_loader, eval_loader, test_loader, classes, mean, std = data.loaders(cfg, dev, rank, world)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        die(f"cannot create --out_dir {out} ({e.strerror}); pick another --out_dir")
+    if not os.access(out, os.W_OK):
+        die(f"cannot write to --out_dir {out}; pick another --out_dir")
 
+    # ---- model, optimiser, and the state a checkpoint restores
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = ViT(ViTConfig(**model_args, n_classes=len(classes)), verbose=master).to(dev)
+    decay = lambda n, p: p.dim() >= 2 and n not in ("cls", "pos")  # noqa: E731 -- matrices decay, the rest not
+    params = list(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for n, p in params if decay(n, p)], "weight_decay": cfg.weight_decay},
+                             {"params": [p for n, p in params if not decay(n, p)], "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, cfg.beta2), fused=cuda)
+    torch.manual_seed(cfg.seed + rank)  # per-rank randomness: mixup, stochastic depth
+    step, start_epoch, best_acc, acc = 0, 0, 0.0, float("nan")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, start_epoch, best_acc, acc = ckpt["step"], ckpt["epoch"], ckpt["best_acc"], ckpt["acc"]
+        if ckpt["rng"]["world"] == world:  # the same processes: each continues its own random stream
+            torch.set_rng_state(ckpt["rng"]["torch"][rank])
+    first_step = step
+    mode = cfg.compile_mode if cfg.compile and cuda else None  # None: not compiled
+    if mode == "reduce-overhead" and (world > 1 or cfg.grad_accum > 1):
+        mode = "default"  # a graph replay reuses its output buffers: no DDP hooks, no accumulated gradients
+        if master:
+            print("note: compile_mode reduce-overhead needs one process and grad_accum 1; using default")
+    fwd = torch.compile(model, mode=mode) if mode else model  # evaluation uses this one
+    step_fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev] if cuda else None) if world > 1 else fwd
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-def close_process_group():
-    """Every rank waits for rank 0 to finish its evaluation, then all close together: a rank that tore
-    down its gloo connections while another still used them aborted at exit now and then."""
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-
-
-def check_ranks_agree(model, master):
-    """DDP keeps one model: compare every weight with rank 0's copy and report the largest gap."""
-    dist = torch.distributed
-    gap = torch.zeros((), device=next(model.parameters()).device)
-    for p in model.parameters():
-        ref = p.detach().clone()
-        dist.broadcast(ref, 0)
-        gap = torch.maximum(gap, (p.detach() - ref).abs().max())
-    dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+    # ---- the schedule: whole epochs, at least min_steps steps
+    per_epoch = len(train_loader)
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
+    total = epochs * per_epoch
+    split = "val" if cfg.val_split else "test"  # what training evaluates on
     if master:
-        print(f"ddp: {dist.get_world_size()} ranks, largest weight difference from rank 0: {gap.item():.3g}")
+        more = f" (raised from {cfg.epochs} to reach min_steps {cfg.min_steps})" if epochs > cfg.epochs else ""
+        print(f"training {epochs} epochs{more} x {per_epoch} steps = {total} steps of {cfg.batch_size} images; "
+              f"evaluating on {split}; writing to {out}")
+    log = open(os.path.join(out, "log.jsonl"), "a" if ckpt else "w") if master else None
+    if log and ckpt:
+        log.write(json.dumps(dict(step=step, resume=True)) + "\n")  # readers drop what a killed run logged past it
+
+    def checkpoint(epoch):
+        """Save atomically, and only finite weights: a diverged run never replaces a good checkpoint."""
+        rng = [torch.get_rng_state()] * world
+        if world > 1:
+            torch.distributed.all_gather_object(rng, torch.get_rng_state())
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            die(f"the weights are not finite after step {step}; stopped, {ckpt_path} is the last good checkpoint; try a lower --lr")
+        if master:
+            state = dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=model_args, config=config,
+                         step=step, epoch=epoch, best_acc=best_acc, acc=acc, classes=classes, mean=mean, std=std,
+                         rng=dict(torch=rng, world=world))
+            data.write_atomic(ckpt_path, lambda f: torch.save(state, f), "wb")
+
+    # ---- training
+    train_s, seen, t_start = 0.0, 0, time.time()
+    bar = tqdm(total=total, initial=step, desc=cfg.attn, dynamic_ncols=True, disable=None if master else True)
+    for epoch in range(start_epoch, epochs):
+        train_loader.epoch = epoch
+        t0, pending = time.time(), []
+        for xb, yb in train_loader:  # this rank's share of one global batch
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, cfg.lr, cfg.min_lr, cfg.warmup)
+            for i, (xm, ym) in enumerate(zip(xb.chunk(cfg.grad_accum), yb.chunk(cfg.grad_accum))):
+                if mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
+                sync = step_fwd.no_sync() if world > 1 and i < cfg.grad_accum - 1 else contextlib.nullcontext()
+                with sync:
+                    with ctx:
+                        logits, loss = mixed_loss(step_fwd, xm, ym, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
+                    (loss / cfg.grad_accum).backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            pending.append(torch.stack([loss.detach().float(), (logits.argmax(-1) == ym).float().mean()]))
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every and step % per_epoch:
+                continue
+            stats = torch.stack(pending)  # (steps, 2): loss and accuracy of each step's last micro-batch
+            if world > 1:
+                torch.distributed.all_reduce(stats)  # every rank sees the same numbers, so all stop together
+                stats /= world
+            stats, dt = stats.cpu(), time.time() - t0  # one host sync per log interval
+            if not torch.isfinite(stats[:, 0]).all():
+                die(f"the loss became {stats[~torch.isfinite(stats[:, 0]), 0][0].item()} by step {step}; stopped, "
+                    f"{ckpt_path} is the last good checkpoint (if any); try a lower --lr")
+            if step - len(pending) > first_step:  # the first interval holds the compile: not timed
+                train_s, seen = train_s + dt, seen + len(pending) * cfg.batch_size
+            rec = dict(step=step, epoch=epoch, loss=stats[:, 0].mean().item(), acc=stats[:, 1].mean().item(),
+                       lr=opt.param_groups[0]["lr"], img_s=len(pending) * cfg.batch_size / dt)
+            if master:
+                log.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{rec['img_s']:.0f}")
+            t0, pending = time.time(), []
+        due = lambda n: n > 0 and (epoch + 1) % n == 0  # noqa: E731 -- after epochs n, 2n, ...
+        evaluate_now = epoch + 1 == epochs or due(cfg.eval_every)
+        if master and evaluate_now:
+            acc, eval_loss = evaluate(fwd, eval_loader, ctx)
+            best_acc = max(best_acc, acc)
+            log.write(json.dumps({"step": step, "epoch": epoch, f"{split}_acc": acc, f"{split}_loss": eval_loss}) + "\n")
+            log.flush()
+            bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {acc:.4f}, {split} loss {eval_loss:.4f}")
+            if not math.isfinite(eval_loss):
+                die(f"the {split} loss is {eval_loss} after step {step}; stopped, {ckpt_path} is the last good "
+                    f"checkpoint (if any); try a lower --lr")
+        if evaluate_now or due(cfg.ckpt_every):
+            checkpoint(epoch + 1)
+    bar.close()
+    wall = time.time() - t_start
+    if world > 1:
+        torch.distributed.barrier()  # rank 0 evaluates alone; then all ranks close together
+        torch.distributed.destroy_process_group()
+    if not master:
+        return None
+
+    # ---- final numbers: the test set (once, when training evaluated on validation), corruptions, speed
+    summary = dict(attn=cfg.attn, dataset=cfg.dataset, steps=step, epochs=epochs, params=model.num_params())
+    if test_loader is not None:
+        summary.update(val_acc=acc, best_val_acc=best_acc)
+        acc, _ = evaluate(fwd, test_loader, ctx)
+        log.write(json.dumps(dict(step=step, epoch=epochs - 1, test_acc=acc)) + "\n")
+    else:
+        test_loader = eval_loader
+        summary.update(best_acc=best_acc)
+    shift = {}
+    if cfg.eval_shift and not cfg.stream:
+        for kind in data.CORRUPTIONS:
+            xc = data.corrupt(test_loader.x, kind, cfg.seed)
+            shift[kind] = evaluate(fwd, data.GPULoader(xc, test_loader.y, 1000, mean, std, False), ctx)[0]
+        shift["mean"] = sum(shift.values()) / len(shift)
+        print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
+    ips = seen / train_s if train_s else None  # this command's training steps, the compile interval excluded
+    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(dev)), 0)
+    mfu = model.flops_per_image(training=True) * ips / (world * peak * 1e12) if ips and peak else None
+    summary.update(test_acc=acc, shift=shift, img_s=ips, mfu=mfu, wall_s=wall, resumed_from_step=first_step,
+                   gamma_mean=model.gammas().mean().item(), device=dev, world=world, compile_mode=mode)
+    data.write_atomic(os.path.join(out, "summary.json"), lambda f: json.dump(summary, f, indent=1))
+    best = f" (best {split} acc during training {100 * best_acc:.2f}%)"
+    speed = f" | {ips:,.0f} img/s" if ips else ""
+    print(f"done: final test acc {100 * acc:.2f}%{best}{speed}{f' | MFU {100 * mfu:.1f}%' if mfu else ''} | "
+          f"{wall / 60:.1f} min | {ckpt_path}")
+    return summary
 
 
 if __name__ == "__main__":
-    main(*parse_args(sys.argv[1:], dict(DEFAULTS)))
+    main(sys.argv[1:])

@@ -1,6 +1,7 @@
 """data.py: the built-in dataset, the CIFAR-10 and folder readers (on files made here), GPU-style augmentation."""
 import hashlib
 import io
+import os
 import pickle
 import shutil
 import tarfile
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_shapes_deterministic_with_masks_that_mark_the_object():
@@ -58,7 +61,7 @@ def test_cifar10_bad_archive_is_a_clear_error(tmp_path, monkeypatch):
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         tar.addfile(tarfile.TarInfo("x"), io.BytesIO(b""))
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(buf.getvalue())
-    with pytest.raises(SystemExit, match="md5"):
+    with pytest.raises(data.DataError, match="md5"):
         data.load("cifar10", str(tmp_path))
     # a good archive (its md5 made to match) is unpacked and read
     folder = tmp_path / "src" / "cifar-10-batches-py"
@@ -71,21 +74,119 @@ def test_cifar10_bad_archive_is_a_clear_error(tmp_path, monkeypatch):
     assert data.load("cifar10", str(tmp_path))["x_train"].shape == (10, 3, 32, 32)
 
 
-def test_folder_reader_decodes_resizes_and_caches(tmp_path):
+def make_folder(root, n_train=3, n_test=2, size=(40, 20)):
     from PIL import Image
-    for split, n in (("train", 3), ("test", 2)):
+    for split, n in (("train", n_train), ("test", n_test)):
         for c, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
-            (tmp_path / split / c).mkdir(parents=True)
+            (root / split / c).mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                Image.new("RGB", (40, 20), colour).save(tmp_path / split / c / f"{i}.png")
+                Image.new("RGB", size, colour).save(root / split / c / f"{i}.png")
+
+
+def test_folder_reader_decodes_resizes_and_caches(tmp_path):
+    make_folder(tmp_path)
     d = data.load("folder", str(tmp_path), image_size=16)
     assert d["classes"] == ["cat", "dog"] and d["x_train"].shape == (6, 3, 16, 16)
     assert d["y_train"].tolist() == [0, 0, 0, 1, 1, 1] and d["x_test"][0, 0].float().mean() == 255
-    assert (tmp_path / "cache_16.npz").exists()
+    (cache,) = tmp_path.glob("cache_16_*.npz")
     d2 = data.load("folder", str(tmp_path), image_size=16)
     assert torch.equal(d2["x_train"], d["x_train"]) and d2["classes"] == d["classes"]
-    with pytest.raises(SystemExit, match="train/<class>"):
+    with pytest.raises(data.DataError, match="train/<class>"):
         data.load("folder", str(tmp_path / "missing"))
+
+
+def test_folder_cache_follows_the_files_and_survives_corruption(tmp_path, capsys):
+    from PIL import Image
+    make_folder(tmp_path)
+    data.load("folder", str(tmp_path), image_size=16)
+    Image.new("RGB", (40, 20), (0, 255, 0)).save(tmp_path / "train" / "dog" / "9.png")  # a new file
+    d = data.load("folder", str(tmp_path), image_size=16)
+    assert len(d["y_train"]) == 7 and len(list(tmp_path.glob("cache_16_*.npz"))) == 2  # a new cache, not the stale one
+    for cache in tmp_path.glob("cache_16_*.npz"):
+        cache.write_bytes(b"garbage")
+    assert len(data.load("folder", str(tmp_path), image_size=16)["y_train"]) == 7
+    assert "unreadable" in capsys.readouterr().out
+
+
+def test_read_only_data_folder_caches_in_the_user_cache(tmp_path, monkeypatch):
+    make_folder(tmp_path / "ro")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(data.os, "access", lambda path, mode: False)  # as if the folder were read-only
+    assert len(data.load("folder", str(tmp_path / "ro"), image_size=8)["y_train"]) == 6
+    assert not list((tmp_path / "ro").glob("cache*")) and len(list((tmp_path / "home" / "infsa").glob("*.npz"))) == 1
+
+
+def test_two_processes_building_the_same_cache_at_once_both_succeed(tmp_path):
+    """Both decode and write the same cache; each writes its own temporary file and renames it."""
+    import subprocess
+    import sys
+    make_folder(tmp_path, n_train=40, n_test=10)
+    code = f"import data; print(len(data.load('folder', {str(tmp_path)!r}, image_size=8)['y_train']))"
+    for _ in range(3):
+        for cache in tmp_path.glob("cache_*"):
+            cache.unlink()
+        procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0 and out.split()[-1] == "80", err
+        assert [c.name.endswith(".npz") for c in tmp_path.glob("cache_*")] == [True]  # one cache, no temporary left
+
+
+def test_bad_files_in_a_folder(tmp_path):
+    from PIL import Image
+    make_folder(tmp_path)
+    (tmp_path / "train" / "README.txt").write_text("not a class")
+    (tmp_path / "train" / "cat" / ".DS_Store").write_bytes(b"\0\1")
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "test" / "dog").rename(tmp_path / "dog_elsewhere")  # a class with no test images is allowed
+    d = data.load("folder", str(tmp_path), image_size=8)
+    assert d["classes"] == ["cat", "dog"] and len(d["y_train"]) == 6 and d["y_test"].tolist() == [0, 0]
+    (tmp_path / "test" / "bird").mkdir()
+    with pytest.raises(data.DataError, match="classes that train/ lacks"):
+        data.load("folder", str(tmp_path), image_size=8)
+    (tmp_path / "test" / "bird").rmdir()
+    bad = tmp_path / "train" / "dog" / "cut.png"
+    Image.new("RGB", (40, 20)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:40])  # a truncated PNG
+    with pytest.raises(data.DataError, match=f"cannot decode image {bad}"):
+        data.load("folder", str(tmp_path), image_size=8)
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+    ramp = np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (16, 1))
+    Image.fromarray(ramp).save(tmp_path / "g.png")
+    x = data.decode(str(tmp_path / "g.png"), 16)
+    assert x.shape == (3, 16, 16) and x[0, 0, 0] == 0 and x[0, 0, -1] == 255
+    np.testing.assert_allclose(x[0, 0].astype(float), ramp[0] / 257, atol=1)
+
+
+def test_write_atomic_never_leaves_half_a_file(tmp_path):
+    """A writer that dies halfway (a crash, a full disk) leaves the previous file as it was."""
+    import json
+    path = str(tmp_path / "summary.json")
+    data.write_atomic(path, lambda f: json.dump(dict(test_acc=0.9), f))
+
+    def half_then_die(f):
+        f.write('{"test_acc": 0.')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        data.write_atomic(path, half_then_die)
+    assert json.load(open(path)) == dict(test_acc=0.9) and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_paste_box_keeps_the_reported_area():
+    x, other = torch.zeros(2, 3, 10, 12), torch.ones(2, 3, 10, 12)
+    torch.manual_seed(0)
+    for lam in (0.1, 0.5, 0.9, 0.99):
+        mixed, kept = data.paste_box(x, other, lam)
+        pasted = mixed[0, 0]  # 1 inside the box, 0 outside
+        assert kept == pytest.approx(1 - pasted.mean().item())  # lam follows the clipped box
+        rows, cols = pasted.bool().any(1), pasted.bool().any(0)
+        assert torch.equal(pasted.bool(), rows[:, None] & cols[None, :]) and torch.equal(mixed[0], mixed[1])
+        assert x.sum() == 0  # the input is not modified
 
 
 def test_parallel_decode_equals_one_process(tmp_path):
@@ -95,7 +196,7 @@ def test_parallel_decode_equals_one_process(tmp_path):
     for i in range(12):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(rng.integers(0, 256, (10 + i, 14, 3), dtype=np.uint8)).save(paths[-1])
-    one = np.stack([data._decode(p, 8) for p in paths])
+    one = np.stack([data.decode(p, 8) for p in paths])
     assert np.array_equal(data.decode_all(paths, 8, min_parallel=1), one) and one.shape == (12, 3, 8, 8)
 
 

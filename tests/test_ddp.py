@@ -1,5 +1,6 @@
 """train.py under torchrun (2 CPU processes, gloo) and the streaming loader."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -8,7 +9,15 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_train", "256", "--n_test", "64", "--batch_size", "64", "--n_layer", "2", "--n_head", "2",
-        "--n_embd", "16", "--epochs", "2", "--log_every", "1", "--device", "cpu", "--hflip", "false", "--crop_pad", "0"]
+        "--n_embd", "16", "--epochs", "2", "--min_steps", "0", "--log_every", "1", "--device", "cpu", "--hflip", "false",
+        "--crop_pad", "0"]
+
+
+def free_port():
+    """A port nothing listens on now: torchrun's rendezvous gets its own instead of racing for one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def sh(argv, **kw):
@@ -21,9 +30,8 @@ def sh(argv, **kw):
 def test_two_processes_match_one_process_and_each_other(tmp_path):
     """Same global batch on 1 and 2 processes: the same gradients (up to summation order), so the same
     weights; and DDP leaves every rank with identical weights."""
-    out = sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-              *TINY, "--out_dir", str(tmp_path / "ddp")])
-    assert "ddp: 2 ranks, largest weight difference from rank 0: 0" in out
+    sh([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}", "train.py", *TINY, "--out_dir", str(tmp_path / "ddp")])
     sh([sys.executable, "train.py", *TINY, "--out_dir", str(tmp_path / "one")])
     a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
     b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
@@ -31,7 +39,7 @@ def test_two_processes_match_one_process_and_each_other(tmp_path):
     for k in b["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
     # the 2-process checkpoint resumes in one process
-    sh([sys.executable, "train.py", *TINY, "--epochs", "3", "--out_dir", str(tmp_path / "ddp"), "--init_from", "resume"])
+    sh([sys.executable, "train.py", "--epochs", "3", "--out_dir", str(tmp_path / "ddp"), "--init_from", "resume"])
     assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)["step"] == 12
 
 
@@ -44,13 +52,13 @@ def test_streaming_loader_gives_the_resident_batches(tmp_path):
         paths.append(str(tmp_path / f"{i}.png"))
         labels.append(i % 3)
         Image.fromarray(img).save(paths[-1])
-    x = torch.stack([torch.from_numpy(data._decode(p, 8)) for p in paths])
+    x = torch.stack([torch.from_numpy(data.decode(p, 8)) for p in paths])
     y = torch.tensor(labels)
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
     for rank in (0, 1):
         kw = dict(seed=3, rank=rank, world=2, pad=2)
         res = data.GPULoader(x, y, 4, mean, std, True, **kw)
-        st = data.StreamLoader(paths, labels, 8, 4, mean, std, True, "cpu", workers=2, **kw)
+        st = data.StreamLoader(data.Files(paths, labels, 8), "cpu", 2, 4, mean, std, True, **kw)
         res.epoch = st.epoch = 1
         pairs = list(zip(res, st))
         assert len(pairs) == 3
@@ -65,7 +73,11 @@ def test_stream_run_end_to_end(tmp_path):
             for i in range(n):
                 colour = (255, 0, 0) if c == "a" else (0, 0, 255)
                 Image.new("RGB", (12, 12), colour).save(tmp_path / split / c / f"{i}.png")
-    out = sh([sys.executable, "train.py", "--dataset", "folder", "--data_dir", str(tmp_path), "--loader", "stream",
-              "--image_size", "8", "--patch_size", "4", "--batch_size", "16", "--n_embd", "16", "--n_head", "2",
-              "--n_layer", "1", "--epochs", "2", "--workers", "2", "--device", "cpu", "--out_dir", str(tmp_path / "o")])
-    assert "done: test acc" in out and not (tmp_path / "cache_8.npz").exists()
+    argv = [sys.executable, "train.py", "--dataset", "folder", "--data_dir", str(tmp_path), "--stream", "true",
+            "--image_size", "8", "--patch_size", "4", "--batch_size", "16", "--n_embd", "16", "--n_head", "2",
+            "--n_layer", "1", "--epochs", "2", "--min_steps", "0", "--workers", "2", "--device", "cpu"]
+    out = sh(argv + ["--out_dir", str(tmp_path / "o")])
+    assert "done: final test acc" in out and not list(tmp_path.glob("cache*"))
+    (tmp_path / "train" / "b" / "3.png").write_bytes(b"not a png")  # found by a worker: one line naming the file
+    r = subprocess.run(argv + ["--out_dir", str(tmp_path / "o2")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: cannot decode image {tmp_path}/train/b/3.png")

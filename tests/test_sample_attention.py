@@ -118,20 +118,19 @@ def test_toy_one_hop_ranks_token_0_and_multi_hop_token_4():
 
 # ---------------------------------------------------------------- tiny runs, end to end
 
-CONFIG = dict(dataset="shapes", data_dir="data", image_size=32, seed=3, n_train=128, n_test=48)
-
-
 def make_run(folder, kind):
-    """A tiny untrained run in train.py's checkpoint format, with a log.jsonl that restarts once."""
+    """A tiny untrained run in train.py's checkpoint format, with a log.jsonl that was resumed once."""
     torch.manual_seed(0)
     args = dict(image_size=32, patch_size=8, n_layer=2, n_head=2, n_embd=16, attn=kind, n_classes=10, in_chans=3)
     model = ViT(ViTConfig(**args), verbose=False)
-    train.save_checkpoint(dict(model=model.state_dict(), optimizer=None, model_args=args, config=dict(CONFIG, attn=kind),
-                               step=4, epoch=1, best_acc=0.1, test_acc=0.1, classes=data.SHAPES,
-                               mean=torch.full((3,), 0.5), std=torch.full((3,), 0.22), rng=None),
-                          str(folder / "ckpt.pt"))
-    lines = [dict(step=s, epoch=0, loss=9.0, acc=0.0, lr=1e-3, img_s=1.0) for s in (1, 2)]  # an earlier run...
-    lines += [dict(step=s, epoch=0, loss=2.3 - 0.1 * s, acc=0.1 * s, lr=1e-3, img_s=1.0) for s in (1, 2, 3, 4)]
+    config = dict(train.DEFAULTS, attn=kind, seed=3, n_train=128, n_test=48)
+    state = dict(model=model.state_dict(), optimizer=None, model_args=args, config=config, step=4, epoch=1,
+                 best_acc=0.1, acc=0.1, classes=data.SHAPES, mean=torch.full((3,), 0.5), std=torch.full((3,), 0.22), rng=None)
+    data.write_atomic(str(folder / "ckpt.pt"), lambda f: torch.save(state, f), "wb")
+    lines = [dict(step=s, epoch=0, loss=2.3 - 0.1 * s, acc=0.1 * s, lr=1e-3, img_s=1.0) for s in (1, 2)]
+    lines += [dict(step=s, epoch=0, loss=9.0, acc=0.0, lr=1e-3, img_s=1.0) for s in (3, 4)]  # past the checkpoint...
+    lines += [dict(step=2, resume=True)]  # ...then redone by the resumed run
+    lines += [dict(step=s, epoch=0, loss=2.3 - 0.1 * s, acc=0.1 * s, lr=1e-3, img_s=1.0) for s in (3, 4)]
     lines += [dict(step=4, epoch=0, test_acc=0.3, test_loss=1.9)]
     (folder / "log.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n{\"step\": 5, \"lo")
     return str(folder)
@@ -142,15 +141,15 @@ def runs(tmp_path_factory):
     return [make_run(tmp_path_factory.mktemp(kind), kind) for kind in ("softmax", "pure", "linear")]
 
 
-def test_read_log_keeps_the_last_run_and_skips_a_cut_line(runs):
+def test_read_log_drops_what_a_resume_redid_and_a_cut_line(runs):
     recs = sa.read_log(f"{runs[0]}/log.jsonl")
-    assert [r["step"] for r in recs] == [1, 2, 3, 4, 4] and recs[0]["loss"] == pytest.approx(2.2)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 4] and recs[2]["loss"] == pytest.approx(2.0)
 
 
 def test_compare_with_metrics_end_to_end(runs, tmp_path, capsys):
     out = tmp_path / "png"
-    res = sa.main(["--compare", *runs, "--metrics", "--n_metric", "30", "--steps", "4", "--images", "0,47",
-                   "--out_dir", str(out), "--device", "cpu"])
+    res = sa.main(["--runs", ",".join(runs), "--metrics", "true", "--n_metric", "30", "--steps", "4",
+                   "--images", "0,47", "--out_dir", str(out), "--device", "cpu"])
     text = capsys.readouterr().out
     for name in ("compare.png", "curves.png", "morf_lerf.png"):
         assert f"wrote {out / name}" in text
@@ -170,15 +169,15 @@ def test_compare_with_metrics_end_to_end(runs, tmp_path, capsys):
 
 
 def test_single_run_maps_hops_and_one_head(runs, tmp_path, capsys):
-    sa.main(["--ckpt", runs[1], "--out_dir", str(tmp_path), "--head", "1", "--map", "hop2", "--metrics",
+    sa.main(["--runs", runs[1], "--out_dir", str(tmp_path), "--head", "2", "--score_map", "hop2", "--metrics", "true",
              "--n_metric", "8", "--steps", "2", "--device", "cpu"])
     text = capsys.readouterr().out
-    assert f"wrote {tmp_path / 'maps.png'}" in text and "| pure | hop2@2 |" in text and "head 1" in text
+    assert f"wrote {tmp_path / 'maps.png'}" in text and "| pure | hop2@2 |" in text and "head 2" in text
     assert plt.imread(tmp_path / "maps.png").shape[1] > plt.imread(tmp_path / "maps.png").shape[0]  # 1 + 2 + 2 columns
 
 
 def test_toy_cli(tmp_path, capsys):
-    sa.main(["--toy", "--out_dir", str(tmp_path)])
+    sa.main(["--toy", "true", "--out_dir", str(tmp_path)])
     text = capsys.readouterr().out
     assert "in-degree" in text and "token 0 first" in text and "Katz in" in text and "token 4 first" in text
     assert plt.imread(tmp_path / "toy.png").ndim == 3
@@ -192,13 +191,15 @@ def one_line_error(capsys, argv, words):
 
 
 def test_errors_are_one_line(runs, tmp_path, capsys):
-    one_line_error(capsys, ["--ckpt", str(tmp_path / "none.pt")], "no checkpoint")
+    one_line_error(capsys, ["--runs", str(tmp_path / "none.pt")], "no checkpoint")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    one_line_error(capsys, ["--ckpt", str(tmp_path / "bad.pt")], "not a readable checkpoint")
-    one_line_error(capsys, ["--out_dir", runs[0], "--images", "0,48"], "out of range")
-    one_line_error(capsys, ["--out_dir", runs[0], "--head", "2"], "--head 2 out of range")
-    one_line_error(capsys, ["--out_dir", runs[2], "--map", "katz"], "not a map of linear")
+    one_line_error(capsys, ["--runs", str(tmp_path / "bad.pt")], "not a readable checkpoint")
+    one_line_error(capsys, ["--runs", runs[0], "--images", "0,48"], "out of range")
+    one_line_error(capsys, ["--runs", runs[0], "--head", "3"], "--head 3 out of range")
+    one_line_error(capsys, ["--runs", runs[2], "--score_map", "katz"], "not a map of linear")
+    one_line_error(capsys, ["--runs", runs[0], "--steps", "0"], "--steps must be at least 1")
     ckpt = train.load_checkpoint(f"{runs[0]}/ckpt.pt")
-    ckpt["config"] = dict(ckpt["config"], dataset="cifar10")
-    train.save_checkpoint(ckpt, str(tmp_path / "cifar.pt"))
-    one_line_error(capsys, ["--ckpt", str(tmp_path / "cifar.pt"), "--metrics"], "needs object masks")
+    for key, value, words in (("dataset", "cifar10", "needs object masks"), ("seed", 4, "tested on other images")):
+        data.write_atomic(str(tmp_path / "other.pt"), lambda f: torch.save(dict(ckpt, config=dict(ckpt["config"], **{key: value})), f), "wb")
+        one_line_error(capsys, ["--runs", f"{tmp_path / 'other.pt'},{runs[1]}" if key == "seed" else str(tmp_path / "other.pt"),
+                                "--metrics", "true"], words)

@@ -1,4 +1,4 @@
-"""train.py end to end on tiny configs (CPU): each attention kind, resume, checkpoints, CLI errors."""
+"""train.py end to end on tiny configs (CPU): each attention kind, resume, checkpoints, the NaN stop, CLI errors."""
 import json
 import os
 import subprocess
@@ -8,169 +8,192 @@ import pytest
 import torch
 
 import train
+from configurator import configure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_train", "192", "--n_test", "64", "--batch_size", "64", "--n_layer", "2", "--n_head", "2",
-        "--n_embd", "16", "--epochs", "1", "--log_every", "1", "--device", "cpu"]
+        "--n_embd", "16", "--epochs", "1", "--min_steps", "0", "--log_every", "1", "--device", "cpu"]
+AUGS = ["--rotate", "10", "--zoom", "0.1", "--translate", "0.1", "--jitter", "0.3", "--erase", "0.25",
+        "--mixup", "0.8", "--cutmix", "1.0"]
 
 
-def run(argv):
-    cfg, given = train.parse_args(argv, dict(train.DEFAULTS))
-    return train.main(cfg, given)
+def cli(*argv, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
 
 
-def cli(*argv):
-    return subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def ckpt_of(folder):
+    return torch.load(os.path.join(folder, "ckpt.pt"), weights_only=False)
+
+
+def strict_json(path):
+    """The file as JSON, refusing NaN / Infinity (which json.dump writes but strict readers reject)."""
+    return json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
 
 
 @pytest.mark.parametrize("attn", ["softmax", "pure", "linear"])
 def test_tiny_run_each_kind(attn, tmp_path):
-    s = run(TINY + ["--attn", attn, "--out_dir", str(tmp_path)])
+    s = train.main(TINY + ["--attn", attn, "--out_dir", str(tmp_path)])
     assert s["attn"] == attn and s["steps"] == 3 and 0 <= s["test_acc"] <= 1
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert ckpt["model_args"]["attn"] == attn and ckpt["step"] == 3
+    assert strict_json(tmp_path / "summary.json")["test_acc"] == s["test_acc"]
+    ckpt = ckpt_of(tmp_path)
+    assert ckpt["model_args"]["attn"] == attn and ckpt["step"] == 3 and ckpt["config"]["n_train"] == 192
     assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3] and "test_acc" in log[-1]
 
 
-AUGS = ["--rotate", "10", "--zoom", "0.1", "--translate", "0.1", "--jitter", "0.3", "--erase", "0.25",
-        "--mixup", "0.8", "--cutmix", "1.0"]
-
-
-def test_resume_continues_exactly(tmp_path, monkeypatch):
-    """With every augmentation on: their random streams resume too."""
+def test_resume_restores_the_run_and_continues_exactly(tmp_path, monkeypatch):
+    """Killed after its first checkpoint and resumed with nothing but --init_from resume: the run's own
+    config comes back (data, optimiser, augmentation) and it ends with the weights of an unbroken run."""
     a, b = tmp_path / "a", tmp_path / "b"
-    run(TINY + AUGS + ["--epochs", "2", "--out_dir", str(a)])
-    save = train.save_checkpoint
+    train.main(TINY + AUGS + ["--epochs", "2", "--out_dir", str(a)])
+    save = train.data.write_atomic
 
-    def save_then_crash(obj, path):  # the run dies right after its first checkpoint
-        save(obj, path)
-        raise KeyboardInterrupt
+    def save_then_die(path, write, mode="w"):  # the process dies right after its first checkpoint
+        save(path, write, mode)
+        if path.endswith("ckpt.pt"):
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(train.data, "write_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run(TINY + AUGS + ["--epochs", "2", "--out_dir", str(b)])
-    monkeypatch.setattr(train, "save_checkpoint", save)
-    first = torch.load(b / "ckpt.pt", weights_only=False)
-    assert first["step"] == 3 and first["wall_s"] > 0
-    with open(b / "log.jsonl", "a") as f:  # what a run killed after its checkpoint had logged: redone
-        f.write(json.dumps(dict(step=4, epoch=1, loss=9.0, acc=0.0, lr=0.0, img_s=1.0)) + "\n")
-        f.write('{"step": 5, "epoch": 1, "lo')  # and a line the kill cut short
-    s = run(TINY + AUGS + ["--epochs", "2", "--out_dir", str(b), "--init_from", "resume"])
-    assert s["steps"] == 6
-    steps = [r["step"] for r in map(json.loads, open(b / "log.jsonl")) if "loss" in r]
-    assert steps == [1, 2, 3, 4, 5, 6]  # one record per step: the killed run's extra one is gone
-    # the summary's time is the whole run's: the first segment (to its checkpoint) plus the second
-    assert s["wall_s"] > first["wall_s"] and torch.load(b / "ckpt.pt", weights_only=False)["wall_s"] > first["wall_s"]
-    wa = torch.load(a / "ckpt.pt", weights_only=False)["model"]
-    wb = torch.load(b / "ckpt.pt", weights_only=False)["model"]
-    for k in wa:  # an interrupted run, resumed, ends with the weights of an uninterrupted one
+        train.main(TINY + AUGS + ["--epochs", "2", "--out_dir", str(b)])
+    monkeypatch.setattr(train.data, "write_atomic", save)
+    assert ckpt_of(b)["step"] == 3
+    s = train.main(["--init_from", "resume", "--out_dir", str(b)])
+    assert s["steps"] == 6 and s["resumed_from_step"] == 3
+    wa, wb = ckpt_of(a)["model"], ckpt_of(b)["model"]
+    for k in wa:
         torch.testing.assert_close(wb[k], wa[k], msg=k)
-    # img/s counts the timed steps of both segments: steps 2-3 of the first, 5-6 of the second
-    # (each segment's first interval holds the compile), not the second segment alone
-    done = torch.load(b / "ckpt.pt", weights_only=False)
-    assert done["seen"] == 4 * 64 and s["img_s"] == pytest.approx(done["seen"] / done["train_s"])
-    # killed after its last checkpoint: a resume runs no step and still writes the same summary
-    again = run(TINY + AUGS + ["--epochs", "2", "--out_dir", str(b), "--init_from", "resume"])
-    for k in ("steps", "img_s", "mfu", "test_acc", "best_acc"):
-        assert again[k] == s[k], k
+    recs = [json.loads(line) for line in open(b / "log.jsonl")]
+    assert {"step": 3, "resume": True} in recs
 
 
-def test_write_atomic_never_leaves_half_a_file(tmp_path):
-    """A writer that dies halfway (a crash, a full disk) leaves the previous file as it was."""
-    path = str(tmp_path / "summary.json")
-    train.write_atomic(path, lambda f: json.dump(dict(test_acc=0.9), f))
-
-    def half_then_die(f):
-        f.write('{"test_acc": 0.')
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        train.write_atomic(path, half_then_die)
-    assert json.load(open(path)) == dict(test_acc=0.9) and os.listdir(tmp_path) == ["summary.json"]
+def test_resume_overrides_apply_or_are_refused(tmp_path, capsys):
+    train.main(TINY + ["--out_dir", str(tmp_path)])
+    s = train.main(["--init_from", "resume", "--out_dir", str(tmp_path), "--epochs", "2", "--lr", "1e-3"])
+    out = capsys.readouterr().out
+    assert "resume: epochs = 2 (the run had 1)" in out and "resume: lr = 0.001 (the run had 0.002)" in out
+    assert s["steps"] == 6 and ckpt_of(tmp_path)["config"]["lr"] == 1e-3
+    for flag, value in (("--attn", "softmax"), ("--n_embd", "32"), ("--n_train", "128")):
+        with pytest.raises(SystemExit):
+            train.main(["--init_from", "resume", "--out_dir", str(tmp_path), flag, value])
+        assert "a resumed run cannot change it" in capsys.readouterr().err
 
 
-def test_resume_refuses_a_different_model(tmp_path):
-    run(TINY + ["--out_dir", str(tmp_path)])
+def test_an_existing_run_is_never_replaced_unless_asked(tmp_path, capsys):
+    train.main(TINY + ["--out_dir", str(tmp_path)])
+    before = (tmp_path / "ckpt.pt").read_bytes()
     with pytest.raises(SystemExit):
-        run(TINY + ["--out_dir", str(tmp_path), "--init_from", "resume", "--attn", "softmax"])
+        train.main(TINY + ["--out_dir", str(tmp_path), "--attn", "softmax"])
+    assert "already holds a run" in capsys.readouterr().err and (tmp_path / "ckpt.pt").read_bytes() == before
+    assert train.main(TINY + ["--out_dir", str(tmp_path), "--attn", "softmax", "--overwrite", "true"])["attn"] == "softmax"
+
+
+@pytest.mark.parametrize("extra", [
+    ["--epochs", "3"],  # diverges within the run: the loss check stops it
+    ["--n_train", "64", "--attn", "softmax"],  # one step per epoch: the update of the last step makes it diverge
+])
+def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(extra, tmp_path, capsys):
+    train.main(TINY + ["--out_dir", str(tmp_path)])
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--out_dir", str(tmp_path), "--overwrite", "true", "--lr", "1e30", "--warmup", "0",
+                           "--grad_clip", "0", *extra])
+    assert e.value.code == 2 and "last good checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
     r = cli("--init_from", "resume", "--out_dir", str(tmp_path))
-    assert r.returncode != 0 and "not a readable checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and len(r.stderr.splitlines()) == 1
     assert (tmp_path / "ckpt.pt").read_bytes() == b"not a checkpoint"
     r = cli("--init_from", "resume", "--out_dir", str(tmp_path / "none"))
-    assert r.returncode != 0 and "no checkpoint" in r.stderr
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    run(TINY + ["--out_dir", str(tmp_path)])
-    good = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(SystemExit):  # an absurd learning rate drives the loss to inf / nan
-        run(TINY + ["--out_dir", str(tmp_path), "--lr", "1e30", "--warmup", "0", "--grad_clip", "0", "--epochs", "3"])
-    assert (tmp_path / "ckpt.pt").read_bytes() == good
-
-
-@pytest.mark.parametrize("argv, msg", [
-    (["--atn", "linear"], "unknown option --atn; valid options:"),
-    (["--attn", "cosine"], "--attn must be one of softmax | pure | linear"),
-    (["--epochs", "ten"], "--epochs takes a int"),
-    (["--compile", "maybe"], "--compile takes true or false"),
-    (["linear"], "unexpected argument"),
-    (["--attn"], "--attn needs a value"),
-    (["--compile_mode", "fast"], "--compile_mode must be one of default | reduce-overhead | max-autotune"),
-])
-def test_cli_errors(argv, msg):
-    r = cli(*argv)
-    assert r.returncode == 2 and msg in r.stderr and r.stdout == "" and len(r.stderr.splitlines()) == 1
+def test_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["--atn", "linear"], "unknown option --atn; valid options:"),
+        (["--attn", "cosine"], "--attn must be one of softmax | pure | linear"),
+        (["--epochs", "ten"], "--epochs takes a int"),
+        (["--compile", "maybe"], "--compile takes true or false"),
+        (["linear"], "unexpected argument"),
+        (["--attn"], "--attn needs a value"),
+        (["config/none.py"], "config file config/none.py not found"),
+        (["--seed", "-1"], "--seed must be at least 0; got -1"),
+        (["--device", "foo"], "--device foo is not usable here"),
+        (["--out_dir", str(tmp_path / "file"), "--n_train", "256", "--n_test", "16"], "cannot create --out_dir"),
+    ]
+    for argv, msg in cases:
+        r = cli(*argv)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.splitlines()) == 1, (argv, r.stderr)
 
 
 @pytest.mark.parametrize("argv, msg", [
     (["--epochs", "0"], "--epochs must be at least 1; got 0"),
     (["--eval_every", "-1"], "--eval_every must be at least 0; got -1"),
-    (["--dropout", "1.5"], "--dropout must be between 0 and 1; got 1.5"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1); got 1.5"),
     (["--n_embd", "30", "--n_head", "4"], "n_embd (30) must be divisible by n_head (4); change that option"),
     (["--gamma_init", "1"], "gamma_init must lie in (0, 1); got 1.0"),
+    (["--val_split", "192"], "--val_split 192 leaves no training images"),
 ])
-def test_out_of_range_options_stop_before_anything_is_written(argv, msg, tmp_path, capsys):
+def test_bad_options_stop_before_anything_is_written(argv, msg, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        run(argv + ["--out_dir", str(tmp_path / "run")])
+        train.main(TINY + argv + ["--out_dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
-def test_cli_equals_form_and_help():
-    cfg, given = train.parse_args(["--attn=pure", "--lr", "0.01", "--compile=false"], dict(train.DEFAULTS))
-    assert (cfg["attn"], cfg["lr"], cfg["compile"], given) == ("pure", 0.01, False, {"attn", "lr", "compile"})
+def test_config_files_then_overrides_left_to_right(tmp_path):
+    cfg, given = configure(["config/cifar.py", "--n_embd", "64", "--attn=pure"], train.DEFAULTS, choices=train.CHOICES)
+    assert (cfg["n_embd"], cfg["n_layer"], cfg["attn"], cfg["epochs"], cfg["compile_mode"]) == (64, 6, "pure", 75, "reduce-overhead")
+    assert {"n_embd", "attn", "dataset"} <= given
+    long, _ = configure(["config/cifar_long.py"], train.DEFAULTS)
+    assert (long["epochs"], long["cutmix"], long["rotate"], long["eval_every"]) == (560, 1.0, 15.0, 20)
+    ten, _ = configure(["config/cifar_10min.py"], train.DEFAULTS)
+    assert {k: v for k, v in ten.items() if long[k] != v} == dict(epochs=640, eval_every=0, ckpt_every=40)
+    (tmp_path / "bad.py").write_text("epochs = 'many'\n")
+    with pytest.raises(SystemExit):
+        configure([str(tmp_path / "bad.py")], train.DEFAULTS)
     r = cli("-h")
     assert r.returncode == 0 and "--attn 'linear'  (softmax | pure | linear)" in r.stdout
 
 
-def test_preset_applies_before_explicit_overrides():
-    cfg, _ = train.parse_args(["--n_embd", "64", "--preset", "cifar"], dict(train.DEFAULTS))
-    assert cfg["n_embd"] == 64 and cfg["n_layer"] == train.PRESETS["cifar"]["n_layer"]
+def test_a_small_training_set_gets_at_least_min_steps(tmp_path, capsys):
+    s = train.main(TINY + ["--n_train", "128", "--min_steps", "7", "--out_dir", str(tmp_path)])
+    assert s["epochs"] == 4 and s["steps"] == 8  # 2 steps an epoch: 4 epochs reach 7 steps
+    assert "training 4 epochs (raised from 1 to reach min_steps 7) x 2 steps = 8 steps" in capsys.readouterr().out
 
 
-def test_long_preset_and_cuda_graph_fallback(tmp_path, capsys):
-    cfg, _ = train.parse_args(["--preset", "cifar_long"], dict(train.DEFAULTS))
-    assert cfg["n_embd"] == 384 and cfg["epochs"] == 560 and cfg["cutmix"] == 1.0 and cfg["compile_mode"] == "reduce-overhead"
-    # gradients accumulated over micro-batches cannot live in replayed graph buffers: fall back, say so
-    s = run(TINY + ["--compile_mode", "reduce-overhead", "--grad_accum", "2", "--out_dir", str(tmp_path)])
-    assert "using default" in capsys.readouterr().out and s["steps"] == 3
+def test_grad_accum_splits_the_same_global_batch(tmp_path):
+    one = train.main(TINY + ["--out_dir", str(tmp_path / "one")])
+    two = train.main(TINY + ["--grad_accum", "2", "--out_dir", str(tmp_path / "two")])
+    assert one["steps"] == two["steps"] == 3
+    for k, w in ckpt_of(tmp_path / "one")["model"].items():
+        torch.testing.assert_close(ckpt_of(tmp_path / "two")["model"][k], w, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_ckpt_every_checkpoints_without_looking_at_the_test_set(tmp_path, monkeypatch):
-    cfg, _ = train.parse_args(["--preset", "cifar_10min"], dict(train.DEFAULTS))
-    assert cfg["val_split"] == 0 and cfg["eval_every"] == 0 and cfg["cutmix"] == 1.0  # 0: test only at the end
-    saved, save = [], train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: (saved.append(obj["epoch"]), save(obj, path)))
-    run(TINY + ["--epochs", "4", "--eval_every", "0", "--ckpt_every", "2", "--out_dir", str(tmp_path)])
-    assert saved == [2, 4]  # a checkpoint at epoch 2 with no evaluation, then the end
+    saved, save = [], train.data.write_atomic
+    monkeypatch.setattr(train.data, "write_atomic",
+                        lambda path, write, mode="w": (path.endswith("ckpt.pt") and saved.append(path), save(path, write, mode)))
+    train.main(TINY + ["--epochs", "4", "--eval_every", "0", "--ckpt_every", "2", "--out_dir", str(tmp_path)])
+    assert len(saved) == 2 and ckpt_of(tmp_path)["epoch"] == 4  # at epoch 2 with no evaluation, then the end
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["epoch"] for r in log if "test_acc" in r] == [3]  # the test set, once
+
+
+def test_val_split_is_random_and_test_is_evaluated_once(tmp_path):
+    s = train.main(TINY + ["--val_split", "64", "--epochs", "2", "--out_dir", str(tmp_path)])
+    assert 0 <= s["val_acc"] <= 1 and 0 <= s["test_acc"] <= 1 and s["steps"] == 4  # 128 training images: 2 steps an epoch
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert sum("val_acc" in r for r in log) == 2 and sum("test_acc" in r for r in log) == 1
+    y = train.data.load("shapes", "data", 32, 1337, 192, 64)["y_train"]
+    perm = torch.randperm(192, generator=torch.Generator().manual_seed(0))
+    assert len(set(y[perm[-64:]].tolist())) > 3  # the held-out images span the classes
 
 
 def test_lr_schedule():
@@ -178,26 +201,3 @@ def test_lr_schedule():
     lrs = [train.lr_at(s, total, 1e-3, 1e-5, 0.1) for s in range(total)]
     assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
     assert lrs[-1] < 2e-5 and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
-
-
-def test_paste_box_keeps_the_reported_area():
-    x, other = torch.zeros(2, 3, 10, 12), torch.ones(2, 3, 10, 12)
-    torch.manual_seed(0)
-    for lam in (0.1, 0.5, 0.9, 0.99):
-        mixed, kept = train.data.paste_box(x, other, lam)
-        pasted = mixed[0, 0]  # 1 inside the box, 0 outside
-        assert kept == pytest.approx(1 - pasted.mean().item())  # lam follows the clipped box
-        rows, cols = pasted.bool().any(1), pasted.bool().any(0)
-        assert torch.equal(pasted.bool(), rows[:, None] & cols[None, :]) and torch.equal(mixed[0], mixed[1])
-        assert x.sum() == 0  # the input is not modified
-
-
-def test_val_split_is_random_and_test_is_evaluated_once(tmp_path):
-    s = run(TINY + ["--val_split", "64", "--epochs", "2", "--out_dir", str(tmp_path)])
-    assert 0 <= s["val_acc"] <= 1 and 0 <= s["test_acc"] <= 1 and s["steps"] == 4  # 128 training images: 2 steps an epoch
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert sum("val_acc" in r for r in log) == 2 and sum("test_acc" in r for r in log) == 1
-    import data
-    d = data.load("shapes", "data", 32, 1337, 192, 64)
-    perm = torch.randperm(192, generator=torch.Generator().manual_seed(0))
-    assert len(set(d["y_train"][perm[-64:]].tolist())) > 3  # the held-out images span the classes

@@ -1,0 +1,24 @@
+# CIFAR-10 for 560 epochs: the cifar.py model and optimiser with augmentation strong enough for
+# that many epochs. python train.py config/cifar_long.py --val_split 5000 --attn pure
+dataset = "cifar10"
+n_layer = 6
+n_head = 8
+n_embd = 384
+mlp_ratio = 2.0
+init_std = 0.02
+drop_path = 0.1
+batch_size = 512
+epochs = 560
+lr = 1e-3
+warmup = 0.1
+weight_decay = 0.05
+label_smoothing = 0.1
+rotate = 15.0
+zoom = 0.15
+jitter = 0.3
+erase = 0.25
+mixup = 0.8
+cutmix = 1.0
+eval_every = 20
+eval_shift = True
+compile_mode = "reduce-overhead"

@@ -1,0 +1,70 @@
+"""
+One command line for every script: plain config globals, overridden left to right by config files and
+--key value / --key=value.
+
+    python train.py config/cifar.py --attn pure --lr=5e-4
+
+A script lists its config as globals with defaults (a default's type is the type its key takes) and calls
+configure(argv, defaults). A config file is Python: its assignments are applied as they are, so
+`epochs = 75` in config/cifar.py is the same as --epochs 75. -h prints the script's docstring and every
+key with its default.
+"""
+import os
+import sys
+
+
+def die(msg):
+    """The one error path for what a user gets wrong: one line on stderr, exit status 2."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_value(key, value, default):
+    """A command-line string as the type of the default ('true' / 'false' for booleans)."""
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.lower() in ("1", "true", "yes")
+        die(f"--{key} takes true or false; got {value!r}")
+    try:
+        return type(default)(value)
+    except ValueError:
+        die(f"--{key} takes a {type(default).__name__}; got {value!r}")
+
+
+def configure(argv, defaults, doc="", choices=None, counts=(), fractions=()):
+    """defaults updated by argv, left to right: config files (*.py, their assignments) and --key value /
+    --key=value; then checked: a key of `choices` takes one of its values, a number is at least 1 when
+    in `counts`, in [0, 1) when in `fractions`, at least 0 otherwise. Returns (config, the keys argv set).
+    -h prints doc and every key with its default."""
+    choices = choices or {}
+    if {"-h", "--help"} & set(argv):
+        print(doc + "\n".join(f"  --{k} {v!r}" + (f"  ({' | '.join(choices[k])})" if k in choices else "")
+                              for k, v in defaults.items()))
+        sys.exit(0)
+    cfg, given, args = dict(defaults), set(), list(argv)
+    while args:
+        a = args.pop(0)
+        if a.endswith(".py") and not a.startswith("--"):  # a config file: its assignments, as Python values
+            if not os.path.isfile(a):
+                die(f"config file {a} not found")
+            scope = {}
+            exec(open(a).read(), scope)
+            pairs, where = [(k, v) for k, v in scope.items() if not k.startswith("_")], f" in {a}"
+        elif a.startswith("--") and ("=" in a or args):
+            k, v = a[2:].split("=", 1) if "=" in a else (a[2:], args.pop(0))
+            pairs, where = [(k, parse_value(k, v, defaults[k]) if k in defaults else v)], ""
+        else:
+            die(f"{a} needs a value (see -h)" if a.startswith("--") else f"unexpected argument {a!r}; options look like --attn linear")
+        for k, v in pairs:
+            if k not in defaults:
+                die(f"unknown option --{k}{where}; valid options: {', '.join(defaults)}")
+            if type(v) is not type(defaults[k]) and not (type(v) is int and type(defaults[k]) is float):
+                die(f"--{k} takes a {type(defaults[k]).__name__}; got {v!r}{where}")
+            cfg[k] = type(defaults[k])(v)
+            given.add(k)
+    for k, v in cfg.items():
+        if k in choices and v not in choices[k]:
+            die(f"--{k} must be one of {' | '.join(choices[k])}; got {v!r}")
+        if type(v) in (int, float) and not (v >= (1 if k in counts else 0) and (k not in fractions or v < 1)):
+            die(f"--{k} must be " + ("at least 1" if k in counts else "in [0, 1)" if k in fractions else "at least 0") + f"; got {v}")
+    return cfg, given
