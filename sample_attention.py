@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import data
+import loader
 import infsa
 import train
 from configurator import configure, die
@@ -170,7 +171,7 @@ def map_names(run):
 @torch.no_grad()
 def run_maps(run, x_uint8, head):
     """(class probabilities (B, n_classes), token_scores) of a run for uint8 images."""
-    x = data.normalize(x_uint8.to(run["mean"].device), run["mean"], run["std"])
+    x = loader.normalize(x_uint8.to(run["mean"].device), run["mean"], run["std"])
     logits, layers = run["model"].attention_maps(x)
     return logits.softmax(-1), token_scores(layers, run["kind"], run["model"].cfg.hops, head)
 
@@ -328,7 +329,7 @@ def quality(run, x, y, mask, opt):
         s = maps[run["map"]][:, 1:].float().cpu()  # (B, P), CLS dropped
         scores.append(s.numpy())
         correct += (probs.argmax(-1) == yb).sum().item()
-        xn = data.normalize(xb.to(yb.device), run["mean"], run["std"])
+        xn = loader.normalize(xb.to(yb.device), run["mean"], run["std"])
 
         def p_true(xi):  # (B,): probability of the true class
             return model(xi)[0].softmax(-1).gather(1, yb[:, None])[:, 0].cpu()

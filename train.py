@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import loader
 from configurator import configure, die
 from model import ATTN_KINDS, ViT, ViTConfig
 
@@ -133,11 +134,11 @@ def setup_device(name):
 
 
 @torch.no_grad()
-def evaluate(model, loader, ctx):
-    """(accuracy, mean loss) over a loader."""
+def evaluate(model, batches, ctx):
+    """(accuracy, mean loss) over a loader's batches."""
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
-    for xb, yb in loader:
+    for xb, yb in batches:
         with ctx:
             logits, loss = model(xb, yb)
         correct += (logits.argmax(-1) == yb).sum()
@@ -158,7 +159,7 @@ def mixed_loss(model, xb, yb, mixup, cutmix, label_smoothing):
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     perm = torch.randperm(len(xb), device=xb.device)
     if use_cutmix:
-        xb, lam = data.paste_box(xb, xb[perm], lam)
+        xb, lam = loader.paste_box(xb, xb[perm], lam)
     else:
         xb = lam * xb + (1 - lam) * xb[perm]
     logits, _ = model(xb)
@@ -201,7 +202,7 @@ def run(argv):
     master, cuda = rank == 0, dev.startswith("cuda")
     if cfg.batch_size % (world * cfg.grad_accum):
         die(f"--batch_size {cfg.batch_size} must be divisible by processes x grad_accum = {world * cfg.grad_accum}")
-    train_loader, eval_loader, test_loader, classes, mean, std = data.loaders(cfg, dev, rank, world)
+    train_loader, eval_loader, test_loader, classes, mean, std = loader.loaders(cfg, dev, rank, world)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -339,7 +340,7 @@ def run(argv):
     if cfg.eval_shift and not cfg.stream:
         for kind in data.CORRUPTIONS:
             xc = data.corrupt(test_loader.x, kind, cfg.seed)
-            shift[kind] = evaluate(fwd, data.GPULoader(xc, test_loader.y, 1000, mean, std, False), ctx)[0]
+            shift[kind] = evaluate(fwd, loader.GPULoader(xc, test_loader.y, 1000, mean, std, False), ctx)[0]
         shift["mean"] = sum(shift.values()) / len(shift)
         print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
     ips = seen / train_s if train_s else None  # this command's training steps, the compile interval excluded

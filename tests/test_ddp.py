@@ -7,6 +7,9 @@ import sys
 import torch
 from PIL import Image
 
+import data
+import loader
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_train", "256", "--n_test", "64", "--batch_size", "64", "--n_layer", "2", "--n_head", "2",
         "--n_embd", "16", "--epochs", "2", "--min_steps", "0", "--log_every", "1", "--device", "cpu", "--hflip", "false",
@@ -14,7 +17,7 @@ TINY = ["--n_train", "256", "--n_test", "64", "--batch_size", "64", "--n_layer",
 
 
 def free_port():
-    """A port nothing listens on now: torchrun's rendezvous gets its own instead of racing for one."""
+    """A port nothing listens on now, for the ranks' rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -27,11 +30,24 @@ def sh(argv, **kw):
     return r.stdout
 
 
+def ranks(argv, world=2):
+    """Start `world` processes of train.py the way torchrun does (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT), on a port found free just before; every rank must exit 0 within the time limit."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+
+
 def test_two_processes_match_one_process_and_each_other(tmp_path):
-    """Same global batch on 1 and 2 processes: the same gradients (up to summation order), so the same
-    weights; and DDP leaves every rank with identical weights."""
-    sh([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{free_port()}", "train.py", *TINY, "--out_dir", str(tmp_path / "ddp")])
+    """Same global batch on 1 and 2 processes: the same gradients (up to summation order), so the same weights."""
+    ranks([*TINY, "--out_dir", str(tmp_path / "ddp")])
     sh([sys.executable, "train.py", *TINY, "--out_dir", str(tmp_path / "one")])
     a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
     b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
@@ -44,7 +60,6 @@ def test_two_processes_match_one_process_and_each_other(tmp_path):
 
 
 def test_streaming_loader_gives_the_resident_batches(tmp_path):
-    import data
     rng = torch.Generator().manual_seed(0)
     paths, labels = [], []
     for i in range(12):
@@ -57,8 +72,8 @@ def test_streaming_loader_gives_the_resident_batches(tmp_path):
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
     for rank in (0, 1):
         kw = dict(seed=3, rank=rank, world=2, pad=2)
-        res = data.GPULoader(x, y, 4, mean, std, True, **kw)
-        st = data.StreamLoader(data.Files(paths, labels, 8), "cpu", 2, 4, mean, std, True, **kw)
+        res = loader.GPULoader(x, y, 4, mean, std, True, **kw)
+        st = loader.StreamLoader(loader.Files(paths, labels, 8), "cpu", 2, 4, mean, std, True, **kw)
         res.epoch = st.epoch = 1
         pairs = list(zip(res, st))
         assert len(pairs) == 3

@@ -1,0 +1,249 @@
+"""
+Batches on the device: images held there as uint8 (or decoded from files by worker processes),
+shuffled per epoch, augmented in batched ops that compile into a few fused kernels, normalised.
+
+    loaders(cfg, device) -> (train, evaluate, test, classes, mean, std), from train.py's config
+
+Augmentations, in order (training only): random_crop_flip, random_affine (rotation, zoom, shift),
+color_jitter, normalisation, random_erase; paste_box is CutMix's box, used by train.py's loss.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+import data
+
+
+def normalize(x_uint8, mean, std):
+    """uint8 (B, 3, H, W) -> float (x / 255 - mean) / std."""
+    return standardize(x_uint8.float() / 255, mean, std)
+
+
+def standardize(x, mean, std):
+    """Float images on the [0, 1] scale (B, 3, H, W) -> (x - mean) / std, per channel."""
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+# Every augmentation below is a deterministic function of the images and a (B, k) tensor u of
+# U(0, 1) draws, k = DRAWS[name]. The loader draws all of a batch's randomness in one call and
+# can then compile the whole pipeline into a few fused kernels (a generator cannot be compiled).
+DRAWS = {"crop_flip": 3, "affine": 4, "jitter": 3, "erase": 5}
+
+
+def _sym(u):
+    """U(0, 1) -> U(-1, 1)."""
+    return 2 * u - 1
+
+
+def random_crop_flip(x, pad, u, flip=True):
+    """Per-image random crop (zero padding `pad`) and horizontal flip of a (B, C, H, W) batch.
+    u (B, 3): vertical offset, horizontal offset (each uniform over 0..2 pad), flip if u < 0.5."""
+    B, C, H, W = x.shape
+    dev = x.device
+    if pad:
+        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+        dy, dx = ((u[:, i] * (2 * pad + 1)).long().clamp(max=2 * pad) for i in range(2))
+        iy = dy[:, None] + torch.arange(H, device=dev)  # (B, H)
+        ix = dx[:, None] + torch.arange(W, device=dev)  # (B, W)
+        b, c = torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None]
+        x = xp[b, c, iy[:, None, :, None], ix[:, None, None, :]]  # (B, C, H, W)
+    if not flip:
+        return x
+    return torch.where((u[:, 2] < 0.5)[:, None, None, None], x.flip(-1), x)
+
+
+def random_affine(x, u, rotate=0.0, zoom=0.0, translate=0.0):
+    """Per-image rotation by U(-rotate, rotate) degrees, zoom by U(1 - zoom, 1 + zoom) and shift by
+    U(-translate, translate) of the image size, in one bilinear resample of a float (B, C, H, W)
+    batch; borders reflect. Output point p (in [-1, 1] coordinates) samples input R(theta) p / s + t.
+    u (B, 4): angle, zoom, shift x, shift y."""
+    th = _sym(u[:, 0]) * math.radians(rotate)
+    s = 1 + _sym(u[:, 1]) * zoom
+    t = _sym(u[:, 2:4]) * 2 * translate  # (B, 2); a shift of 1 image = 2 units
+    cos, sin = th.cos() / s, th.sin() / s
+    theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], -1), torch.stack([sin, cos, t[:, 1]], -1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def color_jitter(x, u, strength=0.0):
+    """Brightness x*b, contrast (x - m)*c + m (m: image mean), saturation (x - g)*s + g (g: grey
+    level of each pixel), with b, c, s ~ U(1 - strength, 1 + strength) per image; x float in [0, 1].
+    u (B, 3): b, c, s."""
+    f = (1 + strength * _sym(u))[:, :, None, None, None]  # (B, 3, 1, 1, 1)
+    x = x * f[:, 0]
+    m = x.mean((1, 2, 3), keepdim=True)
+    x = (x - m) * f[:, 1] + m
+    grey = x.mean(1, keepdim=True)
+    x = (x - grey) * f[:, 2] + grey
+    return x.clamp(0, 1)
+
+
+def random_erase(x, u, p=0.0, area=(0.02, 0.25), max_aspect=3.0):
+    """With probability p per image, set one rectangle to 0 (after normalisation: the mean colour).
+    Its area is U(area) of the image, its aspect ratio log-uniform in [1/max_aspect, max_aspect].
+    u (B, 5): area, aspect, top, left, whether to erase."""
+    B, _, H, W = x.shape
+    a = (area[0] + (area[1] - area[0]) * u[:, 0]) * H * W
+    r = torch.exp(_sym(u[:, 1]) * math.log(max_aspect))
+    h, w = (a * r).sqrt().clamp(max=H), (a / r).sqrt().clamp(max=W)
+    y0, x0, hit = u[:, 2] * (H - h), u[:, 3] * (W - w), u[:, 4] < p
+    ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    rows = (ys >= y0[:, None]) & (ys < (y0 + h)[:, None])  # (B, H)
+    cols = (xs >= x0[:, None]) & (xs < (x0 + w)[:, None])  # (B, W)
+    box = rows[:, :, None] & cols[:, None, :] & hit[:, None, None]  # (B, H, W)
+    return x.masked_fill(box[:, None], 0.0)
+
+
+def paste_box(x, other, lam):
+    """CutMix: copy a box of `other` into x, area (1 - lam) of the image, centre uniform, clipped at
+    the borders (the same box for the whole batch). Returns (mixed, lam of the area actually kept)."""
+    H, W = x.shape[-2:]
+    h, w = round(H * math.sqrt(1 - lam)), round(W * math.sqrt(1 - lam))
+    cy, cx = (int(torch.randint(0, n, ())) for n in (H, W))
+    y0, y1, x0, x1 = max(cy - h // 2, 0), min(cy + (h + 1) // 2, H), max(cx - w // 2, 0), min(cx + (w + 1) // 2, W)
+    x = x.clone()
+    x[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+    return x, 1 - (y1 - y0) * (x1 - x0) / (H * W)
+
+
+def epoch_order(n, seed, epoch):
+    """The shuffled order of epoch `epoch`: the same on every rank and after a resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+class GPULoader:
+    """Batches from uint8 tensors that already sit on the device: shuffled each epoch when
+    training, augmented in batched ops, normalised to float. No worker processes.
+    With world > 1 each global batch is split between ranks (this rank takes rows rank::world).
+    Augmentation (training only), in order: crop + flip (pad, flip), random_affine (rotate, zoom,
+    translate), color_jitter (jitter), normalise, random_erase (erase = its probability)."""
+
+    def __init__(self, x, y, batch_size, mean, std, train, pad=4, flip=True, seed=0, rank=0, world=1,
+                 rotate=0.0, zoom=0.0, translate=0.0, jitter=0.0, erase=0.0, compile=False):
+        self.x, self.y, self.bs, self.train, self.pad, self.flip = x, y, batch_size, train, pad, flip
+        self.affine, self.jitter, self.erase = (rotate, zoom, translate), jitter, erase
+        self.mean, self.std = mean.to(y.device), std.to(y.device)
+        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        # compiled, the pipeline's many small kernels become a few fused ones (on a GPU they were launch-bound)
+        self.transform = torch.compile(self.augment, dynamic=False) if compile else self.augment
+
+    def __len__(self):
+        return len(self.y) // self.bs if self.train else -(-len(self.y) // self.bs)
+
+    def batches(self):
+        """Index lists (CPU) of this rank's share of every batch of the current epoch."""
+        n = len(self.y)
+        order = epoch_order(n, self.seed, self.epoch) if self.train else torch.arange(n)
+        return [order[i * self.bs:(i + 1) * self.bs][self.rank::self.world] for i in range(len(self))]
+
+    def generator(self, device):
+        """One random stream per (seed, epoch, rank) for the augmentation of the whole epoch."""
+        return torch.Generator(device=device).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)
+
+    def augment(self, xb, u=None):
+        """uint8 (B, C, H, W) -> normalised float (B, C, H, W); when training, augmented with the
+        (B, sum(DRAWS.values())) uniform draws u, one column block per transform."""
+        if not self.train:
+            return normalize(xb, self.mean, self.std)
+        u_crop, u_affine, u_jitter, u_erase = u.split(list(DRAWS.values()), dim=1)
+        xb = random_crop_flip(xb, self.pad, u_crop, self.flip)
+        x = xb.float() / 255
+        if any(self.affine):
+            x = random_affine(x, u_affine, *self.affine)
+        if self.jitter:
+            x = color_jitter(x, u_jitter, self.jitter)
+        x = standardize(x, self.mean, self.std)
+        return random_erase(x, u_erase, self.erase) if self.erase else x
+
+    def draws(self, n, g):
+        """The random draws of one batch of n images (None for evaluation: nothing is random)."""
+        return torch.rand(n, sum(DRAWS.values()), generator=g, device=g.device) if self.train else None
+
+    def __iter__(self):
+        dev = self.x.device
+        g, bs = self.generator(dev), self.batches()
+        idxs = torch.cat(bs).to(dev).split([len(b) for b in bs])  # one copy per epoch, no sync per step
+        for idx in idxs:
+            yield self.transform(self.x[idx], self.draws(len(idx), g)), self.y[idx]
+
+
+class Files(torch.utils.data.Dataset):
+    """Image files decoded on demand: (3, size, size) uint8 and the label."""
+
+    def __init__(self, paths, labels, size):
+        self.paths, self.labels, self.size = paths, labels, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(data.decode(self.paths[i], self.size)), self.labels[i]
+
+
+class StreamLoader(GPULoader):
+    """The batches of GPULoader, but decoded from the files by `workers` processes every epoch and moved
+    to the device batch by batch: for image folders too large for memory."""
+
+    def __init__(self, files, device, workers, batch_size, mean, std, train, **kw):
+        self.files, self.device, self.workers = files, device, workers
+        super().__init__(None, torch.tensor(files.labels), batch_size, mean, std, train, **kw)  # no images held
+        self.mean, self.std = mean.to(device), std.to(device)
+
+    def __iter__(self):
+        dl = torch.utils.data.DataLoader(self.files, batch_sampler=[b.tolist() for b in self.batches()],
+                                         num_workers=self.workers, pin_memory=self.device != "cpu")
+        g = self.generator(self.device)
+        try:
+            for xb, yb in dl:
+                xb = xb.to(self.device, non_blocking=True)
+                yield self.transform(xb, self.draws(len(xb), g)), yb.to(self.device, non_blocking=True)
+        except data.DataError as e:  # re-raised from a worker with its traceback: keep the worker's own line
+            raise data.DataError(str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")) from None
+
+
+def channel_stats(x):
+    """Per-channel mean and std of uint8 images (n, 3, H, W) on the [0, 1] scale (std at least 1/255)."""
+    f = x.float() / 255
+    return f.mean((0, 2, 3)), f.std((0, 2, 3)).clamp_min(1 / 255)
+
+
+def loaders(cfg, device, rank=0, world=1):
+    """The loaders of a run, from its config (train.py's keys): (train, evaluate, test, classes, mean, std).
+    `evaluate` is what training evaluates on: the validation split when cfg.val_split > 0 (a fixed
+    random subset of the training images, the same for every seed), else the test set; `test` is the
+    test set, evaluated once at the end when there is a validation split, else None."""
+    aug = dict(seed=cfg.seed, rank=rank, world=world, pad=cfg.crop_pad, flip=cfg.hflip, rotate=cfg.rotate,
+               zoom=cfg.zoom, translate=cfg.translate, jitter=cfg.jitter, erase=cfg.erase,
+               compile=cfg.compile and str(device).startswith("cuda"))
+    if cfg.stream:
+        if cfg.dataset != "folder":
+            raise data.DataError("--stream true reads image files: use it with --dataset folder")
+        classes, files = data.folder_files(cfg.data_dir)
+        tr, te = (Files(*files[s], cfg.image_size) for s in ("train", "test"))
+        sample = torch.stack([tr[i][0] for i in range(0, len(tr), max(1, len(tr) // 512))])
+        mean, std = channel_stats(sample)
+        return (StreamLoader(tr, device, cfg.workers, cfg.batch_size, mean, std, True, **aug),
+                StreamLoader(te, device, cfg.workers, 500, mean, std, False), None, classes, mean, std)
+    d = data.load(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.n_train, cfg.n_test)
+    x_tr, y_tr, x_te, y_te = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
+    if x_tr.shape[-1] != cfg.image_size:
+        raise data.DataError(f"{cfg.dataset} images are {x_tr.shape[-1]}px but --image_size is {cfg.image_size}; "
+                        f"pass --image_size {x_tr.shape[-1]}")
+    if cfg.val_split >= len(x_tr):
+        raise data.DataError(f"--val_split {cfg.val_split} leaves no training images (there are {len(x_tr)}); lower it")
+    if cfg.batch_size > len(x_tr) - cfg.val_split:
+        raise data.DataError(f"--batch_size {cfg.batch_size} is larger than the training set "
+                        f"({len(x_tr) - cfg.val_split} images); lower it")
+    test = None
+    if cfg.val_split:
+        perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))  # files are often sorted by class
+        test = (x_te, y_te)
+        x_tr, y_tr, x_te, y_te = x_tr[perm[:-cfg.val_split]], y_tr[perm[:-cfg.val_split]], x_tr[perm[-cfg.val_split:]], y_tr[perm[-cfg.val_split:]]
+    mean, std = channel_stats(x_tr[:10000])
+    x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
+    if test is not None:
+        test = GPULoader(test[0].to(device), test[1].to(device), 1000, mean, std, False)
+    return (GPULoader(x_tr, y_tr, cfg.batch_size, mean, std, True, **aug),
+            GPULoader(x_te, y_te, 1000, mean, std, False), test, d["classes"], mean, std)
