@@ -230,17 +230,18 @@ def loaders(cfg, device, rank=0, world=1):
     x_tr, y_tr, x_te, y_te = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
     if x_tr.shape[-1] != cfg.image_size:
         raise data.DataError(f"{cfg.dataset} images are {x_tr.shape[-1]}px but --image_size is {cfg.image_size}; "
-                        f"pass --image_size {x_tr.shape[-1]}")
+                             f"pass --image_size {x_tr.shape[-1]}")
     if cfg.val_split >= len(x_tr):
         raise data.DataError(f"--val_split {cfg.val_split} leaves no training images (there are {len(x_tr)}); lower it")
     if cfg.batch_size > len(x_tr) - cfg.val_split:
         raise data.DataError(f"--batch_size {cfg.batch_size} is larger than the training set "
-                        f"({len(x_tr) - cfg.val_split} images); lower it")
+                             f"({len(x_tr) - cfg.val_split} images); lower it")
     test = None
     if cfg.val_split:
         perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))  # files are often sorted by class
         test = (x_te, y_te)
-        x_tr, y_tr, x_te, y_te = x_tr[perm[:-cfg.val_split]], y_tr[perm[:-cfg.val_split]], x_tr[perm[-cfg.val_split:]], y_tr[perm[-cfg.val_split:]]
+        keep, held = perm[:-cfg.val_split], perm[-cfg.val_split:]
+        x_tr, y_tr, x_te, y_te = x_tr[keep], y_tr[keep], x_tr[held], y_tr[held]
     mean, std = channel_stats(x_tr[:10000])
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
     if test is not None:

@@ -180,7 +180,7 @@ class ViT(nn.Module):
     @staticmethod
     def _init(m, std):
         """Xavier-uniform by default. A fixed std of 0.02 (ViT/GPT practice at width >= 768) is
-        several times too small at width 96 and left training on its initial plateau for
+        several times too small at widths below 128 and left training on its initial plateau for
         most of the CPU budget, depending on the seed and even on the thread count."""
         if isinstance(m, nn.Linear):
             if std > 0:

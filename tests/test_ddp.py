@@ -33,7 +33,8 @@ def sh(argv, **kw):
 def ranks(argv, world=2):
     """Start `world` processes of train.py the way torchrun does (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
     MASTER_PORT), on a port found free just before; every rank must exit 0 within the time limit."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               GLOO_SOCKET_IFNAME="lo")  # gloo on the loopback device: no lookup of the host's own name
     procs = [subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
     try:

@@ -104,3 +104,37 @@ def test_scaling_tables_match_the_benchmark(name):
             else:
                 shown = cell.split()[0]
                 assert abs(float(shown.replace(",", "")) / speed - 1) < 0.005 + 0.5 * 10 ** -(len(shown.replace(",", "").replace(".", "").lstrip("0")) - 1), (image, kind, cell)
+
+
+def cpu_run(name):
+    runs = json.loads((ROOT / "assets" / "cpu" / "runs.json").read_text())["runs"]
+    return json.loads((ROOT / "assets" / "cpu" / name / "summary.json").read_text()), runs[name]
+
+
+def minutes(text):
+    """'3 min 29 s' or '3:29' -> seconds."""
+    m, s = re.match(r"(\d+)(?: min |:)(\d+)", text).groups()
+    return 60 * int(m) + int(s)
+
+
+def test_cpu_tables_match_their_runs():
+    rows = table_after(RESULTS, "| attention | seed | test accuracy | wall time |")
+    assert len(rows) == 5
+    for row in rows:
+        s, r = cpu_run(f"{row[0].split()[0]}_s{row[1]}")
+        assert close(row[2], 100 * s["test_acc"], 2) and int(row[4].replace(",", "")) == round(s["img_s"]), row
+        assert minutes(row[3]) == round(r["command_wall_s"]) and close(row[5].split()[0], r["peak_rss_gb"], 2), row
+    rows = table_after(README, "| attention | test accuracy | wall time |")
+    for row, names in zip(rows, (["softmax_s1337"], ["pure_s1337"], ["linear_s1337", "linear_s1", "linear_s2"])):
+        for name, acc, wall in zip(names, row[1].split(" / "), row[2].split(" / ")):
+            s, r = cpu_run(name)
+            assert close(acc.strip("%"), 100 * s["test_acc"], 2) and minutes(wall) == round(r["command_wall_s"]), (row, name)
+
+
+def test_cpu_runs_are_the_readme_commands_with_todays_defaults():
+    """Every committed CPU run used train.py's defaults but for attn and seed: the table is what the command gives."""
+    import train
+    for name in ("softmax_s1337", "pure_s1337", "linear_s1337", "linear_s1", "linear_s2"):
+        s, r = cpu_run(name)
+        assert s["epochs"] == train.epochs and s["steps"] == train.epochs * (train.n_train // train.batch_size), name
+        assert r["command"] == "python train.py --attn " + s["attn"] + ("" if name.endswith("1337") else f" --seed {name[-1]}")
