@@ -7,9 +7,10 @@ gamma,
 
     Y = sum_{t=1..K} gamma^t A_hat^t V   ->   ((I - gamma A_hat)^-1 - I) V   as K -> inf,
 
-a Neumann series whose limit is the resolvent of the graph: the same object as Katz centrality
-and as the fundamental matrix of an absorbing Markov chain. The sum starts at t = 1 because the
-transformer's residual stream x + Attn(x) already carries the t = 0 term, V itself.
+a Neumann series whose limit is the resolvent of the graph: the same object as Katz centrality,
+and as the fundamental matrix of an absorbing Markov chain where gamma A_hat is sub-stochastic
+(every row sum <= 1). The sum starts at t = 1 because the transformer's residual stream
+x + Attn(x) already passes each token on unchanged: it plays the part of the t = 0 term.
 Linear-InfSA keeps a single pooled score vector a over the tokens instead of the N x N matrix,
 so its state per head is O(d_h) whatever N is.
 
