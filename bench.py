@@ -21,6 +21,7 @@ that call ("the warm-up call only"). Out of memory is a row. MFU = ViT.flops_per
 """
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -88,7 +89,7 @@ def baseline(kind, cfg, B, mem_gb):
         return swapped(infsa, "softmax_attention", lambda q, k, v: infsa.softmax_attention_materialized(q, k, v)[0])
     if kind == "pure-chunked":
         N = cfg.n_tokens  # rows per block: S's block in bf16 plus its fp32 norm copy, ~10 bytes a score
-        C = N if 10 * B * cfg.n_head * N * N <= mem_gb * 1e9 else 2 ** int(torch.tensor(mem_gb * 1e9 / (10 * B * cfg.n_head * N)).log2())
+        C = N if 10 * B * cfg.n_head * N * N <= mem_gb * 1e9 else 2 ** int(math.log2(mem_gb * 1e9 / (10 * B * cfg.n_head * N)))
         return swapped(model, "pure_attention", lambda q, k, v, g, hops: chunked_pure_infsa(q, k, v, g, hops, max(C, 16)))
     return nullcontext()
 

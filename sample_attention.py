@@ -134,10 +134,8 @@ def load_run(path, dev):
 def load_test_split(ckpt):
     """The run's test split: x uint8 (n, 3, H, W), y (n,), mask (n, H, W) or None, class names."""
     c = ckpt["config"]
-    if c["dataset"] == "shapes":  # only the test images, generated exactly as data.load_shapes does
-        return (*data.make_shapes(c["n_test"], c["seed"] + 10_000), data.SHAPES)
-    d = data.load(c["dataset"], c["data_dir"], c["image_size"], c["seed"], c["n_train"], c["n_test"])
-    return d["x_test"], d["y_test"], None, d["classes"]
+    d = data.load(c["dataset"], c["data_dir"], c["image_size"], c["seed"], 0, c["n_test"])  # shapes: test images only
+    return d["x_test"], d["y_test"], d["mask_test"], d["classes"]
 
 
 def token_scores(layers, kind, hops, head=-1):
