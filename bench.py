@@ -6,18 +6,16 @@ attention kind, from 224^2 to 9216^2 images (197 to 331,777 tokens).
     python bench.py --kinds pure,pure-chunked --sizes 1024,4096 --train_kinds pure --train_sizes 4096
     python bench.py --kinds linear,softmax --sizes 1024 --compile true   # torch.compile'd models
     python bench.py --cpu true --out_dir /tmp/bench                  # a tiny fp32 smoke run on the CPU
-    python bench.py --replot bench_out/bench.json                    # the table and figure again
 
 Kinds: linear (Linear-InfSA); softmax (PyTorch's fused SDPA: the strong baseline); softmax-mat
-(P = softmax(q k^T / sqrt(d_h)) built in full, O(N^2) memory: the kind of baseline the paper's 13.4x
-is measured against); pure (Pure-InfSA, K = 3, as the model runs it: on CUDA from 1,024 tokens the
-fused FlexAttention hops); pure-chunked (the same sum by a loop over blocks of rows of A_hat, which
-never holds N x N but recomputes it every hop: the path the fused hops replace, kept as a baseline).
-Inference casts the weights to bf16 under inference_mode; a training step (forward, backward, SGD)
-keeps fp32 weights under bf16 autocast; --cpu runs fp32. Each row: a warm-up call (it compiles, where
-anything does) and a second one, then CUDA events around up to --runs calls within --budget_s seconds
-(fast rows: about 0.5 s of calls), median. A row whose first call alone exceeds the budget reports
-that call ("the warm-up call only"). Out of memory is a row. MFU = ViT.flops_per_image x img/s / the bf16 matmul rate measured at the start of the run.
+(softmax(q k^T / sqrt(d_h)) built in full, O(N^2) memory: the kind of baseline the paper's 13.4x is
+measured against); pure (Pure-InfSA, K = 3, as the model runs it: from 1,024 tokens on CUDA the
+fused FlexAttention hops); pure-chunked (the same sum by a loop over blocks of rows of A_hat,
+recomputed every hop: the baseline of the fused hops). Inference: bf16 weights under
+inference_mode; a training step (forward, backward, SGD): fp32 weights under bf16 autocast.
+Each row: two warm-up calls (the first compiles, where anything does), then the median of up to
+--runs calls timed by CUDA events within --budget_s. Out of memory is a row. MFU = the model's
+matmul FLOPs per second / the bf16 matmul rate measured at the start of the run.
 """
 import gc
 import json
@@ -26,10 +24,11 @@ import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import replace
 from datetime import datetime
 from types import SimpleNamespace
+from unittest import mock
 
 import torch
 
@@ -53,7 +52,6 @@ compile = False             # torch.compile every model of this run
 chunk_gb = 48.0             # pure-chunked: rows of A_hat per block chosen to fit this much
 matmul_n = 8192             # the size of the matmul whose rate MFU is measured against
 cpu = False                 # tiny shapes in fp32 on the CPU: a smoke run
-replot = ""                 # a bench.json: only redraw its table and figure
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (int, float, bool, str)}
 
@@ -72,25 +70,15 @@ def chunked_pure_infsa(q, k, v, gamma, hops, chunk, eps=1e-6):
     return y
 
 
-@contextmanager
-def swapped(module, name, fn):
-    """Inside the block, module.name is fn (how a row swaps in the materialised or the chunked baseline)."""
-    old = getattr(module, name)
-    setattr(module, name, fn)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
-
-
 def baseline(kind, cfg, B, mem_gb):
-    """The swap a kind needs: softmax-mat builds P in full; pure-chunked runs chunked_pure_infsa."""
+    """What a baseline swaps into the model while its row runs: softmax-mat builds P in full;
+    pure-chunked runs chunked_pure_infsa."""
     if kind == "softmax-mat":
-        return swapped(infsa, "softmax_attention", lambda q, k, v: infsa.softmax_attention_materialized(q, k, v)[0])
+        return mock.patch.object(infsa, "softmax_attention", lambda q, k, v: infsa.softmax_attention_materialized(q, k, v)[0])
     if kind == "pure-chunked":
         N = cfg.n_tokens  # rows per block: S's block in bf16 plus its fp32 norm copy, ~10 bytes a score
         C = N if 10 * B * cfg.n_head * N * N <= mem_gb * 1e9 else 2 ** int(math.log2(mem_gb * 1e9 / (10 * B * cfg.n_head * N)))
-        return swapped(model, "pure_attention", lambda q, k, v, g, hops: chunked_pure_infsa(q, k, v, g, hops, max(C, 16)))
+        return mock.patch.object(model, "pure_attention", lambda q, k, v, g, hops: chunked_pure_infsa(q, k, v, g, hops, max(C, 16)))
     return nullcontext()
 
 
@@ -247,14 +235,7 @@ def ints(key, value):
 
 
 def main(argv):
-    opt = SimpleNamespace(**configure(argv, DEFAULTS, __doc__, choices={}, counts=("runs", "matmul_n"), fractions=())[0])
-    if opt.replot:
-        try:
-            res = json.load(open(opt.replot))
-            res["rows"], res["device"]  # noqa: B018 -- a results file has both
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            die(f"--replot {opt.replot}: not a results file of bench.py ({type(e).__name__}); run bench.py first")
-        return print(finish(res, os.path.dirname(opt.replot) or "."))
+    opt = SimpleNamespace(**configure(argv, DEFAULTS, __doc__, counts=("runs", "matmul_n"))[0])
     cpu = opt.cpu
     if not cpu and not torch.cuda.is_available():
         die("no CUDA device: use --cpu true for the smoke run")

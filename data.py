@@ -117,14 +117,6 @@ def load_shapes(n_train=20000, n_test=2000, seed=0):
 # CIFAR-10 (the official python batches)
 
 
-def _md5(path):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_batches(folder, names):
     xs, ys = [], []
     for name in names:
@@ -149,7 +141,9 @@ def load_cifar10(data_dir):
             except OSError as e:
                 raise DataError(f"could not download CIFAR-10 ({e}); put cifar-10-python.tar.gz "
                                 f"in {data_dir} by hand, or use --dataset shapes") from None
-        if _md5(tgz) != CIFAR_MD5:
+        with open(tgz, "rb") as f:
+            md5 = hashlib.md5(f.read()).hexdigest()
+        if md5 != CIFAR_MD5:
             raise DataError(f"{tgz} fails its md5 check (corrupt or partial download); delete it and rerun")
         with tarfile.open(tgz) as tar:
             tar.extractall(data_dir, filter="data")
@@ -193,22 +187,22 @@ def decode_all(paths, size, min_parallel=2048):
 
 def folder_files(data_dir):
     """The images of DATA_DIR/{train,test}/<class>/: (classes, {split: (paths, labels)}). Classes are
-    the folders of train/; files without an image extension (.DS_Store, README.txt) are ignored."""
-    def listing(d):
+    the folders of train/; hidden files and files without an image extension are ignored."""
+    def visible(d):
         return sorted(f for f in os.listdir(d) if not f.startswith("."))
-    split_dirs = {s: os.path.join(data_dir, s) for s in ("train", "test")}
-    for d in split_dirs.values():
+
+    dirs = {s: os.path.join(data_dir, s) for s in ("train", "test")}
+    for d in dirs.values():
         if not os.path.isdir(d):
             raise DataError(f"{d} not found; --dataset folder needs DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*")
-    classes = [c for c in listing(split_dirs["train"]) if os.path.isdir(os.path.join(split_dirs["train"], c))]
-    extra = {c for c in listing(split_dirs["test"]) if os.path.isdir(os.path.join(split_dirs["test"], c))} - set(classes)
-    if extra:
-        raise DataError(f"{split_dirs['test']} has classes that train/ lacks ({', '.join(sorted(extra))}); "
+    classes, found = ([c for c in visible(d) if os.path.isdir(os.path.join(d, c))] for d in dirs.values())
+    if set(found) - set(classes):
+        raise DataError(f"{dirs['test']} has classes that train/ lacks ({', '.join(sorted(set(found) - set(classes)))}); "
                         f"add them to train/ or remove them from test/")
     out = {}
-    for split, d in split_dirs.items():
+    for split, d in dirs.items():
         files = [(os.path.join(d, c, f), i) for i, c in enumerate(classes) if os.path.isdir(os.path.join(d, c))
-                 for f in listing(os.path.join(d, c)) if f.lower().endswith(IMAGE_EXTS)]
+                 for f in visible(os.path.join(d, c)) if f.lower().endswith(IMAGE_EXTS)]
         if not files:
             raise DataError(f"no images under {d}/<class>/ (looked for {', '.join(IMAGE_EXTS)})")
         out[split] = ([p for p, _ in files], [i for _, i in files])

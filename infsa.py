@@ -52,11 +52,6 @@ def _check_hops(hops):
         raise ValueError(f"hops must be an integer >= 1 (the number of Neumann terms); got {hops!r}")
 
 
-def _check_square(A):
-    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"A must be (..., N, N); got {tuple(A.shape)}")
-
-
 def _like(gamma, x):
     """gamma in x's dtype, so that bf16 data stays bf16 (a float gamma passes through)."""
     return gamma.to(x.dtype) if isinstance(gamma, torch.Tensor) else gamma
@@ -97,11 +92,8 @@ def neumann_series(A, x, gamma, hops):
 
     A: (..., N, N); x: (..., N, d); gamma: a float in (0, 1), or a tensor broadcastable against x,
     e.g. (H, 1, 1) for one gamma per head."""
-    _check_square(A)
     _check_gamma(gamma)
     _check_hops(hops)
-    if x.shape[-2] != A.shape[-1]:
-        raise ValueError(f"x must be (..., N, d) with N = {A.shape[-1]} to match A; got {tuple(x.shape)}")
     gamma = _like(gamma, x)
     z, y = x, 0
     for _ in range(hops):
@@ -112,7 +104,6 @@ def neumann_series(A, x, gamma, hops):
 
 def neumann_closed_form(A, x, gamma):
     """Y_inf = ((I - gamma A)^-1 - I) x, by a linear solve (for teaching and tests)."""
-    _check_square(A)
     _check_gamma(gamma)
     I = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     return torch.linalg.solve(I - gamma * A, x) - x
@@ -143,7 +134,6 @@ def katz_centrality(A, gamma, direction="in"):
     direction='in': how much each token is attended, directly or through chains.
     direction='out' uses A instead of A^T: how much each token attends. Needs
     gamma < 1 / rho(A) (any gamma in (0, 1) for A_hat)."""
-    _check_square(A)
     if direction not in ("in", "out"):
         raise ValueError(f"direction must be 'in' or 'out'; got {direction!r}")
     if not isinstance(gamma, torch.Tensor) and gamma <= 0:
@@ -158,7 +148,6 @@ def eigenvector_centrality(A, iters=200, eps=1e-12):
     """Principal left eigenvector of A: c proportional to A^T c, by power iteration
     c <- A^T c / ||A^T c||_1 from c = 1/N. Normalised to sum 1 (the Perron vector, c >= 0).
     Converges geometrically when A is irreducible and aperiodic (e.g. A > 0)."""
-    _check_square(A)
     c = torch.full(A.shape[:-1], 1.0 / A.shape[-1], dtype=A.dtype, device=A.device)  # (..., N)
     for _ in range(iters):
         c = (c.unsqueeze(-2) @ A).squeeze(-2)  # (A^T c)_j = sum_i c_i A_ij
@@ -170,7 +159,6 @@ def pagerank(A, alpha=0.85, iters=100):
     """PageRank: the stationary vector pi = pi G of G = alpha P + (1 - alpha) 1 1^T / N,
     P = A row-normalised (a row with no weight jumps uniformly). Power iteration
     pi <- alpha pi P + (1 - alpha) / N; pi >= 0 and sums to 1."""
-    _check_square(A)
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie in (0, 1) (the follow-a-link probability); got {alpha}")
     N = A.shape[-1]
@@ -194,7 +182,6 @@ def absorbing_chain(A, gamma):
     holds only when M is sub-stochastic (every R_i >= 0); Frobenius normalisation does not
     guarantee it (row sums of A_hat above 1 occur), so `valid` says whether it holds.
     Returns Chain(M, R, fundamental, valid)."""
-    _check_square(A)
     _check_gamma(gamma)
     M = gamma * A
     R = 1 - M.sum(-1)
@@ -209,7 +196,6 @@ def random_walk_visits(M, walks=20000, max_steps=1000, generator=None):
     From each start i run `walks` walks: count the visit to the current state, then move to j with
     probability M_ij or stop with probability R_i = 1 - sum_j M_ij. The mean visit counts estimate
     F_ij: an independent check of the closed form."""
-    _check_square(M)
     N = M.shape[-1]
     R = 1 - M.sum(-1)
     if (M < 0).any() or (R < -1e-12).any():

@@ -113,16 +113,31 @@ def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-class GPULoader:
-    """Batches from uint8 tensors that already sit on the device: shuffled each epoch when
-    training, augmented in batched ops, normalised to float. No worker processes.
+class Files(torch.utils.data.Dataset):
+    """Image files decoded on demand: (3, size, size) uint8 and the label."""
+
+    def __init__(self, paths, labels, size):
+        self.paths, self.labels, self.size = paths, labels, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(data.decode(self.paths[i], self.size)), self.labels[i]
+
+
+class Loader:
+    """Batches of images x with labels y (on the device): shuffled each epoch when training, augmented
+    in batched ops, normalised to float. x is a uint8 tensor (n, 3, H, W) on the device, so that an
+    epoch is a few indexing ops and no worker processes; or Files, decoded every epoch by `workers`
+    processes and moved to the device batch by batch (image folders too large for memory).
     With world > 1 each global batch is split between ranks (this rank takes rows rank::world).
     Augmentation (training only), in order: crop + flip (pad, flip), random_affine (rotate, zoom,
     translate), color_jitter (jitter), normalise, random_erase (erase = its probability)."""
 
-    def __init__(self, x, y, batch_size, mean, std, train, pad=4, flip=True, seed=0, rank=0, world=1,
+    def __init__(self, x, y, batch_size, mean, std, train, workers=0, pad=4, flip=True, seed=0, rank=0, world=1,
                  rotate=0.0, zoom=0.0, translate=0.0, jitter=0.0, erase=0.0, compile=False):
-        self.x, self.y, self.bs, self.train, self.pad, self.flip = x, y, batch_size, train, pad, flip
+        self.x, self.y, self.bs, self.train, self.workers, self.pad, self.flip = x, y, batch_size, train, workers, pad, flip
         self.affine, self.jitter, self.erase = (rotate, zoom, translate), jitter, erase
         self.mean, self.std = mean.to(y.device), std.to(y.device)
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
@@ -131,16 +146,6 @@ class GPULoader:
 
     def __len__(self):
         return len(self.y) // self.bs if self.train else -(-len(self.y) // self.bs)
-
-    def batches(self):
-        """Index lists (CPU) of this rank's share of every batch of the current epoch."""
-        n = len(self.y)
-        order = epoch_order(n, self.seed, self.epoch) if self.train else torch.arange(n)
-        return [order[i * self.bs:(i + 1) * self.bs][self.rank::self.world] for i in range(len(self))]
-
-    def generator(self, device):
-        """One random stream per (seed, epoch, rank) for the augmentation of the whole epoch."""
-        return torch.Generator(device=device).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)
 
     def augment(self, xb, u=None):
         """uint8 (B, C, H, W) -> normalised float (B, C, H, W); when training, augmented with the
@@ -157,50 +162,21 @@ class GPULoader:
         x = standardize(x, self.mean, self.std)
         return random_erase(x, u_erase, self.erase) if self.erase else x
 
-    def draws(self, n, g):
-        """The random draws of one batch of n images (None for evaluation: nothing is random)."""
-        return torch.rand(n, sum(DRAWS.values()), generator=g, device=g.device) if self.train else None
-
     def __iter__(self):
-        dev = self.x.device
-        g, bs = self.generator(dev), self.batches()
-        idxs = torch.cat(bs).to(dev).split([len(b) for b in bs])  # one copy per epoch, no sync per step
-        for idx in idxs:
-            yield self.transform(self.x[idx], self.draws(len(idx), g)), self.y[idx]
-
-
-class Files(torch.utils.data.Dataset):
-    """Image files decoded on demand: (3, size, size) uint8 and the label."""
-
-    def __init__(self, paths, labels, size):
-        self.paths, self.labels, self.size = paths, labels, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return torch.from_numpy(data.decode(self.paths[i], self.size)), self.labels[i]
-
-
-class StreamLoader(GPULoader):
-    """The batches of GPULoader, but decoded from the files by `workers` processes every epoch and moved
-    to the device batch by batch: for image folders too large for memory."""
-
-    def __init__(self, files, device, workers, batch_size, mean, std, train, **kw):
-        self.files, self.device, self.workers = files, device, workers
-        super().__init__(None, torch.tensor(files.labels), batch_size, mean, std, train, **kw)  # no images held
-        self.mean, self.std = mean.to(device), std.to(device)
-
-    def __iter__(self):
-        dl = torch.utils.data.DataLoader(self.files, batch_sampler=[b.tolist() for b in self.batches()],
-                                         num_workers=self.workers, pin_memory=self.device != "cpu")
-        g = self.generator(self.device)
-        try:
-            for xb, yb in dl:
-                xb = xb.to(self.device, non_blocking=True)
-                yield self.transform(xb, self.draws(len(xb), g)), yb.to(self.device, non_blocking=True)
-        except data.DataError as e:  # re-raised from a worker with its traceback: keep the worker's own line
-            raise data.DataError(str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")) from None
+        dev, n = self.y.device, len(self.y)
+        order = epoch_order(n, self.seed, self.epoch) if self.train else torch.arange(n)
+        idxs = [order[i * self.bs:(i + 1) * self.bs][self.rank::self.world] for i in range(len(self))]  # this rank's share
+        if isinstance(self.x, Files):
+            dl = torch.utils.data.DataLoader(self.x, batch_sampler=[i.tolist() for i in idxs], num_workers=self.workers,
+                                             pin_memory=dev.type == "cuda")
+            xs = (xb.to(dev, non_blocking=True) for xb, _ in dl)
+        else:
+            idxs = torch.cat(idxs).to(dev).split([len(i) for i in idxs])  # one copy per epoch, no sync per step
+            xs = (self.x[i] for i in idxs)
+        g = torch.Generator(device=dev).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)  # the epoch's augmentation
+        for xb, idx in zip(xs, idxs):
+            u = torch.rand(len(idx), sum(DRAWS.values()), generator=g, device=dev) if self.train else None
+            yield self.transform(xb, u), self.y[idx]
 
 
 def channel_stats(x):
@@ -224,8 +200,9 @@ def loaders(cfg, device, rank=0, world=1):
         tr, te = (Files(*files[s], cfg.image_size) for s in ("train", "test"))
         sample = torch.stack([tr[i][0] for i in range(0, len(tr), max(1, len(tr) // 512))])
         mean, std = channel_stats(sample)
-        return (StreamLoader(tr, device, cfg.workers, cfg.batch_size, mean, std, True, **aug),
-                StreamLoader(te, device, cfg.workers, 500, mean, std, False), None, classes, mean, std)
+        y_tr, y_te = (torch.tensor(f.labels, device=device) for f in (tr, te))
+        return (Loader(tr, y_tr, cfg.batch_size, mean, std, True, cfg.workers, **aug),
+                Loader(te, y_te, 500, mean, std, False, cfg.workers), None, classes, mean, std)
     d = data.load(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.n_train, cfg.n_test)
     x_tr, y_tr, x_te, y_te = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
     if x_tr.shape[-1] != cfg.image_size:
@@ -245,6 +222,6 @@ def loaders(cfg, device, rank=0, world=1):
     mean, std = channel_stats(x_tr[:10000])
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
     if test is not None:
-        test = GPULoader(test[0].to(device), test[1].to(device), 1000, mean, std, False)
-    return (GPULoader(x_tr, y_tr, cfg.batch_size, mean, std, True, **aug),
-            GPULoader(x_te, y_te, 1000, mean, std, False), test, d["classes"], mean, std)
+        test = Loader(test[0].to(device), test[1].to(device), 1000, mean, std, False)
+    return (Loader(x_tr, y_tr, cfg.batch_size, mean, std, True, **aug),
+            Loader(x_te, y_te, 1000, mean, std, False), test, d["classes"], mean, std)

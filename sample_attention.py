@@ -1,10 +1,10 @@
 """
 Pictures and numbers from trained runs: where does each kind of attention look?
 
-    python sample_attention.py --runs out/linear                             # maps.png, curves.png in out/linear
+    python sample_attention.py --runs out/linear                 # maps.png, curves.png in out/linear
     python sample_attention.py --runs out/softmax,out/pure,out/linear --metrics true --out_dir assets
-                                                # compare.png, curves.png, the quality table, morf_lerf.png
-    python sample_attention.py --toy true --out_dir assets                  # toy.png: one hop vs Katz, 5 tokens
+                                            # compare.png, curves.png, the quality table, morf_lerf.png
+    python sample_attention.py --toy true --out_dir assets      # toy.png: one hop vs Katz, 5 tokens
 
 Token maps (heads averaged, or one head with --head h; CLS dropped; patches on their grid):
     softmax  cls      CLS row of the attention matrix P of a layer
@@ -12,16 +12,10 @@ Token maps (heads averaged, or one head with --head h; CLS dropped; patches on t
     pure     katz     Katz in-centrality ((I - gamma A^T)^-1 - I) 1 of A_hat, each head its own gamma
              hopT     CLS row of A_hat^T, T = 1..hops: where a walk from CLS is after T hops
     linear   a        the pooled scores a of Linear-InfSA
---metrics scores --score_map (default cls | katz | a) of --layer (default the last) on the built-in shapes
-dataset, whose test images carry object masks; a patch is "object" when the mask covers >= --cover
-of its pixels:
-    ROC-AUC   per image, the chance that an object patch outscores a background patch (ties count half)
-    PR-AUC    per image, the average precision of the patches ranked by score
-    MoRF/LeRF blank the patches (set them to the dataset mean) most / least relevant first in --steps
-              equal steps and follow p, the mean probability of the true class over the images;
-              MoRF-AOC = 1 - area under p (high: the map finds what the model needs),
-              LeRF-AUC = area under p (high: the patches the map ranks last are the ones it can spare)
-    random    the same numbers for random scores / a random order (fixed seed): the floor.
+--metrics scores one map of --layer against the object masks of the built-in shapes dataset (a patch
+is 'object' when the mask covers >= --cover of it): ROC-AUC and PR-AUC per image, and MoRF / LeRF,
+the probability of the true class as the patches are blanked most / least relevant first; each
+beside the same number for random scores, the floor.
 """
 import json
 import os
@@ -65,29 +59,21 @@ DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswi
 # metrics (numpy, one image at a time) and patch blanking
 
 
-def average_ranks(s):
-    """1-based ranks of s in ascending order; tied values share the mean of their ranks."""
-    _, inv, cnt = np.unique(s, return_inverse=True, return_counts=True)
-    last = np.cumsum(cnt)  # rank of the last member of each group of ties
-    return (last - (cnt - 1) / 2)[inv]
-
-
 def roc_auc(s, y):
-    """ROC-AUC = (R_+ - n_+ (n_+ + 1) / 2) / (n_+ n_-), R_+ the rank sum of the positives (Mann-Whitney):
-    the chance that a positive outscores a negative, ties counted 1/2."""
-    y = np.asarray(y, bool)
-    n1, n0 = y.sum(), (~y).sum()
-    return float((average_ranks(np.asarray(s, float))[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    """ROC-AUC = mean over (positive i, negative j) pairs of [s_i > s_j] + [s_i = s_j] / 2: the chance
+    that a positive outscores a negative, ties counted half."""
+    s, y = np.asarray(s, float), np.asarray(y, bool)
+    d = s[y][:, None] - s[~y][None, :]  # (positives, negatives)
+    return float(np.mean((d > 0) + 0.5 * (d == 0)))
 
 
 def average_precision(s, y):
-    """PR-AUC as average precision: AP = sum_k (R_k - R_{k-1}) P_k over the distinct score thresholds,
-    highest first (tied scores enter together, so all-equal scores give the prevalence)."""
+    """PR-AUC as average precision, AP = mean over positives i of #{j positive: s_j >= s_i} / #{j: s_j >= s_i}:
+    the precision at each positive's threshold (tied scores enter together, so all-equal scores give
+    the prevalence)."""
     s, y = np.asarray(s, float), np.asarray(y, bool)
-    u, inv = np.unique(-s, return_inverse=True)  # groups of equal score, highest first
-    tp = np.cumsum(np.bincount(inv, weights=y, minlength=len(u)))
-    n = np.cumsum(np.bincount(inv, minlength=len(u)))
-    return float(np.sum(np.diff(tp / y.sum(), prepend=0.0) * tp / n))
+    above = s[None, :] >= s[y][:, None]  # (positives, all): j scores at least as high as positive i
+    return float(np.mean((above & y).sum(1) / above.sum(1)))
 
 
 def patch_labels(mask, patch, cover=0.5):
@@ -129,13 +115,6 @@ def load_run(path, dev):
     model.load_state_dict(ckpt["model"])
     return dict(model=model.to(dev).eval(), ckpt=ckpt, path=path, kind=ckpt["model_args"]["attn"],
                 patch=ckpt["model_args"]["patch_size"], mean=ckpt["mean"].to(dev), std=ckpt["std"].to(dev))
-
-
-def load_test_split(ckpt):
-    """The run's test split: x uint8 (n, 3, H, W), y (n,), mask (n, H, W) or None, class names."""
-    c = ckpt["config"]
-    d = data.load(c["dataset"], c["data_dir"], c["image_size"], c["seed"], 0, c["n_test"])  # shapes: test images only
-    return d["x_test"], d["y_test"], d["mask_test"], d["classes"]
 
 
 def token_scores(layers, kind, hops, head=-1):
@@ -229,22 +208,6 @@ def draw_grid(cols, x, y, mask, idx, classes, head, path, title):
     save(fig, path)
 
 
-def read_log(path):
-    """Records of log.jsonl. A resumed run writes {"step": s, "resume": true}: what was logged past step s
-    (by the run it continues, after its last checkpoint) is dropped. Lines cut short by a crash are skipped."""
-    recs = []
-    for line in open(path):
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if r.get("resume"):
-            recs = [x for x in recs if x["step"] <= r["step"]]
-        else:
-            recs.append(r)
-    return recs
-
-
 def draw_curves(runs, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6 + 0.25 * len(runs)), layout="constrained")
     for k, run in enumerate(runs):
@@ -252,7 +215,7 @@ def draw_curves(runs, path):
         if not os.path.exists(log):
             print(f"no {log}: no training curves for {run['label']}")
             continue
-        recs = read_log(log)
+        recs = [json.loads(line) for line in open(log) if line.endswith("\n")]  # a line cut short by a crash: skipped
         split = "val" if any("val_acc" in r for r in recs) else "test"  # --val_split runs evaluate on val
         tr, te = [r for r in recs if "loss" in r], [r for r in recs if f"{split}_loss" in r]
         for ax, key, scale in ((axes[0], "loss", 1), (axes[1], "acc", 100)):
@@ -382,7 +345,7 @@ def draw_morf_lerf(runs, results, path):
 
 
 def main(argv):
-    opt = SimpleNamespace(**configure(argv, DEFAULTS, __doc__, choices={}, counts=("n_metric", "steps"), fractions=())[0])
+    opt = SimpleNamespace(**configure(argv, DEFAULTS, __doc__, counts=("n_metric", "steps"))[0])
     opt.head -= 1  # 0-based from here on; -1: the mean over heads
     if opt.toy:
         os.makedirs(opt.out_dir or ".", exist_ok=True)
@@ -390,26 +353,25 @@ def main(argv):
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if opt.device == "auto" else opt.device
     if dev.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {dev} but CUDA is not available; use --device cpu")
-    if opt.steps < 2 or not 0 < opt.cover <= 1:
-        die(f"--steps must be at least 2 and --cover in (0, 1]; got {opt.steps} and {opt.cover}")
+    if not 0 < opt.cover <= 1:
+        die(f"--cover must lie in (0, 1]; got {opt.cover}")
     runs = [load_run(p, dev) for p in opt.runs.split(",") if p]
     if not runs:
         die("--runs names no run; give run folders like out/linear, comma separated")
     ref, kinds = runs[0]["ckpt"]["config"], [r["kind"] for r in runs]
     for run in runs:
-        cfg, L = run["model"].cfg, run["model"].cfg.n_layer
+        c, cfg = run["ckpt"]["config"], run["model"].cfg
         run["label"] = run["kind"] if kinds.count(run["kind"]) == 1 else f"{run['kind']} ({run['path']})"
-        if any(run["ckpt"]["config"][k] != ref[k] for k in ("dataset", "data_dir", "image_size", "seed", "n_test")):
-            die(f"{run['path']} was tested on other images than {runs[0]['path']} (dataset, data_dir, image_size, "
-                f"seed or n_test differ); compare runs of one dataset")
+        if any(c[k] != ref[k] for k in ("dataset", "data_dir", "image_size", "seed", "n_test")):
+            die(f"{run['path']} was tested on other images than {runs[0]['path']}; compare runs of one dataset")
         if opt.head >= cfg.n_head:
             die(f"--head {opt.head + 1} out of range: {run['path']} has heads 1..{cfg.n_head} (0: their mean)")
-        if opt.layer > L:
-            die(f"--layer {opt.layer} out of range: {run['path']} has layers 1..{L} (0: the last)")
+        if opt.layer > cfg.n_layer:
+            die(f"--layer {opt.layer} out of range: {run['path']} has layers 1..{cfg.n_layer} (0: the last)")
         name = DEFAULT_MAP[run["kind"]] if opt.score_map == "auto" else opt.score_map
         if name not in map_names(run):
             die(f"--score_map {opt.score_map} is not a map of {run['kind']} attention; it has {', '.join(map_names(run))}")
-        run["map"] = f"{name}@{opt.layer or L}"
+        run["map"] = f"{name}@{opt.layer or cfg.n_layer}"
     if opt.metrics and ref["dataset"] != "shapes":
         die(f"--metrics needs object masks, which only the built-in shapes dataset has (this run used "
             f"{ref['dataset']}); drop --metrics or train with --dataset shapes")
@@ -417,10 +379,11 @@ def main(argv):
         idx = [int(i) for i in opt.images.split(",")]
     except ValueError:
         die(f"--images takes comma-separated integers like 0,1,2,3; got {opt.images!r}")
-    try:
-        x, y, mask, classes = load_test_split(runs[0]["ckpt"])
+    try:  # the runs' test split (shapes: only its test images are generated)
+        d = data.load(ref["dataset"], ref["data_dir"], ref["image_size"], ref["seed"], 0, ref["n_test"])
     except data.DataError as e:
         die(str(e))
+    x, y, mask, classes = d["x_test"], d["y_test"], d["mask_test"], d["classes"]
     if any(not 0 <= i < len(x) for i in idx):
         die(f"--images {opt.images}: an index is out of range; the test split has {len(x)} images (0..{len(x) - 1})")
     out = opt.out_dir or os.path.dirname(runs[0]["path"])
@@ -428,14 +391,14 @@ def main(argv):
     heads = "heads averaged" if opt.head < 0 else f"head {opt.head + 1}"
     note = "cyan: object outline; under a map: the prediction, its p and (p of the true class)"
     if len(runs) > 1:
-        draw_grid([(r, r["map"], f"{r['label']}: {caption(r['map'])}") for r in runs], x, y, mask, idx, classes,
-                  opt.head, os.path.join(out, "compare.png"), f"the same test images, {heads}\n{note}")
+        cols = [(r, r["map"], f"{r['label']}: {caption(r['map'])}") for r in runs]
+        png, title = "compare.png", f"the same test images, {heads}"
     else:  # every layer's own map, then the multi-step ones (rollout / hops) of the chosen layer
         run, layer = runs[0], runs[0]["map"].split("@")[1]
         names = [f"{DEFAULT_MAP[run['kind']]}@{l}" for l in range(1, run["model"].cfg.n_layer + 1)]
-        names += [f"{n}@{layer}" for n in map_names(run)[1:]]
-        draw_grid([(run, n, caption(n)) for n in names], x, y, mask, idx, classes, opt.head,
-                  os.path.join(out, "maps.png"), f"{run['kind']} attention, {heads} ({run['path']})\n{note}")
+        cols = [(run, n, caption(n)) for n in names + [f"{n}@{layer}" for n in map_names(run)[1:]]]
+        png, title = "maps.png", f"{run['kind']} attention, {heads} ({run['path']})"
+    draw_grid(cols, x, y, mask, idx, classes, opt.head, os.path.join(out, png), f"{title}\n{note}")
     draw_curves(runs, os.path.join(out, "curves.png"))
     if opt.metrics:
         n = min(opt.n_metric, len(x))

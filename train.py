@@ -170,8 +170,8 @@ def mixed_loss(model, xb, yb, mixup, cutmix, label_smoothing):
 def main(argv):
     try:
         return run(argv)
-    except data.DataError as e:  # a problem with the files on disk, found while loading or streaming
-        die(str(e))
+    except data.DataError as e:  # a problem with the files on disk; from a worker process, its last line is the error
+        die(str(e).strip().splitlines()[-1].removeprefix("data.DataError: "))
 
 
 def run(argv):
@@ -226,16 +226,15 @@ def run(argv):
         step, start_epoch, best_acc, acc = ckpt["step"], ckpt["epoch"], ckpt["best_acc"], ckpt["acc"]
         if ckpt["rng"]["world"] == world:  # the same processes: each continues its own random stream
             torch.set_rng_state(ckpt["rng"]["torch"][rank])
-    first_step = step
-    mode = cfg.compile_mode if cfg.compile and cuda else None  # None: not compiled
+    first_step = step  # of this command: what it times and what the summary says it resumed from
+    asked = mode = cfg.compile_mode if cfg.compile and cuda else None  # None: not compiled
     if mode and cfg.attn == "pure" and model.cfg.n_tokens >= FLEX_MIN_TOKENS:
         mode = None  # torch 2.11 cannot lower FlexAttention's backward inside a compiled training graph
-        if master:
-            print(f"note: Pure-InfSA on {model.cfg.n_tokens} tokens runs its fused hops uncompiled (compile off)")
     if mode == "reduce-overhead" and (world > 1 or cfg.grad_accum > 1):
         mode = "default"  # a graph replay reuses its output buffers: no DDP hooks, no accumulated gradients
-        if master:
-            print("note: compile_mode reduce-overhead needs one process and grad_accum 1; using default")
+    if master and mode != asked:
+        print(f"note: compile mode {mode or 'off'} instead of {asked} (Pure-InfSA's fused hops from {FLEX_MIN_TOKENS} "
+              f"tokens run uncompiled; CUDA graphs need one process and grad_accum 1)")
     fwd = torch.compile(model, mode=mode) if mode else model  # evaluation uses this one
     step_fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev] if cuda else None) if world > 1 else fwd
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -251,9 +250,11 @@ def run(argv):
         more = f" (raised from {cfg.epochs} to reach min_steps {cfg.min_steps})" if epochs > cfg.epochs else ""
         print(f"training {epochs} epochs{more} x {per_epoch} steps = {total} steps of {cfg.batch_size} images; "
               f"evaluating on {split}; writing to {out}")
-    log = open(os.path.join(out, "log.jsonl"), "a" if ckpt else "w") if master else None
-    if log and ckpt:
-        log.write(json.dumps(dict(step=step, resume=True)) + "\n")  # readers drop what a killed run logged past it
+    log_path = os.path.join(out, "log.jsonl")
+    if master and ckpt and os.path.exists(log_path):  # the log goes on from the checkpoint, as the weights do
+        kept = [line for line in open(log_path) if line.endswith("\n") and json.loads(line)["step"] <= step]
+        data.write_atomic(log_path, lambda f: f.writelines(kept))
+    log = open(log_path, "a" if ckpt else "w") if master else None
 
     def checkpoint(epoch):
         """Save atomically, and only finite weights: a diverged run never replaces a good checkpoint."""
@@ -344,7 +345,7 @@ def run(argv):
     if cfg.eval_shift and not cfg.stream:
         for kind in data.CORRUPTIONS:
             xc = data.corrupt(test_loader.x, kind, cfg.seed)
-            shift[kind] = evaluate(fwd, loader.GPULoader(xc, test_loader.y, 1000, mean, std, False), ctx)[0]
+            shift[kind] = evaluate(fwd, loader.Loader(xc, test_loader.y, 1000, mean, std, False), ctx)[0]
         shift["mean"] = sum(shift.values()) / len(shift)
         print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
     ips = seen / train_s if train_s else None  # this command's training steps, the compile interval excluded

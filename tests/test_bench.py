@@ -92,7 +92,6 @@ def test_out_of_memory_becomes_a_row_not_a_crash(tmp_path, monkeypatch):
     (["--sizes", ","], "nothing to measure"),
     (["--sizes", "36"], "image_size (36) must be divisible by patch_size (8)"),
     (["--runs", "0"], "--runs must be at least 1"),
-    (["--replot", "missing.json"], "not a results file of bench.py (FileNotFoundError)"),
 ])
 def test_bad_options_stop_before_anything_is_measured_or_written(argv, msg, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -215,13 +215,13 @@ def test_random_crop_is_a_shifted_window_and_flip_mirrors():
     assert ((flips == x.repeat(50, 1, 1, 1)).flatten(1).all(1) | mirrored).all()
 
 
-def test_gpu_loader_epochs_cover_the_data_once():
+def test_loader_epochs_cover_the_data_once():
     x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 4, 4).contiguous()
     y = torch.arange(10)
-    ld = loader.GPULoader(x, y, 3, torch.zeros(3), torch.ones(3) / 255, train=True, pad=0)
+    ld = loader.Loader(x, y, 3, torch.zeros(3), torch.ones(3) / 255, train=True, pad=0)
     seen = torch.cat([yb for _, yb in ld])
     assert len(ld) == 3 and len(seen) == 9 and len(set(seen.tolist())) == 9
-    for xb, yb in loader.GPULoader(x, y, 4, torch.zeros(3), torch.ones(3) / 255, train=False):
+    for xb, yb in loader.Loader(x, y, 4, torch.zeros(3), torch.ones(3) / 255, train=False):
         torch.testing.assert_close(xb[:, 0, 0, 0], yb.float())  # normalised with mean 0, std 1/255 -> the raw value
 
 
@@ -278,7 +278,7 @@ def test_compiled_augmentation_equals_the_eager_one():
     """train.py compiles the pipeline on GPUs; it must compute exactly what the eager code computes."""
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     kw = dict(rotate=15.0, zoom=0.15, translate=0.1, jitter=0.3, erase=0.5)
-    ld = loader.GPULoader(x, torch.arange(64) % 10, 32, torch.full((3,), 0.5), torch.full((3,), 0.25), True, **kw, compile=True)
+    ld = loader.Loader(x, torch.arange(64) % 10, 32, torch.full((3,), 0.5), torch.full((3,), 0.25), True, **kw, compile=True)
     u = torch.rand(32, sum(loader.DRAWS.values()), generator=torch.Generator().manual_seed(1))
     eager = ld.augment(x[:32], u)
     torch.testing.assert_close(ld.transform(x[:32], u), eager, atol=1e-4, rtol=0)

@@ -73,8 +73,8 @@ def test_streaming_loader_gives_the_resident_batches(tmp_path):
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
     for rank in (0, 1):
         kw = dict(seed=3, rank=rank, world=2, pad=2)
-        res = loader.GPULoader(x, y, 4, mean, std, True, **kw)
-        st = loader.StreamLoader(loader.Files(paths, labels, 8), "cpu", 2, 4, mean, std, True, **kw)
+        res = loader.Loader(x, y, 4, mean, std, True, **kw)
+        st = loader.Loader(loader.Files(paths, labels, 8), y, 4, mean, std, True, workers=2, **kw)
         res.epoch = st.epoch = 1
         pairs = list(zip(res, st))
         assert len(pairs) == 3
