@@ -91,8 +91,9 @@ COUNTS = ("epochs", "batch_size", "grad_accum", "log_every", "n_train", "n_test"
           "n_layer", "n_head", "n_embd", "hops", "workers")  # at least 1; every other number at least 0
 FRACTIONS = ("dropout", "drop_path", "warmup", "label_smoothing", "zoom", "beta2")  # below 1
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor datasheets
-RESUME_FIXED = ("attn", "image_size", "patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "hops",
-                "dataset", "data_dir", "n_train", "n_test", "val_split", "seed")  # what a resumed run cannot change
+SHAPE_KEYS = ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "attn", "hops")  # the weights fix them
+MODEL_KEYS = SHAPE_KEYS + ("dropout", "drop_path", "gamma_init", "init_std")  # ViTConfig's fields from the config
+RESUME_FIXED = SHAPE_KEYS + ("dataset", "data_dir", "n_train", "n_test", "val_split", "seed")  # what a resumed run cannot change
 
 
 def lr_at(step, total, lr, min_lr, warmup):
@@ -191,9 +192,7 @@ def run(argv):
         die(f"{out} already holds a run; continue it with --init_from resume, replace it with --overwrite true, "
             f"or pick another --out_dir")
     cfg = SimpleNamespace(**config)
-    model_args = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                      n_embd=cfg.n_embd, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, drop_path=cfg.drop_path,
-                      attn=cfg.attn, hops=cfg.hops, gamma_init=cfg.gamma_init, init_std=cfg.init_std)
+    model_args = {k: config[k] for k in MODEL_KEYS}
     try:
         ViTConfig(**model_args)  # its checks (divisibility, gamma_init in (0, 1)) before anything is touched
     except ValueError as e:
