@@ -109,12 +109,13 @@ def blank_patches(x, rank, k, patch):
 
 
 def load_run(path, dev):
+    """A trained run: its model on dev (eval mode), checkpoint, kind and normalisation."""
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     ckpt = train.load_checkpoint(path)
     model = ViT(ViTConfig(**ckpt["model_args"]), verbose=False)
     model.load_state_dict(ckpt["model"])
-    return dict(model=model.to(dev).eval(), ckpt=ckpt, path=path, kind=ckpt["model_args"]["attn"],
-                patch=ckpt["model_args"]["patch_size"], mean=ckpt["mean"].to(dev), std=ckpt["std"].to(dev))
+    return SimpleNamespace(model=model.to(dev).eval(), cfg=model.cfg, config=ckpt["config"], path=path,
+                           kind=model.cfg.attn, mean=ckpt["mean"].to(dev), std=ckpt["std"].to(dev))
 
 
 def token_scores(layers, kind, hops, head=-1):
@@ -141,16 +142,16 @@ def token_scores(layers, kind, hops, head=-1):
 
 def map_names(run):
     """The map names of a run, its default first."""
-    hops = [f"hop{t}" for t in range(1, run["model"].cfg.hops + 1)]
-    return {"softmax": ["cls", "rollout"], "pure": ["katz"] + hops, "linear": ["a"]}[run["kind"]]
+    hops = [f"hop{t}" for t in range(1, run.cfg.hops + 1)]
+    return {"softmax": ["cls", "rollout"], "pure": ["katz"] + hops, "linear": ["a"]}[run.kind]
 
 
 @torch.no_grad()
 def run_maps(run, x_uint8, head):
     """(class probabilities (B, n_classes), token_scores) of a run for uint8 images."""
-    x = loader.normalize(x_uint8.to(run["mean"].device), run["mean"], run["std"])
-    logits, layers = run["model"].attention_maps(x)
-    return logits.softmax(-1), token_scores(layers, run["kind"], run["model"].cfg.hops, head)
+    x = loader.normalize(x_uint8.to(run.mean.device), run.mean, run.std)
+    logits, layers = run.model.attention_maps(x)
+    return logits.softmax(-1), token_scores(layers, run.kind, run.cfg.hops, head)
 
 # -----------------------------------------------------------------------------
 # pictures
@@ -211,9 +212,9 @@ def draw_grid(cols, x, y, mask, idx, classes, head, path, title):
 def draw_curves(runs, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6 + 0.25 * len(runs)), layout="constrained")
     for k, run in enumerate(runs):
-        log = os.path.join(os.path.dirname(run["path"]), "log.jsonl")
+        log = os.path.join(os.path.dirname(run.path), "log.jsonl")
         if not os.path.exists(log):
-            print(f"no {log}: no training curves for {run['label']}")
+            print(f"no {log}: no training curves for {run.label}")
             continue
         recs = [json.loads(line) for line in open(log) if line.endswith("\n")]  # a line cut short by a crash: skipped
         split = "val" if any("val_acc" in r for r in recs) else "test"  # --val_split runs evaluate on val
@@ -223,10 +224,10 @@ def draw_curves(runs, path):
             w = max(1, len(ys) // 40)  # a running mean over w log intervals: mixup makes single batches noisy
             ys = np.convolve(ys, np.ones(w) / w, mode="valid")
             ax.plot([r["step"] for r in tr][w - 1:], ys, f"C{k}", lw=1,
-                    label=f"{run['label']} train" + (f" (mean of {w} logs)" if w > 1 else ""))
+                    label=f"{run.label} train" + (f" (mean of {w} logs)" if w > 1 else ""))
             last = f" ({scale * te[-1][f'{split}_{key}']:{'.3f' if key == 'loss' else '.1f'}})" if te else ""
             ax.plot([r["step"] for r in te], [scale * r[f"{split}_{key}"] for r in te], f"C{k}", ls="--", marker="o",
-                    ms=3, label=f"{run['label']} {split}{last}")
+                    ms=3, label=f"{run.label} {split}{last}")
     axes[0].set(xlabel="step", ylabel="cross-entropy (train: with label smoothing)", title="loss")
     axes[1].set(xlabel="step", ylabel="accuracy (%; train: augmented batches)", title="accuracy", ylim=(0, 100))
     for ax in axes:
@@ -278,19 +279,19 @@ def draw_toy(path, gamma=0.9):
 
 @torch.no_grad()
 def quality(run, x, y, mask, opt):
-    """Mean per-image ROC-AUC and PR-AUC of run['map'] against the object patches (random scores beside),
+    """Mean per-image ROC-AUC and PR-AUC of run.map against the object patches (random scores beside),
     and the MoRF / LeRF / random-order curves p_s, s = 0..steps, with round(s P / steps) patches blanked."""
-    model, patch, gen = run["model"], run["patch"], torch.Generator().manual_seed(0)
+    model, patch, gen = run.model, run.cfg.patch_size, torch.Generator().manual_seed(0)
     labels = patch_labels(mask, patch, opt.cover).numpy()  # (n, P)
     P, steps = labels.shape[1], opt.steps
     curves, scores, correct = {"morf": [], "lerf": [], "random": []}, [], 0
     for b in range(0, len(x), 250):
-        xb, yb = x[b:b + 250], y[b:b + 250].to(run["mean"].device)
+        xb, yb = x[b:b + 250], y[b:b + 250].to(run.mean.device)
         probs, maps = run_maps(run, xb, opt.head)
-        s = maps[run["map"]][:, 1:].float().cpu()  # (B, P), CLS dropped
+        s = maps[run.map][:, 1:].float().cpu()  # (B, P), CLS dropped
         scores.append(s.numpy())
         correct += (probs.argmax(-1) == yb).sum().item()
-        xn = loader.normalize(xb.to(yb.device), run["mean"], run["std"])
+        xn = loader.normalize(xb.to(yb.device), run.mean, run.std)
 
         def p_true(xi):  # (B,): probability of the true class
             return model(xi)[0].softmax(-1).gather(1, yb[:, None])[:, 0].cpu()
@@ -311,15 +312,15 @@ def quality(run, x, y, mask, opt):
     return res
 
 
-def print_table(runs, results, opt):
-    r0, heads = results[0], "heads averaged" if opt.head < 0 else f"head {opt.head + 1}"
+def print_table(runs, results, opt, heads):
+    r0 = results[0]
     skip = f"; ROC/PR over the {r0['n_scored']} with both kinds of patch" if r0["n_scored"] < r0["n"] else ""
     print(f"\nattention quality on the first {r0['n']} test images{skip} (%, random baseline in parentheses; "
           f"object patch: mask covers >= {opt.cover:g} of it; {opt.steps} blanking steps; {heads})\n")
     print("| run | map | acc | MoRF-AOC | LeRF-AUC | ROC-AUC | PR-AUC |\n|---|---|---|---|---|---|---|")
     for run, r in zip(runs, results):
         cells = [f"{100 * r[k]:.1f} ({100 * r[k + '_rand']:.1f})" for k in ("morf_aoc", "lerf_auc", "roc", "pr")]
-        print(f"| {run['label']} | {run['map']} | {100 * r['acc']:.1f} | " + " | ".join(cells) + " |")
+        print(f"| {run.label} | {run.map} | {100 * r['acc']:.1f} | " + " | ".join(cells) + " |")
     print("\npaper (ImageNet-1K, bounding boxes; MoRF-AOC / ROC-AUC / PR-AUC): "
           + ", ".join(f"{k} {' / '.join(map(str, v))}" for k, v in PAPER.items()))
 
@@ -330,8 +331,8 @@ def draw_morf_lerf(runs, results, path):
         f, c = np.linspace(0, 1, len(r["curves"]["morf"])), r["curves"]
         for ax, how, name, a, a0 in ((axes[0], "morf", "AOC", r["morf_aoc"], r["morf_aoc_rand"]),
                                      (axes[1], "lerf", "AUC", r["lerf_auc"], r["lerf_auc_rand"])):
-            ax.plot(f, c[how], f"C{k}", marker="o", ms=3, label=f"{run['label']} ({run['map']}): {name} {a:.3f}")
-            ax.plot(f, c["random"], f"C{k}", ls=":", lw=1, label=f"{run['label']}, random order: {name} {a0:.3f}")
+            ax.plot(f, c[how], f"C{k}", marker="o", ms=3, label=f"{run.label} ({run.map}): {name} {a:.3f}")
+            ax.plot(f, c["random"], f"C{k}", ls=":", lw=1, label=f"{run.label}, random order: {name} {a0:.3f}")
     axes[0].set_title("MoRF: most relevant patches first (lower curve: better map)", fontsize=9)
     axes[1].set_title("LeRF: least relevant patches first (higher curve: better map)", fontsize=9)
     axes[0].set_ylabel("mean p(true class)")
@@ -358,20 +359,20 @@ def main(argv):
     runs = [load_run(p, dev) for p in opt.runs.split(",") if p]
     if not runs:
         die("--runs names no run; give run folders like out/linear, comma separated")
-    ref, kinds = runs[0]["ckpt"]["config"], [r["kind"] for r in runs]
+    ref, kinds = runs[0].config, [r.kind for r in runs]
     for run in runs:
-        c, cfg = run["ckpt"]["config"], run["model"].cfg
-        run["label"] = run["kind"] if kinds.count(run["kind"]) == 1 else f"{run['kind']} ({run['path']})"
-        if any(c[k] != ref[k] for k in ("dataset", "data_dir", "image_size", "seed", "n_test")):
-            die(f"{run['path']} was tested on other images than {runs[0]['path']}; compare runs of one dataset")
+        cfg = run.cfg
+        run.label = run.kind if kinds.count(run.kind) == 1 else f"{run.kind} ({run.path})"
+        if any(run.config[k] != ref[k] for k in ("dataset", "data_dir", "image_size", "seed", "n_test")):
+            die(f"{run.path} was tested on other images than {runs[0].path}; compare runs of one dataset")
         if opt.head >= cfg.n_head:
-            die(f"--head {opt.head + 1} out of range: {run['path']} has heads 1..{cfg.n_head} (0: their mean)")
+            die(f"--head {opt.head + 1} out of range: {run.path} has heads 1..{cfg.n_head} (0: their mean)")
         if opt.layer > cfg.n_layer:
-            die(f"--layer {opt.layer} out of range: {run['path']} has layers 1..{cfg.n_layer} (0: the last)")
-        name = DEFAULT_MAP[run["kind"]] if opt.score_map == "auto" else opt.score_map
+            die(f"--layer {opt.layer} out of range: {run.path} has layers 1..{cfg.n_layer} (0: the last)")
+        name = DEFAULT_MAP[run.kind] if opt.score_map == "auto" else opt.score_map
         if name not in map_names(run):
-            die(f"--score_map {opt.score_map} is not a map of {run['kind']} attention; it has {', '.join(map_names(run))}")
-        run["map"] = f"{name}@{opt.layer or cfg.n_layer}"
+            die(f"--score_map {opt.score_map} is not a map of {run.kind} attention; it has {', '.join(map_names(run))}")
+        run.map = f"{name}@{opt.layer or cfg.n_layer}"
     if opt.metrics and ref["dataset"] != "shapes":
         die(f"--metrics needs object masks, which only the built-in shapes dataset has (this run used "
             f"{ref['dataset']}); drop --metrics or train with --dataset shapes")
@@ -386,24 +387,24 @@ def main(argv):
     x, y, mask, classes = d["x_test"], d["y_test"], d["mask_test"], d["classes"]
     if any(not 0 <= i < len(x) for i in idx):
         die(f"--images {opt.images}: an index is out of range; the test split has {len(x)} images (0..{len(x) - 1})")
-    out = opt.out_dir or os.path.dirname(runs[0]["path"])
+    out = opt.out_dir or os.path.dirname(runs[0].path)
     os.makedirs(out, exist_ok=True)
     heads = "heads averaged" if opt.head < 0 else f"head {opt.head + 1}"
-    note = "cyan: object outline; under a map: the prediction, its p and (p of the true class)"
+    note = ("cyan: object outline; " if mask is not None else "") + "under a map: the prediction, its p and (p of the true class)"
     if len(runs) > 1:
-        cols = [(r, r["map"], f"{r['label']}: {caption(r['map'])}") for r in runs]
+        cols = [(r, r.map, f"{r.label}: {caption(r.map)}") for r in runs]
         png, title = "compare.png", f"the same test images, {heads}"
     else:  # every layer's own map, then the multi-step ones (rollout / hops) of the chosen layer
-        run, layer = runs[0], runs[0]["map"].split("@")[1]
-        names = [f"{DEFAULT_MAP[run['kind']]}@{l}" for l in range(1, run["model"].cfg.n_layer + 1)]
+        run, layer = runs[0], runs[0].map.split("@")[1]
+        names = [f"{DEFAULT_MAP[run.kind]}@{l}" for l in range(1, run.cfg.n_layer + 1)]
         cols = [(run, n, caption(n)) for n in names + [f"{n}@{layer}" for n in map_names(run)[1:]]]
-        png, title = "maps.png", f"{run['kind']} attention, {heads} ({run['path']})"
+        png, title = "maps.png", f"{run.kind} attention, {heads} ({run.path})"
     draw_grid(cols, x, y, mask, idx, classes, opt.head, os.path.join(out, png), f"{title}\n{note}")
     draw_curves(runs, os.path.join(out, "curves.png"))
     if opt.metrics:
         n = min(opt.n_metric, len(x))
         results = [quality(run, x[:n], y[:n], mask[:n], opt) for run in runs]
-        print_table(runs, results, opt)
+        print_table(runs, results, opt, heads)
         draw_morf_lerf(runs, results, os.path.join(out, "morf_lerf.png"))
         return results
 
