@@ -141,7 +141,7 @@ class Loader:
         self.affine, self.jitter, self.erase = (rotate, zoom, translate), jitter, erase
         self.mean, self.std = mean.to(y.device), std.to(y.device)
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
-        # compiled, the pipeline's many small kernels become a few fused ones (on a GPU they were launch-bound)
+        # compiled, the many small kernels of the pipeline become a few fused ones (eager, a GPU is launch-bound here)
         self.transform = torch.compile(self.augment, dynamic=False) if compile else self.augment
 
     def __len__(self):
