@@ -13,9 +13,10 @@ measured against); pure (Pure-InfSA, K = 3, as the model runs it: from 1,024 tok
 fused FlexAttention hops); pure-chunked (the same sum by a loop over blocks of rows of A_hat,
 recomputed every hop: the baseline of the fused hops). Inference: bf16 weights under
 inference_mode; a training step (forward, backward, SGD): fp32 weights under bf16 autocast.
-Each row: two warm-up calls (the first compiles, where anything does), then the median of up to
---runs calls timed by CUDA events within --budget_s. Out of memory is a row. MFU = the model's
-matmul FLOPs per second / the bf16 matmul rate measured at the start of the run.
+Each row: two warm-up calls (the first compiles, where anything does), then the median of --runs
+calls timed by CUDA events (fast rows: about 0.5 s of calls; never past --budget_s; a row whose first
+call alone exceeds it reports that call). Out of memory is a row. MFU = the model's matmul FLOPs
+per second / the bf16 matmul rate measured at the start of the run.
 """
 import gc
 import json
@@ -46,7 +47,7 @@ sizes = "224,512,1024,2048,4096,9216"
 train_kinds = "linear,softmax"  # training-step rows
 train_sizes = "1024,4096"
 batch = 0                   # images per call; 0 = round(8 (1024 / size)^2), between 1 and 64
-runs = 5                    # timed calls per row, at most
+runs = 5                    # timed calls per row (fast rows: about 0.5 s of calls, at most 100)
 budget_s = 60.0             # seconds of timed calls per row, at most (the warm-up call aside)
 compile = False             # torch.compile every model of this run
 chunk_gb = 48.0             # pure-chunked: rows of A_hat per block chosen to fit this much

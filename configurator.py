@@ -31,11 +31,12 @@ def parse_value(key, value, default):
         die(f"--{key} takes a {type(default).__name__}; got {value!r}")
 
 
-def configure(argv, defaults, doc="", choices={}, counts=(), fractions=()):
+def configure(argv, defaults, doc="", choices=None, counts=(), fractions=()):
     """defaults updated by argv, left to right: config files (*.py, their assignments) and --key value /
     --key=value; then checked: a key of `choices` takes one of its values, a number is at least 1 when
     in `counts`, in [0, 1) when in `fractions`, at least 0 otherwise. Returns (config, the keys argv set).
     -h prints doc and every key with its default."""
+    choices = choices or {}
     if {"-h", "--help"} & set(argv):
         print(doc + "\n".join(f"  --{k} {v!r}" + (f"  ({' | '.join(choices[k])})" if k in choices else "")
                               for k, v in defaults.items()))

@@ -196,9 +196,10 @@ def folder_files(data_dir):
         if not os.path.isdir(d):
             raise DataError(f"{d} not found; --dataset folder needs DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*")
     classes, found = ([c for c in visible(d) if os.path.isdir(os.path.join(d, c))] for d in dirs.values())
-    if set(found) - set(classes):
-        raise DataError(f"{dirs['test']} has classes that train/ lacks ({', '.join(sorted(set(found) - set(classes)))}); "
-                        f"add them to train/ or remove them from test/")
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise DataError(f"{dirs['test']} has classes that train/ lacks ({', '.join(extra)}); add them to train/ or "
+                        f"remove them from test/")
     out = {}
     for split, d in dirs.items():
         files = [(os.path.join(d, c, f), i) for i, c in enumerate(classes) if os.path.isdir(os.path.join(d, c))
