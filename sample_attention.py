@@ -4,7 +4,6 @@ Pictures and numbers from trained runs: where does each kind of attention look?
     python sample_attention.py --runs out/linear                 # maps.png, curves.png in out/linear
     python sample_attention.py --runs out/softmax,out/pure,out/linear --metrics true --out_dir assets
                                             # compare.png, curves.png, the quality table, morf_lerf.png
-    python sample_attention.py --toy true --out_dir assets      # toy.png: one hop vs Katz, 5 tokens
 
 Token maps (heads averaged, or one head with --head h; CLS dropped; patches on their grid):
     softmax  cls      CLS row of the attention matrix P of a layer
@@ -30,7 +29,6 @@ import torch
 
 import data
 import loader
-import infsa
 import train
 from configurator import configure, die
 from model import ViT, ViTConfig
@@ -42,7 +40,6 @@ PAPER = {"softmax": (42.6, 53.8, 56.2), "pure": (71.7, 77.3, 72.4), "linear": (7
 # -----------------------------------------------------------------------------
 runs = "out/linear"         # run folders (or checkpoint files), comma separated; several: side by side
 out_dir = ""                # where the PNGs go; "" = the first run's folder
-toy = False                 # only draw the 5-token graph (no run needed)
 images = "0,1,2,3"          # test images to draw, comma separated
 head = 0                    # 1..n_head: one head's maps; 0 = the mean over heads
 layer = 0                   # 1..n_layer: the layer of the metric / rollout / hop maps; 0 = the last
@@ -236,43 +233,6 @@ def draw_curves(runs, path):
     save(fig, path)
 
 
-def toy_scores(gamma=0.9, walks=4000, seed=0):
-    """On infsa.toy_graph A: one-hop in-degree 1^T A, Katz in-centrality, the expected visits 1^T (I - gamma A)^-1
-    of the absorbing chain gamma A (one walk from every token) and a Monte-Carlo estimate of them."""
-    A = infsa.toy_graph()
-    chain = infsa.absorbing_chain(A, gamma)
-    mc = infsa.random_walk_visits(chain.M, walks=walks, generator=torch.Generator().manual_seed(seed))
-    return A, A.sum(0), infsa.katz_centrality(A, gamma), chain.fundamental.sum(0), mc.sum(0)
-
-
-def draw_toy(path, gamma=0.9):
-    A, deg, katz, visits, mc = toy_scores(gamma)
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), width_ratios=[1.3, 1, 1, 1], layout="constrained")
-    ax, pos = axes[0], {1: (0, 1), 2: (0, -1), 0: (1, 0), 3: (2, 0), 4: (3, 0)}
-    for i, j in A.nonzero().tolist():
-        (x0, y0), (x1, y1) = pos[i], pos[j]
-        ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="-|>", lw=1.5, shrinkA=17, shrinkB=17))
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.13, f"{A[i, j]:g}", ha="center", fontsize=10, color="C3")
-    for t, (px, py) in pos.items():
-        ax.scatter(px, py, s=900, c=[katz[t].item()], cmap="viridis", vmin=0, vmax=katz.max().item(), edgecolors="k")
-        ax.text(px, py, str(t), ha="center", va="center", fontsize=12, color="w" if katz[t] < 2 else "k")
-    ax.set(xlim=(-0.5, 3.5), ylim=(-1.5, 1.5))
-    ax.set_title("arrow i → j: token i attends to j, weight A_ij\n(node colour: Katz in-centrality)", fontsize=9)
-    ax.axis("off")
-    for a, v, title in ((axes[1], deg, "one hop: in-degree (column sums of A)"),
-                        (axes[2], katz, f"Katz in-centrality, γ = {gamma}"),
-                        (axes[3], visits, "absorbing chain γA: expected visits,\none walk from each token (dots: Monte Carlo)")):
-        bars = a.bar(range(5), v.numpy(), color=["C1" if t == int(v.argmax()) else "C0" for t in range(5)])
-        a.bar_label(bars, fmt="%.2f", padding=6, fontsize=8)
-        a.set(xticks=range(5), xlabel="token", ylim=(0, 1.15 * v.max().item()))
-        a.set_title(title, fontsize=9)
-    axes[3].plot(range(5), mc.numpy(), "k.", ms=10)
-    fig.suptitle("orange: ranked first. One hop ranks token 0 first; multi-hop propagation ranks token 4 first: "
-                 "what flows into 0 flows on to 3, then to 4", fontsize=10)
-    save(fig, path)
-    for name, v in (("in-degree", deg), ("Katz in", katz), ("visits", visits), ("visits (MC)", mc)):
-        print(f"{name:>12}: " + "  ".join(f"{t}:{v[t]:.2f}" for t in range(5)) + f"  -> token {int(v.argmax())} first")
-
 # -----------------------------------------------------------------------------
 # numbers
 
@@ -348,9 +308,6 @@ def draw_morf_lerf(runs, results, path):
 def main(argv):
     opt = SimpleNamespace(**configure(argv, DEFAULTS, __doc__, counts=("n_metric", "steps"))[0])
     opt.head -= 1  # 0-based from here on; -1: the mean over heads
-    if opt.toy:
-        os.makedirs(opt.out_dir or ".", exist_ok=True)
-        return draw_toy(os.path.join(opt.out_dir, "toy.png"))
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if opt.device == "auto" else opt.device
     if dev.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {dev} but CUDA is not available; use --device cpu")

@@ -1,5 +1,5 @@
 """sample_attention.py: the metrics against hand-computed cases, the maps against their definitions,
-the toy ranking, and a smoke run on tiny checkpoints made here in train.py's format."""
+and a smoke run on tiny checkpoints made here in train.py's format."""
 import json
 
 import matplotlib.pyplot as plt
@@ -110,13 +110,6 @@ def test_pure_hops_are_rows_of_powers_of_A():
     torch.testing.assert_close(out["hop3@1"], torch.linalg.matrix_power(A, 3)[:, :, 0].mean(1))
 
 
-def test_toy_one_hop_ranks_token_0_and_multi_hop_token_4():
-    A, deg, katz, visits, mc = sa.toy_scores(gamma=0.9, walks=2000)
-    assert int(deg.argmax()) == 0 and int(katz.argmax()) == 4 and int(visits.argmax()) == 4
-    torch.testing.assert_close(katz, torch.tensor([1.8, 0, 0, 2.52, 0.9 + 0.81 + 2 * 0.729], dtype=torch.float64))
-    torch.testing.assert_close(visits, katz + 1)  # 1^T (I - gamma A)^-1 = 1 + Katz in
-    torch.testing.assert_close(mc, visits, atol=0.1, rtol=0)  # Monte Carlo agrees
-
 # ---------------------------------------------------------------- tiny runs, end to end
 
 def make_run(folder, kind):
@@ -168,13 +161,6 @@ def test_single_run_maps_hops_and_one_head(runs, tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"wrote {tmp_path / 'maps.png'}" in text and "| pure | hop2@2 |" in text and "head 2" in text
     assert plt.imread(tmp_path / "maps.png").shape[1] > plt.imread(tmp_path / "maps.png").shape[0]  # 1 + 2 + 2 columns
-
-
-def test_toy_cli(tmp_path, capsys):
-    sa.main(["--toy", "true", "--out_dir", str(tmp_path)])
-    text = capsys.readouterr().out
-    assert "in-degree" in text and "token 0 first" in text and "Katz in" in text and "token 4 first" in text
-    assert plt.imread(tmp_path / "toy.png").ndim == 3
 
 
 def one_line_error(capsys, argv, words):
