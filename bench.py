@@ -36,7 +36,7 @@ import torch
 import data
 import infsa
 import model
-from configurator import configure, die
+from configurator import config_defaults, configure, die
 from model import ViT, ViTConfig, paper_4l64h
 
 KINDS = ("linear", "softmax", "softmax-mat", "pure", "pure-chunked")
@@ -54,7 +54,7 @@ chunk_gb = 48.0             # pure-chunked: rows of A_hat per block chosen to fi
 matmul_n = 8192             # the size of the matmul whose rate MFU is measured against
 cpu = False                 # tiny shapes in fp32 on the CPU: a smoke run
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (int, float, bool, str)}
+DEFAULTS = config_defaults(globals())
 
 
 def chunked_pure_infsa(q, k, v, gamma, hops, chunk, eps=1e-6):

@@ -5,7 +5,7 @@ One command line for every script: plain config globals, overridden left to righ
     python train.py config/cifar.py --attn pure --lr=5e-4
 
 A script lists its config as globals with defaults (a default's type is the type its key takes) and calls
-configure(argv, defaults). A config file is Python: its assignments are applied as they are, so
+configure(argv, config_defaults(globals())). A config file is Python: its assignments are applied as they are, so
 `epochs = 75` in config/cifar.py is the same as --epochs 75. -h prints the script's docstring and every
 key with its default.
 """
@@ -17,6 +17,11 @@ def die(msg):
     """The one error path for what a user gets wrong: one line on stderr, exit status 2."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def config_defaults(scope):
+    """A script's config: its lower-case globals of type int, float, bool or str (scope = globals())."""
+    return {k: v for k, v in scope.items() if k.islower() and not k.startswith("_") and type(v) in (int, float, bool, str)}
 
 
 def parse_value(key, value, default):

@@ -114,16 +114,16 @@ def epoch_order(n, seed, epoch):
 
 
 class Files(torch.utils.data.Dataset):
-    """Image files decoded on demand: (3, size, size) uint8 and the label."""
+    """Image files decoded on demand, each (3, size, size) uint8."""
 
-    def __init__(self, paths, labels, size):
-        self.paths, self.labels, self.size = paths, labels, size
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return torch.from_numpy(data.decode(self.paths[i], self.size)), self.labels[i]
+        return torch.from_numpy(data.decode(self.paths[i], self.size))
 
 
 class Loader:
@@ -169,7 +169,7 @@ class Loader:
         if isinstance(self.x, Files):
             dl = torch.utils.data.DataLoader(self.x, batch_sampler=[i.tolist() for i in idxs], num_workers=self.workers,
                                              pin_memory=dev.type == "cuda")
-            xs = (xb.to(dev, non_blocking=True) for xb, _ in dl)
+            xs = (xb.to(dev, non_blocking=True) for xb in dl)
         else:
             idxs = torch.cat(idxs).to(dev).split([len(i) for i in idxs])  # one copy per epoch, no sync per step
             xs = (self.x[i] for i in idxs)
@@ -197,10 +197,9 @@ def loaders(cfg, device, rank=0, world=1):
         if cfg.dataset != "folder":
             raise data.DataError("--stream true reads image files: use it with --dataset folder")
         classes, files = data.folder_files(cfg.data_dir)
-        tr, te = (Files(*files[s], cfg.image_size) for s in ("train", "test"))
-        sample = torch.stack([tr[i][0] for i in range(0, len(tr), max(1, len(tr) // 512))])
-        mean, std = channel_stats(sample)
-        y_tr, y_te = (torch.tensor(f.labels, device=device) for f in (tr, te))
+        tr, te = (Files(files[s][0], cfg.image_size) for s in ("train", "test"))
+        y_tr, y_te = (torch.tensor(files[s][1], device=device) for s in ("train", "test"))
+        mean, std = channel_stats(torch.stack([tr[i] for i in range(0, len(tr), max(1, len(tr) // 512))]))
         return (Loader(tr, y_tr, cfg.batch_size, mean, std, True, cfg.workers, **aug),
                 Loader(te, y_te, 500, mean, std, False, cfg.workers), None, classes, mean, std)
     d = data.load(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.n_train, cfg.n_test)

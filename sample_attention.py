@@ -30,7 +30,7 @@ import torch
 import data
 import loader
 import train
-from configurator import configure, die
+from configurator import config_defaults, configure, die
 from model import ViT, ViTConfig
 
 DEFAULT_MAP = {"softmax": "cls", "pure": "katz", "linear": "a"}
@@ -50,7 +50,7 @@ steps = 8                   # MoRF / LeRF blanking steps
 cover = 0.5                 # mask fraction that makes a patch 'object'
 device = "auto"             # auto (cuda when present) | cpu | cuda | cuda:1
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (int, float, bool, str)}
+DEFAULTS = config_defaults(globals())
 
 # -----------------------------------------------------------------------------
 # metrics (numpy, one image at a time) and patch blanking

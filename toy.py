@@ -19,14 +19,14 @@ import matplotlib.pyplot as plt
 import torch
 
 import infsa
-from configurator import configure, die
+from configurator import config_defaults, configure, die
 
 # -----------------------------------------------------------------------------
 out_dir = "."               # where toy.png goes
 gamma = 0.9                 # the discount, in (0, 1)
 walks = 4000                # Monte-Carlo walks from every token
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (int, float, bool, str)}
+DEFAULTS = config_defaults(globals())
 
 
 def toy_scores(gamma=0.9, walks=4000, seed=0):

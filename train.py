@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import data
 import loader
-from configurator import configure, die
+from configurator import config_defaults, configure, die
 from model import ATTN_KINDS, FLEX_MIN_TOKENS, ViT, ViTConfig
 
 # -----------------------------------------------------------------------------
@@ -84,7 +84,7 @@ compile_mode = "default"    # default | reduce-overhead (CUDA graphs: far fewer 
 seed = 1337
 peak_tflops = 0.0           # your GPU's bf16 peak for MFU; 0 = look it up in PEAK_TFLOPS
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (int, float, bool, str)}
+DEFAULTS = config_defaults(globals())
 CHOICES = dict(attn=ATTN_KINDS, dataset=("shapes", "cifar10", "folder"), init_from=("scratch", "resume"),
                compile_mode=("default", "reduce-overhead", "max-autotune"))
 COUNTS = ("epochs", "batch_size", "grad_accum", "log_every", "n_train", "n_test", "image_size", "patch_size",

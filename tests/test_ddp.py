@@ -74,7 +74,7 @@ def test_streaming_loader_gives_the_resident_batches(tmp_path):
     for rank in (0, 1):
         kw = dict(seed=3, rank=rank, world=2, pad=2)
         res = loader.Loader(x, y, 4, mean, std, True, **kw)
-        st = loader.Loader(loader.Files(paths, labels, 8), y, 4, mean, std, True, workers=2, **kw)
+        st = loader.Loader(loader.Files(paths, 8), y, 4, mean, std, True, workers=2, **kw)
         res.epoch = st.epoch = 1
         pairs = list(zip(res, st))
         assert len(pairs) == 3
