@@ -16,9 +16,9 @@ so its state per head is O(d_h) whatever N is.
 
 Tensors are (..., N, d_h): any leading batch / head dims. Every function states its formula in
 its docstring. Reading order: affinity -> neumann_series -> neumann_closed_form -> pure_infsa
--> the centrality and Markov views -> linear_infsa -> softmax baselines -> toy_graph. The last
-section holds one fast path, pure_infsa_flex, which computes pure_infsa without the N x N
-matrix; nothing above depends on it.
+-> the centrality and Markov views -> linear_infsa -> softmax baselines. The last section holds
+one fast path, pure_infsa_flex, which computes pure_infsa without the N x N matrix; nothing
+above depends on it.
 """
 import math
 from collections import namedtuple
@@ -32,12 +32,11 @@ from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 
 def _check_qkv(q, k, v=None):
-    if q.dim() < 2 or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"k must be (..., N, d_h) with the leading dims and d_h of q; "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if v is not None and v.shape[:-1] != k.shape[:-1]:
-        raise ValueError(f"v must be (..., N, d_v) with the leading dims and N of k; "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    """q, k (..., N, d_h), v (..., N, d_v), the same leading dims (matmul would broadcast others silently)."""
+    ok = q.dim() >= 2 and q.shape[:-2] == k.shape[:-2] and q.shape[-1] == k.shape[-1]
+    if not ok or (v is not None and v.shape[:-1] != k.shape[:-1]):
+        raise ValueError(f"q, k, v must be (..., N, d_h), (..., N, d_h), (..., N, d_v) with the same leading dims; "
+                         f"got {[tuple(t.shape) for t in (q, k, v) if t is not None]}")
 
 
 def _check_gamma(gamma):
@@ -272,22 +271,6 @@ def softmax_attention_materialized(q, k, v):
     _check_qkv(q, k, v)
     P = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
     return P @ v, P
-
-# -----------------------------------------------------------------------------
-# A toy graph where multi-hop propagation finds what one hop misses
-
-
-def toy_graph():
-    """Five tokens: tokens 1 and 2 attend to token 0, and a chain 0 -> 3 -> 4 leads on.
-    A_ij = 1 when token i attends to token j. One hop (in-degree, the column sums) ranks token 0
-    first (2 in-links); Katz in-centrality with gamma = 0.9 ranks token 4 first
-    (0.9 + 0.81 + 2 * 0.729 = 3.17 > 2.52 for token 3 > 1.8 for token 0), because everything that
-    flows into 0 flows on to 3 and then to 4. Token 4 attends to nothing: it is where the absorbing
-    walk ends. Returns A, (5, 5) float64."""
-    A = torch.zeros(5, 5, dtype=torch.float64)
-    for i, j in [(1, 0), (2, 0), (0, 3), (3, 4)]:
-        A[i, j] = 1.0
-    return A
 
 # -----------------------------------------------------------------------------
 # Fast path: Pure-InfSA with each hop one fused kernel, never holding N x N (FlexAttention).

@@ -1,5 +1,5 @@
 """
-The toy graph of infsa.toy_graph, drawn: multi-hop propagation finds what one hop misses.
+A five-token graph where multi-hop propagation finds what one hop misses (the paper's Figure 3 idea).
 
     python toy.py                            # toy.png here
     python toy.py --gamma 0.3 --out_dir /tmp  # a small discount: Katz comes back to the one-hop ranking
@@ -29,11 +29,20 @@ walks = 4000                # Monte-Carlo walks from every token
 DEFAULTS = config_defaults(globals())
 
 
+def toy_graph():
+    """A (5, 5) float64, A_ij = 1 when token i attends to token j: tokens 1 and 2 attend to token 0,
+    and a chain 0 -> 3 -> 4 leads on. Token 4 attends to nothing: it is where the absorbing walk ends."""
+    A = torch.zeros(5, 5, dtype=torch.float64)
+    for i, j in [(1, 0), (2, 0), (0, 3), (3, 4)]:
+        A[i, j] = 1.0
+    return A
+
+
 def toy_scores(gamma=0.9, walks=4000, seed=0):
-    """On infsa.toy_graph A: one-hop in-degree 1^T A, Katz in-centrality, the expected visits
+    """On the toy graph A: one-hop in-degree 1^T A, Katz in-centrality, the expected visits
     1^T (I - gamma A)^-1 of the absorbing chain gamma A (one walk from every token) and a Monte-Carlo
     estimate of them. Returns (A, in-degree, Katz, visits, visits by Monte Carlo)."""
-    A = infsa.toy_graph()
+    A = toy_graph()
     chain = infsa.absorbing_chain(A, gamma)
     mc = infsa.random_walk_visits(chain.M, walks=walks, generator=torch.Generator().manual_seed(seed))
     return A, A.sum(0), infsa.katz_centrality(A, gamma), chain.fundamental.sum(0), mc.sum(0)

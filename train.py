@@ -202,12 +202,6 @@ def run(argv):
     if cfg.batch_size % (world * cfg.grad_accum):
         die(f"--batch_size {cfg.batch_size} must be divisible by processes x grad_accum = {world * cfg.grad_accum}")
     train_loader, eval_loader, test_loader, classes, mean, std = loader.loaders(cfg, dev, rank, world)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        die(f"cannot create --out_dir {out} ({e.strerror}); pick another --out_dir")
-    if not os.access(out, os.W_OK):
-        die(f"cannot write to --out_dir {out}; pick another --out_dir")
 
     # ---- model, optimiser, and the state a checkpoint restores
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -249,11 +243,15 @@ def run(argv):
         more = f" (raised from {cfg.epochs} to reach min_steps {cfg.min_steps})" if epochs > cfg.epochs else ""
         print(f"training {epochs} epochs{more} x {per_epoch} steps = {total} steps of {cfg.batch_size} images; "
               f"evaluating on {split}; writing to {out}")
-    log_path = os.path.join(out, "log.jsonl")
-    if master and ckpt and os.path.exists(log_path):  # the log goes on from the checkpoint, as the weights do
-        kept = [line for line in open(log_path) if line.endswith("\n") and json.loads(line)["step"] <= step]
-        data.write_atomic(log_path, lambda f: f.writelines(kept))
-    log = open(log_path, "a" if ckpt else "w") if master else None
+    log_path, log = os.path.join(out, "log.jsonl"), None
+    try:
+        os.makedirs(out, exist_ok=True)
+        if master and ckpt and os.path.exists(log_path):  # the log goes on from the checkpoint, as the weights do
+            kept = [line for line in open(log_path) if line.endswith("\n") and json.loads(line)["step"] <= step]
+            data.write_atomic(log_path, lambda f: f.writelines(kept))
+        log = open(log_path, "a" if ckpt else "w") if master else None
+    except OSError as e:
+        die(f"cannot write to --out_dir {out} ({e.strerror}); pick another --out_dir")
 
     def checkpoint(epoch):
         """Save atomically, and only finite weights: a diverged run never replaces a good checkpoint."""

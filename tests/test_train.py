@@ -127,7 +127,7 @@ def test_cli_errors_are_one_line(tmp_path):
         (["config/none.py"], "config file config/none.py not found"),
         (["--seed", "-1"], "--seed must be at least 0; got -1"),
         (["--device", "foo"], "--device foo is not usable here"),
-        (["--out_dir", str(tmp_path / "file"), "--n_train", "256", "--n_test", "16"], "cannot create --out_dir"),
+        (["--out_dir", str(tmp_path / "file"), "--n_train", "256", "--n_test", "16"], "cannot write to --out_dir"),
     ]
     for argv, msg in cases:
         r = cli(*argv)
