@@ -128,12 +128,10 @@ class Files(torch.utils.data.Dataset):
 
 class Loader:
     """Batches of images x with labels y (on the device): shuffled each epoch when training, augmented
-    in batched ops, normalised to float. x is a uint8 tensor (n, 3, H, W) on the device, so that an
+    (see augment), normalised to float. x is a uint8 tensor (n, 3, H, W) on the device, so that an
     epoch is a few indexing ops and no worker processes; or Files, decoded every epoch by `workers`
     processes and moved to the device batch by batch (image folders too large for memory).
-    With world > 1 each global batch is split between ranks (this rank takes rows rank::world).
-    Augmentation (training only), in order: crop + flip (pad, flip), random_affine (rotate, zoom,
-    translate), color_jitter (jitter), normalise, random_erase (erase = its probability)."""
+    With world > 1 each global batch is split between ranks (this rank takes rows rank::world)."""
 
     def __init__(self, x, y, batch_size, mean, std, train, workers=0, pad=4, flip=True, seed=0, rank=0, world=1,
                  rotate=0.0, zoom=0.0, translate=0.0, jitter=0.0, erase=0.0, compile=False):
@@ -148,8 +146,9 @@ class Loader:
         return len(self.y) // self.bs if self.train else -(-len(self.y) // self.bs)
 
     def augment(self, xb, u=None):
-        """uint8 (B, C, H, W) -> normalised float (B, C, H, W); when training, augmented with the
-        (B, sum(DRAWS.values())) uniform draws u, one column block per transform."""
+        """uint8 (B, C, H, W) -> normalised float (B, C, H, W); when training, augmented in this order:
+        crop + flip (pad, flip), random_affine (rotate, zoom, translate), color_jitter (jitter), normalise,
+        random_erase (erase = its probability), with the (B, sum(DRAWS.values())) uniform draws u."""
         if not self.train:
             return normalize(xb, self.mean, self.std)
         u_crop, u_affine, u_jitter, u_erase = u.split(list(DRAWS.values()), dim=1)
