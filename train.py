@@ -243,7 +243,7 @@ def run(argv):
         more = f" (raised from {cfg.epochs} to reach min_steps {cfg.min_steps})" if epochs > cfg.epochs else ""
         print(f"training {epochs} epochs{more} x {per_epoch} steps = {total} steps of {cfg.batch_size} images; "
               f"evaluating on {split}; writing to {out}")
-    log_path, log = os.path.join(out, "log.jsonl"), None
+    log_path = os.path.join(out, "log.jsonl")
     try:
         os.makedirs(out, exist_ok=True)
         if master and ckpt and os.path.exists(log_path):  # the log goes on from the checkpoint, as the weights do
