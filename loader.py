@@ -31,7 +31,7 @@ def standardize(x, mean, std):
 DRAWS = {"crop_flip": 3, "affine": 4, "jitter": 3, "erase": 5}
 
 
-def _sym(u):
+def _to_symmetric(u):
     """U(0, 1) -> U(-1, 1)."""
     return 2 * u - 1
 
@@ -58,9 +58,9 @@ def random_affine(x, u, rotate=0.0, zoom=0.0, translate=0.0):
     U(-translate, translate) of the image size, in one bilinear resample of a float (B, C, H, W)
     batch; borders reflect. Output point p (in [-1, 1] coordinates) samples input R(theta) p / s + t.
     u (B, 4): angle, zoom, shift x, shift y."""
-    th = _sym(u[:, 0]) * math.radians(rotate)
-    s = 1 + _sym(u[:, 1]) * zoom
-    t = _sym(u[:, 2:4]) * 2 * translate  # (B, 2); a shift of 1 image = 2 units
+    th = _to_symmetric(u[:, 0]) * math.radians(rotate)
+    s = 1 + _to_symmetric(u[:, 1]) * zoom
+    t = _to_symmetric(u[:, 2:4]) * 2 * translate  # (B, 2); a shift of 1 image = 2 units
     cos, sin = th.cos() / s, th.sin() / s
     theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], -1), torch.stack([sin, cos, t[:, 1]], -1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
@@ -68,10 +68,10 @@ def random_affine(x, u, rotate=0.0, zoom=0.0, translate=0.0):
 
 
 def color_jitter(x, u, strength=0.0):
-    """Brightness x*b, contrast (x - m)*c + m (m: image mean), saturation (x - g)*s + g (g: grey
+    """Brightness x*b, contrast (x - m)*c + m (m: image mean), saturation (x - g)*s + g (g: the grey
     level of each pixel), with b, c, s ~ U(1 - strength, 1 + strength) per image; x float in [0, 1].
     u (B, 3): b, c, s."""
-    f = (1 + strength * _sym(u))[:, :, None, None, None]  # (B, 3, 1, 1, 1)
+    f = (1 + strength * _to_symmetric(u))[:, :, None, None, None]  # (B, 3, 1, 1, 1)
     x = x * f[:, 0]
     m = x.mean((1, 2, 3), keepdim=True)
     x = (x - m) * f[:, 1] + m
@@ -86,7 +86,7 @@ def random_erase(x, u, p=0.0, area=(0.02, 0.25), max_aspect=3.0):
     u (B, 5): area, aspect, top, left, whether to erase."""
     B, _, H, W = x.shape
     a = (area[0] + (area[1] - area[0]) * u[:, 0]) * H * W
-    r = torch.exp(_sym(u[:, 1]) * math.log(max_aspect))
+    r = torch.exp(_to_symmetric(u[:, 1]) * math.log(max_aspect))
     h, w = (a * r).sqrt().clamp(max=H), (a / r).sqrt().clamp(max=W)
     y0, x0, hit = u[:, 2] * (H - h), u[:, 3] * (W - w), u[:, 4] < p
     ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
@@ -139,6 +139,9 @@ class Loader:
         self.affine, self.jitter, self.erase = (rotate, zoom, translate), jitter, erase
         self.mean, self.std = mean.to(y.device), std.to(y.device)
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        self.start = 0  # batches of this epoch to skip: a run stopped mid-epoch resumes where it stopped
+        if train and len(y) < batch_size:
+            raise data.DataError(f"--batch_size {batch_size} is larger than the training set ({len(y)} images); lower it")
         # compiled, the many small kernels of the pipeline become a few fused ones (eager, a GPU is launch-bound here)
         self.transform = torch.compile(self.augment, dynamic=False) if compile else self.augment
 
@@ -165,16 +168,17 @@ class Loader:
         dev, n = self.y.device, len(self.y)
         order = epoch_order(n, self.seed, self.epoch) if self.train else torch.arange(n)
         idxs = [order[i * self.bs:(i + 1) * self.bs][self.rank::self.world] for i in range(len(self))]  # this rank's share
+        gen = torch.Generator(device=dev).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)  # the epoch's augmentation
+        draws = [torch.rand(len(i), sum(DRAWS.values()), generator=gen, device=dev) if self.train else None for i in idxs]
+        idxs, draws = idxs[self.start:], draws[self.start:]  # the skipped batches' draws are made all the same
         if isinstance(self.x, Files):
-            dl = torch.utils.data.DataLoader(self.x, batch_sampler=[i.tolist() for i in idxs], num_workers=self.workers,
-                                             pin_memory=dev.type == "cuda")
-            xs = (xb.to(dev, non_blocking=True) for xb in dl)
+            batches = torch.utils.data.DataLoader(self.x, batch_sampler=[i.tolist() for i in idxs], num_workers=self.workers,
+                                                  pin_memory=dev.type == "cuda")
+            xs = (xb.to(dev, non_blocking=True) for xb in batches)
         else:
             idxs = torch.cat(idxs).to(dev).split([len(i) for i in idxs])  # one copy per epoch, no sync per step
             xs = (self.x[i] for i in idxs)
-        g = torch.Generator(device=dev).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)  # the epoch's augmentation
-        for xb, idx in zip(xs, idxs):
-            u = torch.rand(len(idx), sum(DRAWS.values()), generator=g, device=dev) if self.train else None
+        for xb, idx, u in zip(xs, idxs, draws):
             yield self.transform(xb, u), self.y[idx]
 
 
@@ -208,9 +212,6 @@ def loaders(cfg, device, rank=0, world=1):
                              f"pass --image_size {x_tr.shape[-1]}")
     if cfg.val_split >= len(x_tr):
         raise data.DataError(f"--val_split {cfg.val_split} leaves no training images (there are {len(x_tr)}); lower it")
-    if cfg.batch_size > len(x_tr) - cfg.val_split:
-        raise data.DataError(f"--batch_size {cfg.batch_size} is larger than the training set "
-                             f"({len(x_tr) - cfg.val_split} images); lower it")
     test = None
     if cfg.val_split:
         perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))  # files are often sorted by class

@@ -4,12 +4,14 @@ Train a small ViT with softmax, Pure-InfSA or Linear-InfSA attention.
     python train.py --attn linear                            # built-in dataset, CPU or GPU, minutes
     python train.py config/cifar.py --attn pure              # a config file, then overrides
     python train.py --init_from resume --out_dir out/pure    # continue a run from its last checkpoint
-    torchrun --standalone --nproc_per_node=8 train.py config/cifar.py   # several GPUs (DDP)
+    torchrun --standalone --nproc_per_node=2 train.py config/cifar.py --batch_size 1024   # two GPUs
 
 Every global in the config block below can be set with --key value, --key=value, or a config file
 of Python assignments (config/*.py), applied left to right; python train.py -h lists them all.
+The script reads top to bottom: options -> run folder -> data and model -> the training loop -> summary.
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -24,7 +26,8 @@ from tqdm import tqdm
 import data
 import loader
 from configurator import config_defaults, configure, die
-from model import ATTN_KINDS, FLEX_MIN_TOKENS, ViT, ViTConfig
+from model import ATTN_KINDS, ViT, ViTConfig
+from runtime import all_ranks_agree, flat_grads, load_checkpoint, restore_rng, rng_states, run_folder, setup_device, stop_on_ctrl_c
 
 # -----------------------------------------------------------------------------
 # config: the built-in dataset, sized to train on a 2-core CPU in a few minutes
@@ -41,7 +44,7 @@ n_train = 20000             # shapes: training images
 n_test = 2000               # shapes: test images
 val_split = 0               # >0: hold out N training images to evaluate on; the test set is seen once, at the end
 stream = False              # folder: decode the files in worker processes every epoch (sets too large for memory)
-workers = 4                 # decoding processes when streaming
+workers = 4                 # stream: decoding processes
 crop_pad = 4                # random-crop padding in pixels; 0 = no crop
 hflip = True                # random horizontal flips
 rotate = 0.0                # random rotation, up to this many degrees either way
@@ -60,15 +63,15 @@ n_layer = 4
 n_head = 4
 n_embd = 64                 # width; head size d_h = n_embd / n_head
 mlp_ratio = 2.0
-hops = 3                    # Neumann terms per layer (pure)
-gamma_init = 0.9            # initial gamma of every head (pure, linear)
+hops = 3                    # pure: Neumann terms per layer
+gamma_init = 0.9            # pure, linear: initial gamma of every head
 init_std = 0.0              # Linear weights: 0 = Xavier-uniform, > 0 = truncated normal with this std
 dropout = 0.0
 drop_path = 0.0             # stochastic depth rate of the last block
 # optimisation
 epochs = 10                 # passes over the training set
 min_steps = 1000            # a small training set gets more epochs, up to at least this many steps
-batch_size = 64             # global batch per optimizer step (split over processes and grad_accum)
+batch_size = 64             # global batch per optimizer step, over all GPUs (each takes batch_size / GPUs)
 grad_accum = 1              # micro-batches per step on each process
 lr = 2e-3                   # peak learning rate (AdamW)
 min_lr = 1e-5               # cosine floor
@@ -85,15 +88,23 @@ seed = 1337
 peak_tflops = 0.0           # your GPU's bf16 peak for MFU; 0 = look it up in PEAK_TFLOPS
 # -----------------------------------------------------------------------------
 DEFAULTS = config_defaults(globals())
-CHOICES = dict(attn=ATTN_KINDS, dataset=("shapes", "cifar10", "folder"), init_from=("scratch", "resume"),
-               compile_mode=("default", "reduce-overhead", "max-autotune"))
-COUNTS = ("epochs", "batch_size", "grad_accum", "log_every", "n_train", "n_test", "image_size", "patch_size",
-          "n_layer", "n_head", "n_embd", "hops", "workers")  # at least 1; every other number at least 0
-FRACTIONS = ("dropout", "drop_path", "warmup", "label_smoothing", "zoom", "beta2")  # below 1
+# What each option may be: a tuple of choices, or a number range [low, high). Any other number is >= 0.
+ALLOWED = dict(attn=ATTN_KINDS, dataset=("shapes", "cifar10", "folder"), init_from=("scratch", "resume"),
+               compile_mode=("default", "reduce-overhead", "max-autotune"),
+               **dict.fromkeys(("epochs", "batch_size", "grad_accum", "log_every", "n_train", "n_test", "image_size",
+                                "patch_size", "n_layer", "n_head", "n_embd", "hops", "workers"), (1, math.inf)),
+               **dict.fromkeys(("dropout", "drop_path", "warmup", "label_smoothing", "zoom", "beta2"), (0, 1)))
+# Options that mean nothing in some combination: set away from their defaults there, they are refused.
+UNUSED_WHEN = [(lambda c: c["stream"], ("val_split", "eval_shift"), "--stream true evaluates on the test files as they "
+                "stream; hold out a validation folder as test/ instead, and drop"),
+               (lambda c: not c["stream"], ("workers",), "--workers sets the decoding processes of --stream true; drop"),
+               (lambda c: c["dataset"] != "shapes", ("n_train", "n_test"), "the size of a dataset on disk is its files; drop"),
+               (lambda c: c["attn"] != "pure", ("hops",), "--hops is Pure-InfSA's; drop"),
+               (lambda c: c["attn"] == "softmax", ("gamma_init",), "softmax attention has no gamma; drop")]
+RESUME_FIXED = ("attn", "image_size", "patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "hops",  # the weights
+                "dataset", "data_dir", "n_train", "n_test", "val_split", "seed")  # the data and its split
+MODEL_KEYS = [f.name for f in dataclasses.fields(ViTConfig) if f.name in DEFAULTS]  # ViTConfig's fields set here
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor datasheets
-SHAPE_KEYS = ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "attn", "hops")  # the weights fix them
-MODEL_KEYS = SHAPE_KEYS + ("dropout", "drop_path", "gamma_init", "init_std")  # ViTConfig's fields from the config
-RESUME_FIXED = SHAPE_KEYS + ("dataset", "data_dir", "n_train", "n_test", "val_split", "seed")  # what a resumed run cannot change
 
 
 def lr_at(step, total, lr, min_lr, warmup):
@@ -105,33 +116,31 @@ def lr_at(step, total, lr, min_lr, warmup):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
 
 
-def load_checkpoint(path):
-    if not os.path.exists(path):
-        die(f"no checkpoint at {path}; train first (python train.py) or point --out_dir at a run")
+def settle_config(argv):
+    """(config, checkpoint or None, out_dir): the command line over the defaults, or over a resumed run's own
+    config; then every rule checked (ALLOWED, UNUSED_WHEN, RESUME_FIXED, ViTConfig's own) before anything is written."""
+    config, given = configure(argv, DEFAULTS, __doc__, {k: v for k, v in ALLOWED.items() if isinstance(v[0], str)},
+                              [k for k, v in ALLOWED.items() if v[0] == 1], [k for k, v in ALLOWED.items() if v == (0, 1)])
+    out = config["out_dir"] or os.path.join("out", config["attn"])
+    ckpt = None
+    if config["init_from"] == "resume":  # the run's own config, then what this command line changes
+        ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+        for k in sorted(given - {"init_from", "out_dir"}):
+            if config[k] != ckpt["config"][k]:
+                if k in RESUME_FIXED:
+                    die(f"the run in {out} has {k}={ckpt['config'][k]!r}; a resumed run cannot change it "
+                        f"(drop --{k}, or start a new run in another --out_dir)")
+                print(f"resume: {k} = {config[k]!r} (the run had {ckpt['config'][k]!r})")
+        config = {**ckpt["config"], **{k: config[k] for k in given}, "init_from": "resume"}
+    for applies, keys, why in UNUSED_WHEN:
+        for k in keys:
+            if applies(config) and config[k] != DEFAULTS[k]:
+                die(f"--{k} {config[k]} does nothing here: {why} --{k}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, or not a torch file
-        die(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or pick another --out_dir")
-    if not isinstance(ckpt, dict) or not {"model", "model_args", "config"} <= set(ckpt):
-        die(f"{path} is not a checkpoint written by this train.py (no model / model_args / config)")
-    return ckpt
-
-
-def setup_device(name):
-    """(device, rank, world): under torchrun, one process per GPU (NCCL) or per CPU process (gloo)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        torch.empty(0, device=name)
-    except (RuntimeError, AssertionError) as e:
-        die(f"--device {name} is not usable here ({str(e).splitlines()[0][:80]}); use auto, cpu, cuda, cuda:N or mps")
-    if "RANK" not in os.environ:
-        return name, 0, 1
-    torch.distributed.init_process_group("nccl" if name.startswith("cuda") else "gloo")
-    if name.startswith("cuda"):
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(name)
-    return name, torch.distributed.get_rank(), torch.distributed.get_world_size()
+        ViTConfig(**{k: config[k] for k in MODEL_KEYS})  # its checks (divisibility, gamma_init in (0, 1))
+    except ValueError as e:
+        die(f"{e}; change that option (see -h)")
+    return config, ckpt, out
 
 
 @torch.no_grad()
@@ -169,192 +178,206 @@ def mixed_loss(model, xb, yb, mixup, cutmix, label_smoothing):
 
 
 def main(argv):
+    """train(), with the one-line error paths: bad data, a failed write, Ctrl-C before training starts."""
     try:
-        return run(argv)
+        return train(argv)
     except data.DataError as e:  # a problem with the files on disk; from a worker process, its last line is the error
         die(str(e).strip().splitlines()[-1].removeprefix("data.DataError: "))
+    except OSError as e:  # a full disk, a folder that became read-only: the files already written stay as they were
+        die(f"cannot write {e.filename or 'a file'} ({e.strerror or e}); the last checkpoint is intact; free space and resume")
+    except KeyboardInterrupt:
+        print("interrupted; what this run had written is as it was (its last checkpoint, if any)", file=sys.stderr)
+        sys.exit(130)
 
 
-def run(argv):
-    config, given = configure(argv, DEFAULTS, __doc__, CHOICES, COUNTS, FRACTIONS)
-    out = config["out_dir"] or os.path.join("out", config["attn"])
-    ckpt_path, ckpt = os.path.join(out, "ckpt.pt"), None
-    if config["init_from"] == "resume":  # the run's own config, then what this command line changes
-        ckpt = load_checkpoint(ckpt_path)
-        for k in sorted(given - {"init_from", "out_dir"}):
-            if config[k] != ckpt["config"][k]:
-                if k in RESUME_FIXED:
-                    die(f"the run in {out} has {k}={ckpt['config'][k]!r}; a resumed run cannot change it "
-                        f"(drop --{k}, or start a new run in another --out_dir)")
-                print(f"resume: {k} = {config[k]!r} (the run had {ckpt['config'][k]!r})")
-        config = {**ckpt["config"], **{k: config[k] for k in given}, "init_from": "resume"}
-    elif os.path.exists(ckpt_path) and not config["overwrite"]:
-        die(f"{out} already holds a run; continue it with --init_from resume, replace it with --overwrite true, "
-            f"or pick another --out_dir")
+def train(argv):
+    config, ckpt, out = settle_config(argv)
     cfg = SimpleNamespace(**config)
-    model_args = {k: config[k] for k in MODEL_KEYS}
-    try:
-        ViTConfig(**model_args)  # its checks (divisibility, gamma_init in (0, 1)) before anything is touched
-    except ValueError as e:
-        die(f"{e}; change that option (see -h)")
     dev, rank, world = setup_device(cfg.device)
     master, cuda = rank == 0, dev.startswith("cuda")
     if cfg.batch_size % (world * cfg.grad_accum):
         die(f"--batch_size {cfg.batch_size} must be divisible by processes x grad_accum = {world * cfg.grad_accum}")
     train_loader, eval_loader, test_loader, classes, mean, std = loader.loaders(cfg, dev, rank, world)
+    data_seen = dict(classes=list(classes), train_images=len(train_loader.y), eval_images=len(eval_loader.y))
+    if ckpt and ckpt["data"] != data_seen:  # a renamed class would permute the labels; added images change the run
+        was = {k: v for k, v in ckpt["data"].items() if v != data_seen[k]}
+        die(f"the data changed since the run in {out} started (it had {was}, now {({k: data_seen[k] for k in was})}); "
+            f"restore it, or start a new run in another --out_dir")
+    with run_folder(out, master):
+        if master and not ckpt and os.path.exists(os.path.join(out, "ckpt.pt")) and not cfg.overwrite:
+            die(f"{out} already holds a run; continue it with --init_from resume, replace it with --overwrite true, "
+                f"or pick another --out_dir")
+        # ---- model, optimiser, and the state a checkpoint restores
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = ViT(ViTConfig(**{k: config[k] for k in MODEL_KEYS}, n_classes=len(classes)), verbose=master).to(dev)
+        decay = lambda n, p: p.dim() >= 2 and n not in ("cls", "pos")  # noqa: E731 -- matrices decay, the rest not
+        named = list(model.named_parameters())
+        opt = torch.optim.AdamW([{"params": [p for n, p in named if decay(n, p)], "weight_decay": cfg.weight_decay},
+                                 {"params": [p for n, p in named if not decay(n, p)], "weight_decay": 0.0}],
+                                lr=cfg.lr, betas=(0.9, cfg.beta2), fused=cuda)
+        progress, log = dict(step=0, epoch=0, batch=0, best_acc=0.0, acc=math.nan, wall_s=0.0), []
+        torch.manual_seed(cfg.seed + rank)  # per-rank randomness: mixup, stochastic depth
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            progress, log = ckpt["progress"], ckpt["log"]
+            restore_rng(ckpt["rng"], dev, rank, world)
+        mode = cfg.compile_mode if cfg.compile and cuda else None  # None: not compiled
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        run = SimpleNamespace(cfg=cfg, config=config, out=out, dev=dev, rank=rank, world=world, master=master, model=model,
+                              fwd=torch.compile(model, mode=mode) if mode else model, opt=opt, mode=mode,
+                              flat=flat_grads([p for _, p in named]), progress=progress, log=log, first_step=progress["step"],
+                              ctx=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext(),
+                              loaders=(train_loader, eval_loader, test_loader), data=data_seen, mean=mean, std=std)
+        fit(run)
+        return finish(run)
 
-    # ---- model, optimiser, and the state a checkpoint restores
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = ViT(ViTConfig(**model_args, n_classes=len(classes)), verbose=master).to(dev)
-    decay = lambda n, p: p.dim() >= 2 and n not in ("cls", "pos")  # noqa: E731 -- matrices decay, the rest not
-    params = list(model.named_parameters())
-    opt = torch.optim.AdamW([{"params": [p for n, p in params if decay(n, p)], "weight_decay": cfg.weight_decay},
-                             {"params": [p for n, p in params if not decay(n, p)], "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, cfg.beta2), fused=cuda)
-    torch.manual_seed(cfg.seed + rank)  # per-rank randomness: mixup, stochastic depth
-    step, start_epoch, best_acc, acc = 0, 0, 0.0, float("nan")
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, start_epoch, best_acc, acc = ckpt["step"], ckpt["epoch"], ckpt["best_acc"], ckpt["acc"]
-        if ckpt["rng"]["world"] == world:  # the same processes: each continues its own random stream
-            torch.set_rng_state(ckpt["rng"]["torch"][rank])
-    first_step = step  # of this command: what it times and what the summary says it resumed from
-    asked = mode = cfg.compile_mode if cfg.compile and cuda else None  # None: not compiled
-    if mode and cfg.attn == "pure" and model.cfg.n_tokens >= FLEX_MIN_TOKENS:
-        mode = None  # torch 2.11 cannot lower FlexAttention's backward inside a compiled training graph
-    if mode == "reduce-overhead" and (world > 1 or cfg.grad_accum > 1):
-        mode = "default"  # a graph replay reuses its output buffers: no DDP hooks, no accumulated gradients
-    if master and mode != asked:
-        print(f"note: compile mode {mode or 'off'} instead of {asked} (Pure-InfSA's fused hops from {FLEX_MIN_TOKENS} "
-              f"tokens run uncompiled; CUDA graphs need one process and grad_accum 1)")
-    fwd = torch.compile(model, mode=mode) if mode else model  # evaluation uses this one
-    step_fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev] if cuda else None) if world > 1 else fwd
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # ---- the schedule: whole epochs, at least min_steps steps
+def fit(run):
+    """The training loop: steps, logging, evaluation and checkpoints, until the last epoch or a Ctrl-C."""
+    cfg, p, opt = run.cfg, run.progress, run.opt
+    train_loader, eval_loader, test_loader = run.loaders
     per_epoch = len(train_loader)
-    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
-    total = epochs * per_epoch
-    split = "val" if cfg.val_split else "test"  # what training evaluates on
-    if master:
+    run.epochs = epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
+    total, split = epochs * per_epoch, "val" if test_loader is not None else "test"  # what training evaluates on
+    if run.master:
         more = f" (raised from {cfg.epochs} to reach min_steps {cfg.min_steps})" if epochs > cfg.epochs else ""
         print(f"training {epochs} epochs{more} x {per_epoch} steps = {total} steps of {cfg.batch_size} images; "
-              f"evaluating on {split}; writing to {out}")
-    log_path = os.path.join(out, "log.jsonl")
-    try:
-        os.makedirs(out, exist_ok=True)
-        if master and ckpt and os.path.exists(log_path):  # the log goes on from the checkpoint, as the weights do
-            kept = [line for line in open(log_path) if line.endswith("\n") and json.loads(line)["step"] <= step]
-            data.write_atomic(log_path, lambda f: f.writelines(kept))
-        log = open(log_path, "a" if ckpt else "w") if master else None
-    except OSError as e:
-        die(f"cannot write to --out_dir {out} ({e.strerror}); pick another --out_dir")
-
-    def checkpoint(epoch):
-        """Save atomically, and only finite weights: a diverged run never replaces a good checkpoint."""
-        rng = [torch.get_rng_state()] * world
-        if world > 1:
-            torch.distributed.all_gather_object(rng, torch.get_rng_state())
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            die(f"the weights are not finite after step {step}; stopped, {ckpt_path} is the last good checkpoint; try a lower --lr")
-        if master:
-            state = dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=model_args, config=config,
-                         step=step, epoch=epoch, best_acc=best_acc, acc=acc, classes=classes, mean=mean, std=std,
-                         rng=dict(torch=rng, world=world))
-            data.write_atomic(ckpt_path, lambda f: torch.save(state, f), "wb")
-
-    # ---- training
-    train_s, seen, t_start = 0.0, 0, time.time()
-    bar = tqdm(total=total, initial=step, desc=cfg.attn, dynamic_ncols=True, disable=None if master else True)
-    for epoch in range(start_epoch, epochs):
-        train_loader.epoch = epoch
-        t0, pending = time.time(), []
-        for xb, yb in train_loader:  # this rank's share of one global batch
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg.lr, cfg.min_lr, cfg.warmup)
-            for i, (xm, ym) in enumerate(zip(xb.chunk(cfg.grad_accum), yb.chunk(cfg.grad_accum))):
-                if mode == "reduce-overhead":
-                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
-                sync = step_fwd.no_sync() if world > 1 and i < cfg.grad_accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with ctx:
-                        logits, loss = mixed_loss(step_fwd, xm, ym, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
-                    (loss / cfg.grad_accum).backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            pending.append(torch.stack([loss.detach().float(), (logits.argmax(-1) == ym).float().mean()]))
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every and step % per_epoch:
-                continue
-            stats = torch.stack(pending)  # (steps, 2): loss and accuracy of each step's last micro-batch
-            if world > 1:
-                torch.distributed.all_reduce(stats)  # every rank sees the same numbers, so all stop together
-                stats /= world
-            stats, dt = stats.cpu(), time.time() - t0  # one host sync per log interval
-            if not torch.isfinite(stats[:, 0]).all():
-                die(f"the loss became {stats[~torch.isfinite(stats[:, 0]), 0][0].item()} by step {step}; stopped, "
-                    f"{ckpt_path} is the last good checkpoint (if any); try a lower --lr")
-            if step - len(pending) > first_step:  # the first interval holds the compile: not timed
-                train_s, seen = train_s + dt, seen + len(pending) * cfg.batch_size
-            rec = dict(step=step, epoch=epoch, loss=stats[:, 0].mean().item(), acc=stats[:, 1].mean().item(),
-                       lr=opt.param_groups[0]["lr"], img_s=len(pending) * cfg.batch_size / dt)
-            if master:
-                log.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{rec['img_s']:.0f}")
+              f"evaluating on {split}; writing to {run.out}")
+    run.timed_s, run.seen, run.t_start, wall0 = 0.0, 0, time.time(), p["wall_s"]
+    bar = tqdm(total=total, initial=p["epoch"] * per_epoch + p["batch"], desc=cfg.attn, dynamic_ncols=True,
+               disable=None if run.master else True)
+    with stop_on_ctrl_c() as stop:
+        for epoch in range(p["epoch"], epochs):
+            train_loader.epoch, train_loader.start = epoch, p["batch"]  # a run stopped mid-epoch resumes there
             t0, pending = time.time(), []
-        due = lambda n: n > 0 and (epoch + 1) % n == 0  # noqa: E731 -- after epochs n, 2n, ...
-        evaluate_now = epoch + 1 == epochs or due(cfg.eval_every)
-        if master and evaluate_now:
-            acc, eval_loss = evaluate(fwd, eval_loader, ctx)
-            best_acc = max(best_acc, acc)
-            log.write(json.dumps({"step": step, "epoch": epoch, f"{split}_acc": acc, f"{split}_loss": eval_loss}) + "\n")
-            log.flush()
-            bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {acc:.4f}, {split} loss {eval_loss:.4f}")
-            if not math.isfinite(eval_loss):
-                die(f"the {split} loss is {eval_loss} after step {step}; stopped, {ckpt_path} is the last good "
-                    f"checkpoint (if any); try a lower --lr")
-        if evaluate_now or due(cfg.ckpt_every):
-            checkpoint(epoch + 1)
+            for b, (xb, yb) in enumerate(train_loader, start=p["batch"]):
+                for group in opt.param_groups:  # the schedule counts this run's batches, whatever an earlier segment's
+                    group["lr"] = lr_at(epoch * per_epoch + b, total, cfg.lr, cfg.min_lr, cfg.warmup)
+                for xm, ym in zip(xb.chunk(cfg.grad_accum), yb.chunk(cfg.grad_accum)):
+                    if run.mode == "reduce-overhead":
+                        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
+                    with run.ctx:
+                        logits, loss = mixed_loss(run.fwd, xm, ym, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
+                    (loss / cfg.grad_accum).backward()
+                if run.world > 1:
+                    torch.distributed.all_reduce(run.flat)  # the sum of every rank's gradients ...
+                    run.flat /= run.world  # ... averaged: each rank's is the mean over its share of the batch
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+                opt.step()
+                run.flat.zero_()
+                pending.append(torch.stack([loss.detach().float(), (logits.argmax(-1) == ym).float().mean()]))
+                p["step"], p["batch"] = p["step"] + 1, b + 1
+                bar.update(1)
+                if p["step"] % cfg.log_every and b + 1 < per_epoch:
+                    continue
+                log_interval(run, epoch, pending, time.time() - t0, bar)
+                p["wall_s"] = wall0 + time.time() - run.t_start
+                if stop(run.world, run.dev):
+                    save_checkpoint(run)
+                    bar.close()
+                    print(f"stopped by Ctrl-C at step {p['step']}; {run.out}/ckpt.pt continues it exactly: "
+                          f"python train.py --init_from resume --out_dir {run.out}", file=sys.stderr)
+                    sys.exit(130)
+                t0, pending = time.time(), []
+            p["epoch"], p["batch"] = epoch + 1, 0
+            due = lambda n: n > 0 and (epoch + 1) % n == 0  # noqa: E731 -- after epochs n, 2n, ...
+            if run.master and (epoch + 1 == epochs or due(cfg.eval_every)):
+                p["acc"], loss = evaluate(run.fwd, eval_loader, run.ctx)
+                p["best_acc"] = max(p["best_acc"], p["acc"])
+                run.log.append({"step": p["step"], "epoch": epoch, f"{split}_acc": p["acc"], f"{split}_loss": loss})
+                bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {p['acc']:.4f}, {split} loss {loss:.4f}")
+                if not math.isfinite(loss):
+                    die(f"the {split} loss is {loss} after step {p['step']}; stopped, {run.out}/ckpt.pt is the last "
+                        f"good checkpoint (if any); try a lower --lr")
+            if epoch + 1 == epochs or due(cfg.eval_every) or due(cfg.ckpt_every):
+                save_checkpoint(run)
     bar.close()
-    wall = time.time() - t_start
-    if world > 1:
+    p["wall_s"] = wall0 + time.time() - run.t_start
+
+
+def log_interval(run, epoch, pending, dt, bar):
+    """Loss and accuracy of the steps since the last log line (averaged over ranks: every rank sees the
+    same numbers, so all stop together on a NaN); one host sync per interval."""
+    stats = torch.stack(pending)  # (steps, 2): loss and accuracy of each step's last micro-batch
+    if run.world > 1:
+        torch.distributed.all_reduce(stats)
+        stats /= run.world
+    stats, p = stats.cpu(), run.progress
+    if not torch.isfinite(stats[:, 0]).all():
+        die(f"the loss became {stats[~torch.isfinite(stats[:, 0]), 0][0].item()} by step {p['step']}; stopped, "
+            f"{run.out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr")
+    if p["step"] - len(pending) > run.first_step:  # this command's first interval holds the compile: not timed
+        run.timed_s, run.seen = run.timed_s + dt, run.seen + len(pending) * run.cfg.batch_size
+    rec = dict(step=p["step"], epoch=epoch, loss=stats[:, 0].mean().item(), acc=stats[:, 1].mean().item(),
+               lr=run.opt.param_groups[0]["lr"], img_s=len(pending) * run.cfg.batch_size / dt)
+    run.log.append(rec)
+    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{rec['img_s']:.0f}")
+
+
+def save_checkpoint(run):
+    """ckpt.pt (weights, optimiser, config, progress, log, every rank's random states) and log.jsonl, each written
+    atomically; only finite weights, the same on every rank: a diverged run never replaces a good checkpoint.
+    A summary.json from before is removed: it describes a finished run, and this one is not."""
+    rng, p = rng_states(run.dev, run.world), run.progress
+    weights = torch.cat([w.detach().flatten() for w in run.model.parameters()])
+    stopped = f"stopped, {run.out}/ckpt.pt is the last good checkpoint (if any)"
+    if not all_ranks_agree(weights, run.world):  # each applies the same averaged gradients: equal bit for bit
+        die(f"the ranks' weights differ after step {p['step']}; {stopped}")
+    if not torch.isfinite(weights).all():
+        die(f"the weights are not finite after step {p['step']}; {stopped}; try a lower --lr")
+    if run.master:
+        state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), config=run.config, progress=p,
+                     model_args={k: run.config[k] for k in MODEL_KEYS}, log=run.log, data=run.data, rng=rng,
+                     mean=run.mean, std=run.std)
+        data.write_atomic(os.path.join(run.out, "ckpt.pt"), lambda f: torch.save(state, f), "wb")
+        write_log(run)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run.out, "summary.json"))
+
+
+def write_log(run):
+    data.write_atomic(os.path.join(run.out, "log.jsonl"), lambda f: f.writelines(json.dumps(r) + "\n" for r in run.log))
+
+
+def finish(run):
+    """The final numbers: the test set (once, when training evaluated on validation), corruptions, speed."""
+    cfg, p, (_, eval_loader, test_loader) = run.cfg, run.progress, run.loaders
+    if run.world > 1:
         torch.distributed.barrier()  # rank 0 evaluates alone; then all ranks close together
         torch.distributed.destroy_process_group()
-    if not master:
+    if not run.master:
         return None
-
-    # ---- final numbers: the test set (once, when training evaluated on validation), corruptions, speed
-    summary = dict(attn=cfg.attn, dataset=cfg.dataset, steps=step, epochs=epochs, params=model.num_params())
+    summary = dict(attn=cfg.attn, dataset=cfg.dataset, steps=p["step"], epochs=run.epochs, params=run.model.num_params())
+    acc = p["acc"]
     if test_loader is not None:
-        summary.update(val_acc=acc, best_val_acc=best_acc)
-        acc, _ = evaluate(fwd, test_loader, ctx)
-        log.write(json.dumps(dict(step=step, epoch=epochs - 1, test_acc=acc)) + "\n")
+        summary.update(val_acc=acc, best_val_acc=p["best_acc"])
+        acc, _ = evaluate(run.fwd, test_loader, run.ctx)
+        run.log.append(dict(step=p["step"], epoch=run.epochs - 1, test_acc=acc))
     else:
         test_loader = eval_loader
-        summary.update(best_acc=best_acc)
+        summary.update(best_acc=p["best_acc"])
     shift = {}
-    if cfg.eval_shift and not cfg.stream:
+    if cfg.eval_shift:
         for kind in data.CORRUPTIONS:
             xc = data.corrupt(test_loader.x, kind, cfg.seed)
-            shift[kind] = evaluate(fwd, loader.Loader(xc, test_loader.y, 1000, mean, std, False), ctx)[0]
+            shift[kind] = evaluate(run.fwd, loader.Loader(xc, test_loader.y, 1000, run.mean, run.std, False), run.ctx)[0]
         shift["mean"] = sum(shift.values()) / len(shift)
         print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
-    ips = seen / train_s if train_s else None  # this command's training steps, the compile interval excluded
-    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(dev)), 0)
-    mfu = model.flops_per_image(training=True) * ips / (world * peak * 1e12) if ips and peak else None
-    summary.update(test_acc=acc, shift=shift, img_s=ips, mfu=mfu, wall_s=wall, resumed_from_step=first_step,
-                   gamma_mean=model.gammas().mean().item(), device=dev, world=world, compile_mode=mode)
-    data.write_atomic(os.path.join(out, "summary.json"), lambda f: json.dump(summary, f, indent=1))
-    best = f" (best {split} acc during training {100 * best_acc:.2f}%)"
+    ips = run.seen / run.timed_s if run.timed_s else None  # this command's steps, the compile interval excluded
+    cuda = run.dev.startswith("cuda")
+    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(run.dev)), 0)
+    mfu = run.model.flops_per_image(training=True) * ips / (run.world * peak * 1e12) if ips and peak else None
+    summary.update(test_acc=acc, shift=shift, img_s=ips, mfu=mfu, wall_s=p["wall_s"], resumed_from_step=run.first_step,
+                   gamma_mean=run.model.gammas().mean().item(), device=run.dev, world=run.world, compile_mode=run.mode)
+    write_log(run)
+    data.write_atomic(os.path.join(run.out, "summary.json"), lambda f: json.dump(summary, f, indent=1))
     speed = f" | {ips:,.0f} img/s" if ips else ""
-    print(f"done: final test acc {100 * acc:.2f}%{best}{speed}{f' | MFU {100 * mfu:.1f}%' if mfu else ''} | "
-          f"{wall / 60:.1f} min | {ckpt_path}")
+    split = "val" if summary.get("val_acc") is not None else "test"
+    print(f"done: final test acc {100 * acc:.2f}% (best {split} acc during training {100 * p['best_acc']:.2f}%){speed}"
+          f"{f' | MFU {100 * mfu:.1f}%' if mfu else ''} | {p['wall_s'] / 60:.1f} min of training | {run.out}/ckpt.pt")
     return summary
 
 

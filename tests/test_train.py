@@ -1,12 +1,15 @@
 """train.py end to end on tiny configs (CPU): each attention kind, resume, checkpoints, the NaN stop, CLI errors."""
+import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import runtime
 import train
 from configurator import configure
 
@@ -23,7 +26,7 @@ def cli(*argv, cwd=ROOT):
 
 
 def ckpt_of(folder):
-    return torch.load(os.path.join(folder, "ckpt.pt"), weights_only=False)
+    return torch.load(os.path.join(folder, "ckpt.pt"), weights_only=True)
 
 
 def strict_json(path):
@@ -37,7 +40,7 @@ def test_tiny_run_each_kind(attn, tmp_path):
     assert s["attn"] == attn and s["steps"] == 3 and 0 <= s["test_acc"] <= 1
     assert strict_json(tmp_path / "summary.json")["test_acc"] == s["test_acc"]
     ckpt = ckpt_of(tmp_path)
-    assert ckpt["model_args"]["attn"] == attn and ckpt["step"] == 3 and ckpt["config"]["n_train"] == 192
+    assert ckpt["model_args"]["attn"] == attn and ckpt["progress"]["step"] == 3 and ckpt["config"]["n_train"] == 192
     assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3] and "test_acc" in log[-1]
@@ -50,16 +53,19 @@ def test_resume_restores_the_run_and_continues_exactly(tmp_path, monkeypatch):
     train.main(TINY + AUGS + ["--epochs", "2", "--out_dir", str(a)])
     save = train.data.write_atomic
 
+    class Killed(BaseException):  # as kill -9: nothing of the run's own error handling runs
+        pass
+
     def save_then_die(path, write, mode="w"):  # the process dies right after its first checkpoint
         save(path, write, mode)
         if path.endswith("ckpt.pt"):
-            raise KeyboardInterrupt
+            raise Killed
 
     monkeypatch.setattr(train.data, "write_atomic", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         train.main(TINY + AUGS + ["--epochs", "2", "--out_dir", str(b)])
     monkeypatch.setattr(train.data, "write_atomic", save)
-    assert ckpt_of(b)["step"] == 3
+    assert ckpt_of(b)["progress"]["step"] == 3
     with open(b / "log.jsonl", "a") as f:  # as if it had logged two more steps, the last one cut short
         f.write(json.dumps(dict(step=4, epoch=1, loss=9.0, acc=0.0)) + '\n{"step": 5, "lo')
     s = train.main(["--init_from", "resume", "--out_dir", str(b)])
@@ -98,12 +104,13 @@ def test_an_existing_run_is_never_replaced_unless_asked(tmp_path, capsys):
 ])
 def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(extra, tmp_path, capsys):
     train.main(TINY + ["--out_dir", str(tmp_path)])
-    good = (tmp_path / "ckpt.pt").read_bytes()
+    good = (tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_bytes(), (tmp_path / "summary.json").read_bytes()
     with pytest.raises(SystemExit) as e:
         train.main(TINY + ["--out_dir", str(tmp_path), "--overwrite", "true", "--lr", "1e30", "--warmup", "0",
                            "--grad_clip", "0", *extra])
     assert e.value.code == 2 and "last good checkpoint" in capsys.readouterr().err
-    assert (tmp_path / "ckpt.pt").read_bytes() == good
+    assert ((tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_bytes(),
+            (tmp_path / "summary.json").read_bytes()) == good  # the old run, whole: its checkpoint, log and summary
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
@@ -141,6 +148,11 @@ def test_cli_errors_are_one_line(tmp_path):
     (["--n_embd", "30", "--n_head", "4"], "n_embd (30) must be divisible by n_head (4); change that option"),
     (["--gamma_init", "1"], "gamma_init must lie in (0, 1); got 1.0"),
     (["--val_split", "192"], "--val_split 192 leaves no training images"),
+    (["--batch_size", "256"], "--batch_size 256 is larger than the training set (192 images)"),
+    (["--dataset", "folder", "--stream", "true", "--val_split", "100"], "--val_split 100 does nothing here: --stream true"),
+    (["--dataset", "folder", "--stream", "true", "--eval_shift", "true"], "--eval_shift True does nothing here"),
+    (["--attn", "softmax", "--hops", "2"], "--hops 2 does nothing here: --hops is Pure-InfSA's"),
+    (["--workers", "2"], "--workers 2 does nothing here"),
 ])
 def test_bad_options_stop_before_anything_is_written(argv, msg, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -150,7 +162,7 @@ def test_bad_options_stop_before_anything_is_written(argv, msg, tmp_path, capsys
 
 
 def test_config_files_then_overrides_left_to_right(tmp_path):
-    cfg, given = configure(["config/cifar.py", "--n_embd", "64", "--attn=pure"], train.DEFAULTS, choices=train.CHOICES)
+    cfg, given = configure(["config/cifar.py", "--n_embd", "64", "--attn=pure"], train.DEFAULTS, choices=train.ALLOWED)
     assert (cfg["n_embd"], cfg["n_layer"], cfg["attn"], cfg["epochs"], cfg["compile_mode"]) == (64, 6, "pure", 75, "reduce-overhead")
     assert {"n_embd", "attn", "dataset"} <= given
     long, _ = configure(["config/cifar_long.py"], train.DEFAULTS)
@@ -183,7 +195,7 @@ def test_ckpt_every_checkpoints_without_looking_at_the_test_set(tmp_path, monkey
     monkeypatch.setattr(train.data, "write_atomic",
                         lambda path, write, mode="w": (path.endswith("ckpt.pt") and saved.append(path), save(path, write, mode)))
     train.main(TINY + ["--epochs", "4", "--eval_every", "0", "--ckpt_every", "2", "--out_dir", str(tmp_path)])
-    assert len(saved) == 2 and ckpt_of(tmp_path)["epoch"] == 4  # at epoch 2 with no evaluation, then the end
+    assert len(saved) == 2 and ckpt_of(tmp_path)["progress"]["epoch"] == 4  # at epoch 2 with no evaluation, then the end
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["epoch"] for r in log if "test_acc" in r] == [3]  # the test set, once
 
@@ -203,3 +215,102 @@ def test_lr_schedule():
     lrs = [train.lr_at(s, total, 1e-3, 1e-5, 0.1) for s in range(total)]
     assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
     assert lrs[-1] < 2e-5 and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_ctrl_c_stops_mid_epoch_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """Ctrl-C at step 2 of 3 (mid-epoch): one line, exit 130, a checkpoint at that step; resumed, the run
+    ends with the weights of an unbroken one (the loader skips the batches done and their random draws)."""
+    argv = TINY + AUGS + ["--epochs", "2", "--drop_path", "0.2"]
+    train.main(argv + ["--out_dir", str(tmp_path / "a")])
+    calls, loss = [], train.mixed_loss
+
+    def press_ctrl_c(*a):  # the signal arrives during the second step, as a key press would
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(*a)
+
+    monkeypatch.setattr(train, "mixed_loss", press_ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ["--out_dir", str(tmp_path / "b")])
+    assert e.value.code == 130 and "stopped by Ctrl-C at step 2" in capsys.readouterr().err.splitlines()[-1]
+    progress = ckpt_of(tmp_path / "b")["progress"]
+    assert (progress["step"], progress["epoch"], progress["batch"]) == (2, 0, 2)
+    monkeypatch.setattr(train, "mixed_loss", loss)
+    assert train.main(["--init_from", "resume", "--out_dir", str(tmp_path / "b")])["steps"] == 6
+    wa, wb = ckpt_of(tmp_path / "a")["model"], ckpt_of(tmp_path / "b")["model"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
+
+
+def test_one_run_at_a_time_per_folder(tmp_path, capsys):
+    with runtime.run_folder(str(tmp_path), True):  # another run holds the folder
+        with pytest.raises(SystemExit):
+            train.main(TINY + ["--out_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"another run (pid {os.getpid()}) is writing to {tmp_path}" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "ckpt.pt").exists()
+    assert train.main(TINY + ["--out_dir", str(tmp_path)])["steps"] == 3  # the lock goes with its process
+
+
+def test_a_new_batch_size_on_resume_still_ends_the_schedule_at_min_lr(tmp_path):
+    train.main(TINY + ["--epochs", "2", "--out_dir", str(tmp_path), "--eval_every", "1"])
+    ck = ckpt_of(tmp_path)
+    ck["progress"].update(epoch=1, batch=0, step=3)  # as if stopped after the first epoch
+    ck["log"] = [r for r in ck["log"] if r["step"] <= 3]
+    torch.save(ck, tmp_path / "ckpt.pt")
+    s = train.main(["--init_from", "resume", "--out_dir", str(tmp_path), "--batch_size", "32"])
+    lrs = [r["lr"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "lr" in r]
+    assert s["steps"] == 3 + 6 and lrs[-1] == pytest.approx(train.lr_at(11, 12, 2e-3, 1e-5, 0.05)) and lrs[-1] < 1e-4
+
+
+def test_a_checkpoint_is_data_not_code(tmp_path):
+    """A checkpoint that would run code when unpickled is refused in one line, and the code never runs."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": {}, "model_args": {}, "config": {}, "progress": Payload()}, tmp_path / "ckpt.pt")
+    r = cli("--init_from", "resume", "--out_dir", str(tmp_path))
+    assert r.returncode == 2 and "is not a readable checkpoint" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    train.main(TINY + ["--epochs", "2", "--out_dir", str(tmp_path)])
+    before = (tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_bytes()
+    save = train.data.write_atomic
+
+    def full(path, write, mode="w"):
+        if path.endswith("ckpt.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return save(path, write, mode)
+
+    monkeypatch.setattr(train.data, "write_atomic", full)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--out_dir", str(tmp_path), "--overwrite", "true"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and f"cannot write {tmp_path}/ckpt.pt (No space left" in err
+    assert ((tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_bytes()) == before
+
+
+def test_a_resumed_folder_run_needs_the_same_classes_and_images(tmp_path, capsys):
+    from PIL import Image
+    for split, n in (("train", 16), ("test", 4)):
+        for c, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), colour).save(tmp_path / split / c / f"{i}.png")
+    argv = ["--dataset", "folder", "--data_dir", str(tmp_path), "--image_size", "8", "--batch_size", "8", "--n_embd", "16",
+            "--n_head", "2", "--n_layer", "1", "--epochs", "1", "--min_steps", "0", "--device", "cpu", "--out_dir", str(tmp_path / "o")]
+    train.main(argv)
+    resume = ["--init_from", "resume", "--out_dir", str(tmp_path / "o"), "--epochs", "2"]
+    for change in (lambda: [(tmp_path / s / "b").rename(tmp_path / s / "c") for s in ("train", "test")],  # labels would permute
+                   lambda: Image.new("RGB", (8, 8)).save(tmp_path / "train" / "c" / "new.png")):  # an added image
+        change()
+        with pytest.raises(SystemExit):
+            train.main(resume)
+        err = capsys.readouterr().err
+        assert "the data changed since the run in" in err and len(err.splitlines()) == 1

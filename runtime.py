@@ -1,0 +1,141 @@
+"""
+What a training run needs from the system around it (train.py's mechanics, apart from its loop):
+
+    setup_device   the device, and under torchrun one process per GPU (NCCL) or per CPU process (gloo)
+    flat_grads     every gradient in one buffer: data parallel is one all-reduce per step
+    run_folder     one run at a time per folder
+    load_checkpoint / rng_states / restore_rng    a checkpoint is data, and a resume is exact
+    stop_on_ctrl_c Ctrl-C stops at a consistent point, with a checkpoint
+"""
+import contextlib
+import fcntl
+import os
+import signal
+import sys
+
+import torch
+
+from configurator import die
+
+
+def setup_device(name):
+    """(device, rank, world): under torchrun, one process per GPU (NCCL) or per CPU process (gloo)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as e:
+        die(f"--device {name} is not usable here ({str(e).splitlines()[0][:80]}); use auto, cpu, cuda, cuda:N or mps")
+    if "RANK" not in os.environ:
+        return name, 0, 1
+    torch.distributed.init_process_group("nccl" if name.startswith("cuda") else "gloo")
+    if name.startswith("cuda"):
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(name)
+    return name, torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def flat_grads(params):
+    """Gradients in one flat fp32 buffer (each p.grad a view into it), zeroed in place between steps.
+    Data parallel is then one all-reduce of this buffer per step, outside the compiled step. A DDP
+    wrapper's hooks run inside backward and turn off the CUDA graphs of compile_mode reduce-overhead,
+    without which this small, launch-bound model trains slower on two GPUs than on one. And since
+    backward always adds into these existing buffers, gradient accumulation works with CUDA graphs too."""
+    flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+    i = 0
+    for p in params:
+        p.grad = flat[i:i + p.numel()].view_as(p)
+        i += p.numel()
+    return flat
+
+
+def all_ranks_agree(weights, world):
+    """Whether every rank holds exactly rank 0's weights (a flat tensor); True on one process."""
+    if world == 1:
+        return True
+    reference = weights.clone()
+    torch.distributed.broadcast(reference, 0)
+    differ = torch.tensor([float(not torch.equal(reference, weights))], device=weights.device)
+    torch.distributed.all_reduce(differ)
+    return not differ.item()
+
+
+@contextlib.contextmanager
+def run_folder(out, master):
+    """One run at a time per folder: an exclusive lock on out/.lock (holding the pid, for the message),
+    which the system drops when the process ends however it ends, so a killed run leaves no stale lock."""
+    if not master:
+        yield
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:
+        die(f"cannot write to --out_dir {out} ({e.strerror}); pick another --out_dir")
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            die(f"another run (pid {f.read().strip() or '?'}) is writing to {out}; wait for it or pick another --out_dir")
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def load_checkpoint(path):
+    """A checkpoint is data: tensors, numbers, strings, lists and dicts (torch.load weights_only), never code."""
+    if not os.path.exists(path):
+        die(f"no checkpoint at {path}; train first (python train.py) or point --out_dir at a run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding objects that only code could rebuild
+        why = str(e).strip().splitlines()[-1][:80] if "weights_only" in str(e) else type(e).__name__
+        die(f"{path} is not a readable checkpoint ({why}); delete it or pick another --out_dir")
+    if not isinstance(ckpt, dict) or not {"model", "model_args", "config", "progress"} <= set(ckpt):
+        die(f"{path} is not a checkpoint written by this train.py (no model / model_args / config / progress)")
+    return ckpt
+
+
+def rng_states(dev, world):
+    """Every random state a rank draws from (the CPU's; its CUDA device's), of every rank: a list by rank."""
+    mine = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(dev) if dev.startswith("cuda") else None)
+    states = [mine] * world
+    if world > 1:
+        torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng(states, dev, rank, world):
+    """Each rank continues its own random streams, when the run has as many ranks as it had."""
+    if len(states) == world:
+        torch.set_rng_state(states[rank]["cpu"])
+        if dev.startswith("cuda") and states[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(states[rank]["cuda"], dev)
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c():
+    """Yields stop(world, device): whether Ctrl-C was pressed on any rank. The first Ctrl-C asks the loop
+    to stop at its next log interval with a checkpoint (a consistent point that all ranks agree on);
+    a second one quits at once."""
+    pressed = []
+
+    def handler(*_):
+        pressed.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nstopping at the next log interval, with a checkpoint (Ctrl-C again: quit without one)", file=sys.stderr)
+
+    def stop(world, dev):
+        if world == 1:
+            return bool(pressed)
+        flag = torch.tensor([float(bool(pressed))], device=dev)
+        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
