@@ -9,8 +9,10 @@ configure(argv, config_defaults(globals())). A config file is Python: its assign
 `epochs = 75` in config/cifar.py is the same as --epochs 75. -h prints the script's docstring and every
 key with its default.
 """
+import math
 import os
 import sys
+import traceback
 
 
 def die(msg):
@@ -36,12 +38,13 @@ def parse_value(key, value, default):
         die(f"--{key} takes a {type(default).__name__}; got {value!r}")
 
 
-def configure(argv, defaults, doc="", choices=None, counts=(), fractions=()):
+def configure(argv, defaults, doc="", allowed=None):
     """defaults updated by argv, left to right: config files (*.py, their assignments) and --key value /
-    --key=value; then checked: a key of `choices` takes one of its values, a number is at least 1 when
-    in `counts`, in [0, 1) when in `fractions`, at least 0 otherwise. Returns (config, the keys argv set).
+    --key=value; then checked against `allowed`, {key: a tuple of choices, or a number range (low, high),
+    high excluded}; every other number finite and at least 0. Returns (config, the keys argv set).
     -h prints doc and every key with its default."""
-    choices = choices or {}
+    allowed = allowed or {}
+    choices = {k: v for k, v in allowed.items() if isinstance(v[0], str)}
     if {"-h", "--help"} & set(argv):
         print(doc + "\n".join(f"  --{k} {v!r}" + (f"  ({' | '.join(choices[k])})" if k in choices else "")
                               for k, v in defaults.items()))
@@ -53,8 +56,16 @@ def configure(argv, defaults, doc="", choices=None, counts=(), fractions=()):
             if not os.path.isfile(a):
                 die(f"config file {a} not found")
             scope = {}
-            exec(open(a).read(), scope)
-            pairs, where = [(k, v) for k, v in scope.items() if not k.startswith("_")], f" in {a}"
+            try:
+                with open(a) as f:
+                    exec(compile(f.read(), a, "exec"), scope)
+            except Exception as e:  # one line: the file, the line (a SyntaxError's, else the file's last frame), the error
+                tb = [None] + [t.lineno for t in traceback.extract_tb(e.__traceback__) if t.filename == a]
+                line = e.lineno if isinstance(e, SyntaxError) else tb[-1]
+                why = (e.msg if isinstance(e, SyntaxError) else str(e)).strip().splitlines()[:1]
+                die(f"config file {a}{f', line {line}' if line else ''}: {': '.join([type(e).__name__] + why)}; fix the file")
+            pairs = [(k, v) for k, v in scope.items() if not k.startswith("_") and type(v) is not type(os)]  # imports aside
+            where = f" in {a}"
         elif a.startswith("--") and ("=" in a or args):
             k, v = a[2:].split("=", 1) if "=" in a else (a[2:], args.pop(0))
             pairs, where = [(k, parse_value(k, v, defaults[k]) if k in defaults else v)], ""
@@ -70,6 +81,8 @@ def configure(argv, defaults, doc="", choices=None, counts=(), fractions=()):
     for k, v in cfg.items():
         if k in choices and v not in choices[k]:
             die(f"--{k} must be one of {' | '.join(choices[k])}; got {v!r}")
-        if type(v) in (int, float) and not (v >= (1 if k in counts else 0) and (k not in fractions or v < 1)):
-            die(f"--{k} must be " + ("at least 1" if k in counts else "in [0, 1)" if k in fractions else "at least 0") + f"; got {v}")
+        low, high = allowed.get(k, (0, math.inf)) if type(v) in (int, float) else (0, math.inf)
+        if type(v) in (int, float) and not (math.isfinite(v) and low <= v < high):
+            die(f"--{k} must be " + ("finite and " if v == math.inf else "")
+                + (f"in [{low}, {high})" if math.isfinite(high) else f"at least {low}") + f"; got {v}")
     return cfg, given

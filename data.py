@@ -11,6 +11,7 @@ mask_test bool (n, H, W) or None; classes, a list of names. Anything wrong with 
 disk raises DataError with one line that names the file and the fix.
 """
 import hashlib
+import http.client
 import io
 import os
 import pickle
@@ -21,6 +22,7 @@ import zipfile
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 class DataError(Exception):
@@ -120,33 +122,52 @@ def load_shapes(n_train=20000, n_test=2000, seed=0):
 def _read_batches(folder, names):
     xs, ys = [], []
     for name in names:
-        with open(os.path.join(folder, name), "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (n, 3072) -> (n, 3, 32, 32)
-        ys.append(np.asarray(d[b"labels"], dtype=np.int64))
+        try:  # a missing, cut-short or foreign file: an unpacking that stopped halfway, or not CIFAR-10's batches
+            with open(os.path.join(folder, name), "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (n, 3072) -> (n, 3, 32, 32)
+            ys.append(np.asarray(d[b"labels"], dtype=np.int64))
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+            raise DataError(f"cannot read {os.path.join(folder, name)} ({type(e).__name__}); delete {folder} and rerun "
+                            f"to unpack it again") from None
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def download(url, path):
+    """url to path (through write_atomic), 1 MB at a time, with a progress bar."""
+    with urllib.request.urlopen(url) as r, tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B",
+                                                unit_scale=True, desc=os.path.basename(path)) as bar:
+        def copy(f):
+            for b in iter(lambda: r.read(1 << 20), b""):
+                f.write(b)
+                bar.update(len(b))
+        write_atomic(path, copy, "wb")
 
 
 def load_cifar10(data_dir):
     """CIFAR-10 from DATA_DIR/cifar-10-batches-py; fetched from the official address (md5 checked)
     and unpacked when absent."""
     folder = os.path.join(data_dir, "cifar-10-batches-py")
+    tgz = os.path.join(data_dir, "cifar-10-python.tar.gz")
+    if not os.path.isdir(folder) and not os.path.exists(tgz):
+        print(f"CIFAR-10 not found in {data_dir}: downloading {CIFAR_URL} (163 MB)")
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+            download(CIFAR_URL, tgz)
+        except (OSError, http.client.HTTPException) as e:
+            raise DataError(f"could not download CIFAR-10 ({e}); put cifar-10-python.tar.gz in {data_dir} by hand, "
+                            f"or use --dataset shapes") from None
     if not os.path.isdir(folder):
-        os.makedirs(data_dir, exist_ok=True)
-        tgz = os.path.join(data_dir, "cifar-10-python.tar.gz")
-        if not os.path.exists(tgz):
-            print(f"CIFAR-10 not found in {data_dir}: downloading {CIFAR_URL} (163 MB)")
-            try:
-                write_atomic(tgz, lambda f: f.write(urllib.request.urlopen(CIFAR_URL).read()), "wb")
-            except OSError as e:
-                raise DataError(f"could not download CIFAR-10 ({e}); put cifar-10-python.tar.gz "
-                                f"in {data_dir} by hand, or use --dataset shapes") from None
         with open(tgz, "rb") as f:
             md5 = hashlib.md5(f.read()).hexdigest()
         if md5 != CIFAR_MD5:
             raise DataError(f"{tgz} fails its md5 check (corrupt or partial download); delete it and rerun")
-        with tarfile.open(tgz) as tar:
-            tar.extractall(data_dir, filter="data")
+        try:
+            with tarfile.open(tgz) as tar:
+                tar.extractall(data_dir, filter="data")
+        except OSError as e:  # a full disk or a read-only folder; what was unpacked, _read_batches refuses
+            raise DataError(f"cannot unpack {tgz} into {data_dir} ({e.strerror or e}); free some space or make it "
+                            f"writable, delete {folder} and rerun") from None
     x_tr, y_tr = _read_batches(folder, [f"data_batch_{i}" for i in range(1, 6)])
     x_te, y_te = _read_batches(folder, ["test_batch"])
     return dict(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, mask_test=None, classes=CIFAR_CLASSES)
@@ -207,6 +228,13 @@ def folder_files(data_dir):
         if not files:
             raise DataError(f"no images under {d}/<class>/ (looked for {', '.join(IMAGE_EXTS)})")
         out[split] = ([p for p, _ in files], [i for _, i in files])
+    seen = set(out["train"][1])
+    empty = [c for i, c in enumerate(classes) if i not in seen]
+    if empty:  # a class the model is asked to predict but never sees
+        raise DataError(f"{dirs['train']}/{empty[0]} has no images (looked for {', '.join(IMAGE_EXTS)}); add some or "
+                        f"remove the folder")
+    if len(classes) < 2:  # one class: 100% accuracy by always answering it
+        raise DataError(f"{dirs['train']} has one class ({classes[0]}); a classifier needs at least two class folders")
     return classes, out
 
 
@@ -223,13 +251,12 @@ def cache_path(data_dir, image_size, files):
     if os.access(data_dir, os.W_OK):
         return os.path.join(data_dir, name)
     home = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "infsa")
-    os.makedirs(home, exist_ok=True)
     return os.path.join(home, hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:8] + "_" + name)
 
 
 def load_folder(data_dir, image_size):
     """DATA_DIR/{train,test}/<class>/<image>, decoded once and cached (cache_path); a cache that cannot
-    be read is rebuilt."""
+    be read is rebuilt, one that cannot be written is skipped (a warning)."""
     classes, files = folder_files(data_dir)
     cache = cache_path(data_dir, image_size, files)
     if os.path.exists(cache):
@@ -243,7 +270,11 @@ def load_folder(data_dir, image_size):
     for split, (paths, labels) in files.items():
         print(f"decoding {len(paths)} {split} images from {data_dir} (once; cached in {cache})")
         out[f"x_{split}"], out[f"y_{split}"] = decode_all(paths, image_size), np.array(labels, dtype=np.int64)
-    write_atomic(cache, lambda f: np.savez(f, **out), "wb")
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        write_atomic(cache, lambda f: np.savez(f, **out), "wb")
+    except OSError as e:  # a full disk, a read-only cache home: training needs no cache
+        print(f"warning: cannot write the cache {cache} ({e.strerror or e}); going on without it (the next run decodes again)")
     return dict({k: torch.from_numpy(v) for k, v in out.items()}, mask_test=None, classes=classes)
 
 

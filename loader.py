@@ -5,7 +5,7 @@ shuffled per epoch, augmented in batched ops that compile into a few fused kerne
     loaders(cfg, device) -> (train, evaluate, test, classes, mean, std), from train.py's config
 
 Augmentations, in order (training only): random_crop_flip, random_affine (rotation, zoom, shift),
-color_jitter, normalisation, random_erase; paste_box is CutMix's box, used by train.py's loss.
+color_jitter, normalisation, random_erase; mix_pairs mixes pairs of images (mixup, CutMix) for train.py's loss.
 """
 import math
 
@@ -106,6 +106,19 @@ def paste_box(x, other, lam):
     x = x.clone()
     x[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
     return x, 1 - (y1 - y0) * (x1 - x0) / (H * W)
+
+
+def mix_pairs(x, mixup, cutmix):
+    """(mixed x, perm, lam): each image mixed with its partner x[perm], lam ~ Beta(alpha, alpha) per batch.
+    mixup: lam x + (1 - lam) x[perm]; cutmix: paste_box; both > 0: one of the two per batch, at random."""
+    use_cutmix = cutmix > 0 and (mixup == 0 or torch.rand(()) < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(x), device=x.device)
+    if use_cutmix:
+        mixed, lam = paste_box(x, x[perm], lam)  # lam: the area actually kept, after clipping at the borders
+        return mixed, perm, lam
+    return lam * x + (1 - lam) * x[perm], perm, lam
 
 
 def epoch_order(n, seed, epoch):

@@ -4,17 +4,19 @@ What a training run needs from the system around it (train.py's mechanics, apart
     setup_device   the device, and under torchrun one process per GPU (NCCL) or per CPU process (gloo)
     flat_grads     every gradient in one buffer: data parallel is one all-reduce per step
     run_folder     one run at a time per folder
-    load_checkpoint / rng_states / restore_rng    a checkpoint is data, and a resume is exact
+    save_checkpoint / load_checkpoint / rng_states / restore_rng    a checkpoint is data, and a resume is exact
     stop_on_ctrl_c Ctrl-C stops at a consistent point, with a checkpoint
 """
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import sys
 
 import torch
 
+import data
 from configurator import die
 
 
@@ -96,6 +98,31 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or not {"model", "model_args", "config", "progress"} <= set(ckpt):
         die(f"{path} is not a checkpoint written by this train.py (no model / model_args / config / progress)")
     return ckpt
+
+
+def save_checkpoint(run):
+    """ckpt.pt (weights, optimiser, config, progress, log, every rank's random states) and log.jsonl, each written
+    atomically; only finite weights, the same on every rank: a diverged run never replaces a good checkpoint.
+    A summary.json from before is removed: it describes a finished run, and this one is not."""
+    rng, p = rng_states(run.dev, run.world), run.progress
+    weights = torch.cat([w.detach().flatten() for w in run.model.parameters()])
+    stopped = f"stopped, {run.out}/ckpt.pt is the last good checkpoint (if any)"
+    if not all_ranks_agree(weights, run.world):  # each applies the same averaged gradients: equal bit for bit
+        die(f"the ranks' weights differ after step {p['step']}; {stopped}")
+    if not torch.isfinite(weights).all():
+        die(f"the weights are not finite after step {p['step']}; {stopped}; try a lower --lr")
+    if run.master:
+        state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), config=run.config, progress=p,
+                     model_args=run.model_args, log=run.log, data=run.data, rng=rng, mean=run.mean, std=run.std)
+        data.write_atomic(os.path.join(run.out, "ckpt.pt"), lambda f: torch.save(state, f), "wb")
+        write_log(run)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run.out, "summary.json"))
+
+
+def write_log(run):
+    """log.jsonl from the run's records: it always describes the checkpoint beside it, or the finished run."""
+    data.write_atomic(os.path.join(run.out, "log.jsonl"), lambda f: f.writelines(json.dumps(r) + "\n" for r in run.log))
 
 
 def rng_states(dev, world):

@@ -11,12 +11,11 @@ Token maps (heads averaged, or one head with --head h; CLS dropped; patches on t
     pure     katz     Katz in-centrality ((I - gamma A^T)^-1 - I) 1 of A_hat, each head its own gamma
              hopT     CLS row of A_hat^T, T = 1..hops: where a walk from CLS is after T hops
     linear   a        the pooled scores a of Linear-InfSA
---metrics scores one map of --layer against the object masks of the built-in shapes dataset (a patch
-is 'object' when the mask covers >= --cover of it): ROC-AUC and PR-AUC per image, and MoRF / LeRF,
-the probability of the true class as the patches are blanked most / least relevant first; each
-beside the same number for random scores, the floor.
+--metrics scores one map against the object masks of the built-in shapes dataset (a patch is 'object' when
+the mask covers >= --cover of it): ROC-AUC and PR-AUC per image, and MoRF / LeRF, the probability of the true
+class as patches are blanked most / least relevant first; each beside the floor, random scores.
 """
-import json
+import math
 import os
 import sys
 from types import SimpleNamespace
@@ -33,8 +32,6 @@ import train
 from configurator import config_defaults, configure, die
 from model import ViT, ViTConfig
 
-DEFAULT_MAP = {"softmax": "cls", "pure": "katz", "linear": "a"}
-CMAP = "inferno"
 # the paper's ImageNet-1K numbers (%, bounding-box ground truth): MoRF-AOC / ROC-AUC / PR-AUC
 PAPER = {"softmax": (42.6, 53.8, 56.2), "pure": (71.7, 77.3, 72.4), "linear": (76.0, 75.9, 76.1)}
 # -----------------------------------------------------------------------------
@@ -105,14 +102,28 @@ def blank_patches(x, rank, k, patch):
 # runs, images, token maps
 
 
-def load_run(path, dev):
-    """A trained run: its model on dev (eval mode), checkpoint, kind and normalisation."""
+def load_run(path, dev, opt):
+    """A run as its checkpoint describes it: the model (model_args, an output per class) on dev in eval mode, classes,
+    normalisation, log, the config that fixes its test images; run.map: --score_map at --layer (--head checked too)."""
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     ckpt = train.load_checkpoint(path)
-    model = ViT(ViTConfig(**ckpt["model_args"]), verbose=False)
-    model.load_state_dict(ckpt["model"])
-    return SimpleNamespace(model=model.to(dev).eval(), cfg=model.cfg, config=ckpt["config"], path=path,
-                           kind=model.cfg.attn, mean=ckpt["mean"].to(dev), std=ckpt["std"].to(dev))
+    try:  # a field missing, or one this model.py does not take: one line, not a traceback
+        classes = ckpt["data"]["classes"]
+        model = ViT(ViTConfig(**dict(ckpt["model_args"], n_classes=len(classes))), verbose=False)
+        model.load_state_dict(ckpt["model"])
+        run = SimpleNamespace(model=model.to(dev).eval(), cfg=model.cfg, path=path, kind=model.cfg.attn, classes=classes,
+                              mean=ckpt["mean"].to(dev), std=ckpt["std"].to(dev), log=ckpt["log"],
+                              config={k: ckpt["config"][k] for k in ("dataset", "data_dir", "image_size", "seed", "n_test")})
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        die(f"{path} does not fit this code ({type(e).__name__}: {str(e).strip().splitlines()[0][:100]}); train the run again")
+    if opt.head >= model.cfg.n_head or opt.layer > model.cfg.n_layer:
+        die(f"--head {opt.head + 1} --layer {opt.layer} out of range: {path} has heads 1..{model.cfg.n_head} (0: their mean) "
+            f"and layers 1..{model.cfg.n_layer} (0: the last)")
+    name = map_names(run)[0] if opt.score_map == "auto" else opt.score_map
+    if name not in map_names(run):
+        die(f"--score_map {opt.score_map} is not a map of {run.kind} attention; it has {', '.join(map_names(run))}")
+    run.map = f"{name}@{opt.layer or model.cfg.n_layer}"
+    return run
 
 
 def token_scores(layers, kind, hops, head=-1):
@@ -138,7 +149,7 @@ def token_scores(layers, kind, hops, head=-1):
 
 
 def map_names(run):
-    """The map names of a run, its default first."""
+    """The map names of a run, its default (--score_map auto) first."""
     hops = [f"hop{t}" for t in range(1, run.cfg.hops + 1)]
     return {"softmax": ["cls", "rollout"], "pure": ["katz"] + hops, "linear": ["a"]}[run.kind]
 
@@ -146,8 +157,7 @@ def map_names(run):
 @torch.no_grad()
 def run_maps(run, x_uint8, head):
     """(class probabilities (B, n_classes), token_scores) of a run for uint8 images."""
-    x = loader.normalize(x_uint8.to(run.mean.device), run.mean, run.std)
-    logits, layers = run.model.attention_maps(x)
+    logits, layers = run.model.attention_maps(loader.normalize(x_uint8.to(run.mean.device), run.mean, run.std))
     return logits.softmax(-1), token_scores(layers, run.kind, run.cfg.hops, head)
 
 # -----------------------------------------------------------------------------
@@ -155,7 +165,11 @@ def run_maps(run, x_uint8, head):
 
 
 def save(fig, path):
-    fig.savefig(path, dpi=130, bbox_inches="tight")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fig.savefig(path, dpi=130, bbox_inches="tight")
+    except OSError as e:
+        die(f"cannot write {path} ({e.strerror or e}); pick another --out_dir")
     plt.close(fig)
     print(f"wrote {path}")
 
@@ -171,7 +185,7 @@ def overlay(ax, img, s=None, mask=None, title=""):
         g = int(round(len(s) ** 0.5))
         s = s.float().cpu().view(g, g).numpy()  # (g, g)
         ax.imshow(im.mean(-1), cmap="gray", vmin=0, vmax=1, extent=ext)
-        ax.imshow((s - s.min()) / (s.max() - s.min() + 1e-12), cmap=CMAP, vmin=0, vmax=1, alpha=0.7,
+        ax.imshow((s - s.min()) / (s.max() - s.min() + 1e-12), cmap="inferno", vmin=0, vmax=1, alpha=0.7,
                   extent=ext, interpolation="nearest")
     if mask is not None:
         ax.contour(np.arange(W) + 0.5, np.arange(H) + 0.5, mask.numpy(), levels=[0.5], colors="cyan", linewidths=0.8)
@@ -200,8 +214,8 @@ def draw_grid(cols, x, y, mask, idx, classes, head, path, title):
             if c == 1 or cols[c - 2][0] is not run:
                 p = probs[r].cpu()
                 axes[r, c].set_xlabel(f"{classes[int(p.argmax())]} {p.max():.2f} ({p[y[i]]:.2f})", fontsize=7)
-    sm = plt.cm.ScalarMappable(cmap=CMAP, norm=plt.Normalize(0, 1))
-    fig.colorbar(sm, ax=axes, shrink=0.6, label="score, each map scaled min to max")
+    fig.colorbar(plt.cm.ScalarMappable(cmap="inferno", norm=plt.Normalize(0, 1)), ax=axes, shrink=0.6,
+                 label="score, each map scaled min to max")
     fig.suptitle(title, fontsize=9)
     save(fig, path)
 
@@ -209,13 +223,8 @@ def draw_grid(cols, x, y, mask, idx, classes, head, path, title):
 def draw_curves(runs, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6 + 0.25 * len(runs)), layout="constrained")
     for k, run in enumerate(runs):
-        log = os.path.join(os.path.dirname(run.path), "log.jsonl")
-        if not os.path.exists(log):
-            print(f"no {log}: no training curves for {run.label}")
-            continue
-        recs = [json.loads(line) for line in open(log) if line.endswith("\n")]  # a line cut short by a crash: skipped
-        split = "val" if any("val_acc" in r for r in recs) else "test"  # --val_split runs evaluate on val
-        tr, te = [r for r in recs if "loss" in r], [r for r in recs if f"{split}_loss" in r]
+        split = "val" if any("val_acc" in r for r in run.log) else "test"  # --val_split runs evaluate on val
+        tr, te = [r for r in run.log if "loss" in r], [r for r in run.log if f"{split}_loss" in r]  # the log up to the weights
         for ax, key, scale in ((axes[0], "loss", 1), (axes[1], "acc", 100)):
             ys = np.array([scale * r[key] for r in tr])
             w = max(1, len(ys) // 40)  # a running mean over w log intervals: mixup makes single batches noisy
@@ -241,9 +250,9 @@ def draw_curves(runs, path):
 def quality(run, x, y, mask, opt):
     """Mean per-image ROC-AUC and PR-AUC of run.map against the object patches (random scores beside),
     and the MoRF / LeRF / random-order curves p_s, s = 0..steps, with round(s P / steps) patches blanked."""
-    model, patch, gen = run.model, run.cfg.patch_size, torch.Generator().manual_seed(0)
+    model, patch, gen, steps = run.model, run.cfg.patch_size, torch.Generator().manual_seed(0), opt.steps
     labels = patch_labels(mask, patch, opt.cover).numpy()  # (n, P)
-    P, steps = labels.shape[1], opt.steps
+    P = labels.shape[1]
     curves, scores, correct = {"morf": [], "lerf": [], "random": []}, [], 0
     for b in range(0, len(x), 250):
         xb, yb = x[b:b + 250], y[b:b + 250].to(run.mean.device)
@@ -252,9 +261,7 @@ def quality(run, x, y, mask, opt):
         scores.append(s.numpy())
         correct += (probs.argmax(-1) == yb).sum().item()
         xn = loader.normalize(xb.to(yb.device), run.mean, run.std)
-
-        def p_true(xi):  # (B,): probability of the true class
-            return model(xi)[0].softmax(-1).gather(1, yb[:, None])[:, 0].cpu()
+        p_true = lambda xi: model(xi)[0].softmax(-1).gather(1, yb[:, None])[:, 0].cpu()  # noqa: E731 -- (B,) p(true class)
         p0, p1 = probs.gather(1, yb[:, None])[:, 0].cpu(), p_true(torch.zeros_like(xn))  # clean, all blanked
         for how in curves:
             rank = removal_rank(s, how, gen).to(xn.device)
@@ -272,7 +279,7 @@ def quality(run, x, y, mask, opt):
     return res
 
 
-def print_table(runs, results, opt, heads):
+def report(runs, results, opt, heads, path):
     r0 = results[0]
     skip = f"; ROC/PR over the {r0['n_scored']} with both kinds of patch" if r0["n_scored"] < r0["n"] else ""
     print(f"\nattention quality on the first {r0['n']} test images{skip} (%, random baseline in parentheses; "
@@ -283,9 +290,6 @@ def print_table(runs, results, opt, heads):
         print(f"| {run.label} | {run.map} | {100 * r['acc']:.1f} | " + " | ".join(cells) + " |")
     print("\npaper (ImageNet-1K, bounding boxes; MoRF-AOC / ROC-AUC / PR-AUC): "
           + ", ".join(f"{k} {' / '.join(map(str, v))}" for k, v in PAPER.items()))
-
-
-def draw_morf_lerf(runs, results, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True, layout="constrained")
     for k, (run, r) in enumerate(zip(runs, results)):
         f, c = np.linspace(0, 1, len(r["curves"]["morf"])), r["curves"]
@@ -306,46 +310,33 @@ def draw_morf_lerf(runs, results, path):
 
 
 def main(argv):
-    opt = SimpleNamespace(**configure(argv, DEFAULTS, __doc__, counts=("n_metric", "steps"))[0])
+    cfg, given = configure(argv, DEFAULTS, __doc__, dict(n_metric=(1, math.inf), steps=(1, math.inf)))
+    opt = SimpleNamespace(**cfg)
     opt.head -= 1  # 0-based from here on; -1: the mean over heads
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if opt.device == "auto" else opt.device
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {dev} but CUDA is not available; use --device cpu")
+    for k in (k for k in ("n_metric", "steps", "cover") if k in given and not opt.metrics):  # what only --metrics uses
+        die(f"--{k} applies only with --metrics true; add that or drop --{k}")
     if not 0 < opt.cover <= 1:
         die(f"--cover must lie in (0, 1]; got {opt.cover}")
-    runs = [load_run(p, dev) for p in opt.runs.split(",") if p]
-    if not runs:
-        die("--runs names no run; give run folders like out/linear, comma separated")
+    dev = train.setup_device(opt.device if opt.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")[0]
+    runs = [load_run(p, dev, opt) for p in opt.runs.split(",") if p] or die("--runs names no run; give run folders like out/linear")
     ref, kinds = runs[0].config, [r.kind for r in runs]
     for run in runs:
-        cfg = run.cfg
         run.label = run.kind if kinds.count(run.kind) == 1 else f"{run.kind} ({run.path})"
-        if any(run.config[k] != ref[k] for k in ("dataset", "data_dir", "image_size", "seed", "n_test")):
+        if run.config != ref:
             die(f"{run.path} was tested on other images than {runs[0].path}; compare runs of one dataset")
-        if opt.head >= cfg.n_head:
-            die(f"--head {opt.head + 1} out of range: {run.path} has heads 1..{cfg.n_head} (0: their mean)")
-        if opt.layer > cfg.n_layer:
-            die(f"--layer {opt.layer} out of range: {run.path} has layers 1..{cfg.n_layer} (0: the last)")
-        name = DEFAULT_MAP[run.kind] if opt.score_map == "auto" else opt.score_map
-        if name not in map_names(run):
-            die(f"--score_map {opt.score_map} is not a map of {run.kind} attention; it has {', '.join(map_names(run))}")
-        run.map = f"{name}@{opt.layer or cfg.n_layer}"
     if opt.metrics and ref["dataset"] != "shapes":
-        die(f"--metrics needs object masks, which only the built-in shapes dataset has (this run used "
-            f"{ref['dataset']}); drop --metrics or train with --dataset shapes")
-    try:
-        idx = [int(i) for i in opt.images.split(",")]
-    except ValueError:
-        die(f"--images takes comma-separated integers like 0,1,2,3; got {opt.images!r}")
+        die(f"--metrics needs object masks, which only --dataset shapes has (these runs used {ref['dataset']}); drop --metrics")
+    idx = [int(i) if i.strip().isdigit() else -1 for i in opt.images.split(",")]  # -1: not an index
     try:  # the runs' test split (shapes: only its test images are generated)
         d = data.load(ref["dataset"], ref["data_dir"], ref["image_size"], ref["seed"], 0, ref["n_test"])
     except data.DataError as e:
         die(str(e))
     x, y, mask, classes = d["x_test"], d["y_test"], d["mask_test"], d["classes"]
+    for run in (r for r in runs if r.classes != classes):  # a renamed class would permute the labels
+        die(f"{run.path} was trained on other classes than {ref['data_dir']} has now; restore them or train again")
     if any(not 0 <= i < len(x) for i in idx):
-        die(f"--images {opt.images}: an index is out of range; the test split has {len(x)} images (0..{len(x) - 1})")
+        die(f"--images takes comma-separated indices of the test split's {len(x)} images, 0..{len(x) - 1}; got {opt.images!r}")
     out = opt.out_dir or os.path.dirname(runs[0].path)
-    os.makedirs(out, exist_ok=True)
     heads = "heads averaged" if opt.head < 0 else f"head {opt.head + 1}"
     note = ("cyan: object outline; " if mask is not None else "") + "under a map: the prediction, its p and (p of the true class)"
     if len(runs) > 1:
@@ -353,7 +344,7 @@ def main(argv):
         png, title = "compare.png", f"the same test images, {heads}"
     else:  # every layer's own map, then the multi-step ones (rollout / hops) of the chosen layer
         run, layer = runs[0], runs[0].map.split("@")[1]
-        names = [f"{DEFAULT_MAP[run.kind]}@{l}" for l in range(1, run.cfg.n_layer + 1)]
+        names = [f"{map_names(run)[0]}@{l}" for l in range(1, run.cfg.n_layer + 1)]
         cols = [(run, n, caption(n)) for n in names + [f"{n}@{layer}" for n in map_names(run)[1:]]]
         png, title = "maps.png", f"{run.kind} attention, {heads} ({run.path})"
     draw_grid(cols, x, y, mask, idx, classes, opt.head, os.path.join(out, png), f"{title}\n{note}")
@@ -361,8 +352,7 @@ def main(argv):
     if opt.metrics:
         n = min(opt.n_metric, len(x))
         results = [quality(run, x[:n], y[:n], mask[:n], opt) for run in runs]
-        print_table(runs, results, opt, heads)
-        draw_morf_lerf(runs, results, os.path.join(out, "morf_lerf.png"))
+        report(runs, results, opt, heads, os.path.join(out, "morf_lerf.png"))
         return results
 
 

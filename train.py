@@ -27,7 +27,7 @@ import data
 import loader
 from configurator import config_defaults, configure, die
 from model import ATTN_KINDS, ViT, ViTConfig
-from runtime import all_ranks_agree, flat_grads, load_checkpoint, restore_rng, rng_states, run_folder, setup_device, stop_on_ctrl_c
+from runtime import flat_grads, load_checkpoint, restore_rng, run_folder, save_checkpoint, setup_device, stop_on_ctrl_c, write_log
 
 # -----------------------------------------------------------------------------
 # config: the built-in dataset, sized to train on a 2-core CPU in a few minutes
@@ -65,7 +65,7 @@ n_embd = 64                 # width; head size d_h = n_embd / n_head
 mlp_ratio = 2.0
 hops = 3                    # pure: Neumann terms per layer
 gamma_init = 0.9            # pure, linear: initial gamma of every head
-init_std = 0.0              # Linear weights: 0 = Xavier-uniform, > 0 = truncated normal with this std
+init_std = 0.0              # Linear weights: 0 = Xavier-uniform, > 0 = N(0, init_std^2) cut at +-2 (model.ViT._init)
 dropout = 0.0
 drop_path = 0.0             # stochastic depth rate of the last block
 # optimisation
@@ -119,8 +119,7 @@ def lr_at(step, total, lr, min_lr, warmup):
 def settle_config(argv):
     """(config, checkpoint or None, out_dir): the command line over the defaults, or over a resumed run's own
     config; then every rule checked (ALLOWED, UNUSED_WHEN, RESUME_FIXED, ViTConfig's own) before anything is written."""
-    config, given = configure(argv, DEFAULTS, __doc__, {k: v for k, v in ALLOWED.items() if isinstance(v[0], str)},
-                              [k for k, v in ALLOWED.items() if v[0] == 1], [k for k, v in ALLOWED.items() if v == (0, 1)])
+    config, given = configure(argv, DEFAULTS, __doc__, ALLOWED)
     out = config["out_dir"] or os.path.join("out", config["attn"])
     ckpt = None
     if config["init_from"] == "resume":  # the run's own config, then what this command line changes
@@ -159,19 +158,11 @@ def evaluate(model, batches, ctx):
 
 
 def mixed_loss(model, xb, yb, mixup, cutmix, label_smoothing):
-    """(logits, loss): cross-entropy with label smoothing; with mixup or cutmix > 0 (both: one of them per
-    batch, at random) on mixed pairs, loss = lam CE(y) + (1 - lam) CE(y of the partner image),
-    lam ~ Beta(alpha, alpha); cutmix pastes a box of area 1 - lam of the partner."""
+    """(logits, loss): cross-entropy with label smoothing; on pairs mixed by loader.mix_pairs (mixup or cutmix
+    > 0), loss = lam CE(y) + (1 - lam) CE(y of the partner image)."""
     if not (mixup or cutmix):
         return model(xb, yb, label_smoothing)
-    use_cutmix = cutmix > 0 and (mixup == 0 or torch.rand(()) < 0.5)
-    alpha = cutmix if use_cutmix else mixup
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    perm = torch.randperm(len(xb), device=xb.device)
-    if use_cutmix:
-        xb, lam = loader.paste_box(xb, xb[perm], lam)
-    else:
-        xb = lam * xb + (1 - lam) * xb[perm]
+    xb, perm, lam = loader.mix_pairs(xb, mixup, cutmix)
     logits, _ = model(xb)
     ce = lambda y: F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)  # noqa: E731
     return logits, lam * ce(yb) + (1 - lam) * ce(yb[perm])
@@ -225,7 +216,7 @@ def train(argv):
         mode = cfg.compile_mode if cfg.compile and cuda else None  # None: not compiled
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        run = SimpleNamespace(cfg=cfg, config=config, out=out, dev=dev, rank=rank, world=world, master=master, model=model,
+        run = SimpleNamespace(cfg=cfg, config=config, model_args={k: config[k] for k in MODEL_KEYS}, out=out, dev=dev, rank=rank, world=world, master=master, model=model,
                               fwd=torch.compile(model, mode=mode) if mode else model, opt=opt, mode=mode,
                               flat=flat_grads([p for _, p in named]), progress=progress, log=log, first_step=progress["step"],
                               ctx=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext(),
@@ -317,31 +308,6 @@ def log_interval(run, epoch, pending, dt, bar):
     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{rec['img_s']:.0f}")
 
 
-def save_checkpoint(run):
-    """ckpt.pt (weights, optimiser, config, progress, log, every rank's random states) and log.jsonl, each written
-    atomically; only finite weights, the same on every rank: a diverged run never replaces a good checkpoint.
-    A summary.json from before is removed: it describes a finished run, and this one is not."""
-    rng, p = rng_states(run.dev, run.world), run.progress
-    weights = torch.cat([w.detach().flatten() for w in run.model.parameters()])
-    stopped = f"stopped, {run.out}/ckpt.pt is the last good checkpoint (if any)"
-    if not all_ranks_agree(weights, run.world):  # each applies the same averaged gradients: equal bit for bit
-        die(f"the ranks' weights differ after step {p['step']}; {stopped}")
-    if not torch.isfinite(weights).all():
-        die(f"the weights are not finite after step {p['step']}; {stopped}; try a lower --lr")
-    if run.master:
-        state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), config=run.config, progress=p,
-                     model_args={k: run.config[k] for k in MODEL_KEYS}, log=run.log, data=run.data, rng=rng,
-                     mean=run.mean, std=run.std)
-        data.write_atomic(os.path.join(run.out, "ckpt.pt"), lambda f: torch.save(state, f), "wb")
-        write_log(run)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(run.out, "summary.json"))
-
-
-def write_log(run):
-    data.write_atomic(os.path.join(run.out, "log.jsonl"), lambda f: f.writelines(json.dumps(r) + "\n" for r in run.log))
-
-
 def finish(run):
     """The final numbers: the test set (once, when training evaluated on validation), corruptions, speed."""
     cfg, p, (_, eval_loader, test_loader) = run.cfg, run.progress, run.loaders
@@ -367,8 +333,7 @@ def finish(run):
         shift["mean"] = sum(shift.values()) / len(shift)
         print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
     ips = run.seen / run.timed_s if run.timed_s else None  # this command's steps, the compile interval excluded
-    cuda = run.dev.startswith("cuda")
-    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(run.dev)), 0)
+    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if run.dev.startswith("cuda") and k in torch.cuda.get_device_name(run.dev)), 0)
     mfu = run.model.flops_per_image(training=True) * ips / (run.world * peak * 1e12) if ips and peak else None
     summary.update(test_acc=acc, shift=shift, img_s=ips, mfu=mfu, wall_s=p["wall_s"], resumed_from_step=run.first_step,
                    gamma_mean=run.model.gammas().mean().item(), device=run.dev, world=run.world, compile_mode=run.mode)

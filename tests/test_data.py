@@ -1,4 +1,5 @@
 """data.py: the built-in dataset, the CIFAR-10 and folder readers (on files made here), GPU-style augmentation."""
+import errno
 import hashlib
 import io
 import os
@@ -75,6 +76,35 @@ def test_cifar10_bad_archive_is_a_clear_error(tmp_path, monkeypatch):
     assert data.load("cifar10", str(tmp_path))["x_train"].shape == (10, 3, 32, 32)
 
 
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_cifar10_download_shows_progress_and_bad_batches_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "src" / "cifar-10-batches-py"
+    src.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_cifar_batch(src / name, 2, 0)
+    with tarfile.open(tmp_path / "src.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    monkeypatch.setattr(data, "CIFAR_URL", (tmp_path / "none.tar.gz").as_uri())
+    with pytest.raises(data.DataError, match="could not download CIFAR-10"):
+        data.load("cifar10", str(tmp_path / "d"))
+    assert not (tmp_path / "d" / "cifar-10-python.tar.gz").exists()
+    monkeypatch.setattr(data, "CIFAR_URL", (tmp_path / "src.tar.gz").as_uri())
+    monkeypatch.setattr(data, "CIFAR_MD5", hashlib.md5((tmp_path / "src.tar.gz").read_bytes()).hexdigest())
+    with monkeypatch.context() as m:  # a full disk while unpacking
+        m.setattr(data.tarfile.TarFile, "extractall", disk_full)
+        with pytest.raises(data.DataError, match="cannot unpack .* \\(No space left on device\\); free some space"):
+            data.load("cifar10", str(tmp_path / "d"))
+    assert data.load("cifar10", str(tmp_path / "d"))["x_train"].shape == (10, 3, 32, 32)
+    assert "100%" in capsys.readouterr().err  # the download's progress bar
+    batch = tmp_path / "d" / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])  # cut short, as by an unpacking that stopped
+    with pytest.raises(data.DataError, match="cannot read .*data_batch_3 .*delete"):
+        data.load("cifar10", str(tmp_path / "d"))
+
+
 def make_folder(root, n_train=3, n_test=2, size=(40, 20)):
     from PIL import Image
     for split, n in (("train", n_train), ("test", n_test)):
@@ -115,6 +145,34 @@ def test_read_only_data_folder_caches_in_the_user_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(data.os, "access", lambda path, mode: False)  # as if the folder were read-only
     assert len(data.load("folder", str(tmp_path / "ro"), image_size=8)["y_train"]) == 6
     assert not list((tmp_path / "ro").glob("cache*")) and len(list((tmp_path / "home" / "infsa").glob("*.npz"))) == 1
+
+
+def test_a_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_path, monkeypatch, capsys):
+    make_folder(tmp_path / "ro")
+    (tmp_path / "home").write_text("")  # a cache home that cannot be made: a file is in the way
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    with monkeypatch.context() as m:  # a read-only data folder
+        m.setattr(data.os, "access", lambda path, mode: False)
+        assert len(data.load("folder", str(tmp_path / "ro"), image_size=8)["y_train"]) == 6
+    assert "warning: cannot write the cache" in capsys.readouterr().out
+    monkeypatch.setattr(data.os, "replace", disk_full)
+    assert len(data.load("folder", str(tmp_path / "ro"), image_size=8)["y_train"]) == 6  # a full disk
+    out = capsys.readouterr().out
+    assert "warning: cannot write the cache" in out and "No space left on device" in out and len(out.splitlines()) == 3
+    assert sorted(p.name for p in (tmp_path / "ro").iterdir()) == ["test", "train"]  # no cache, no partial file
+
+
+def test_an_empty_class_or_a_single_class_is_refused(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "train" / "owl").mkdir()
+    (tmp_path / "train" / "owl" / "notes.txt").write_text("not an image")
+    with pytest.raises(data.DataError, match="train/owl has no images"):
+        data.load("folder", str(tmp_path), image_size=8)
+    shutil.rmtree(tmp_path / "train" / "owl")
+    for split in ("train", "test"):
+        shutil.rmtree(tmp_path / split / "dog")
+    with pytest.raises(data.DataError, match=r"train has one class \(cat\); a classifier needs at least two"):
+        data.load("folder", str(tmp_path), image_size=8)
 
 
 def test_two_processes_building_the_same_cache_at_once_both_succeed(tmp_path):

@@ -32,15 +32,19 @@ def test_attention_module_matches_infsa(attn):
     B, N, C, H = 3, 17, 16, 2
     q, k, v = (x @ m.qkv.weight.T + m.qkv.bias).split(C, dim=-1)
     q, k, v = (t.reshape(B, N, H, C // H).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
-    g = torch.sigmoid(m.gamma_logit).view(H, 1, 1)
+    gamma = torch.sigmoid(m.gamma_logit).view(H, 1, 1)
     ref = {"softmax": lambda: infsa.softmax_attention_materialized(q, k, v)[0],
-           "pure": lambda: infsa.neumann_series(infsa.affinity(q, k), v, g, 2),
-           "linear": lambda: infsa.linear_infsa(q, k, v, g)}[attn]()
+           "pure": lambda: infsa.neumann_series(infsa.affinity(q, k), v, gamma, 2),
+           "linear": lambda: infsa.linear_infsa(q, k, v, gamma)}[attn]()
     ref = ref.transpose(1, 2).reshape(B, N, C) @ m.proj.weight.T + m.proj.bias
     out = m(x)
     torch.testing.assert_close(out.expand(B, N, C), ref, rtol=1e-4, atol=1e-5)
     if attn == "linear":
         assert out.shape == (B, 1, C)  # one context vector, broadcast by the residual add
+    if attn == "softmax":  # the map is P = softmax_weights(q, k), not a product with v
+        m.keep_maps = True
+        m(x)
+        torch.testing.assert_close(m.maps["P"], infsa.softmax_weights(q, k), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("attn", KINDS)
@@ -51,11 +55,11 @@ def test_forward_loss_and_gamma_gradients(attn):
     assert logits.shape == (4, 10) and torch.isfinite(loss)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, y))
     loss.backward()
-    g = m.blocks[0].attn.gamma_logit.grad
+    grad = m.blocks[0].attn.gamma_logit.grad
     if attn == "softmax":
-        assert g is None  # softmax ignores gamma
+        assert grad is None  # softmax ignores gamma
     else:
-        assert torch.isfinite(g).all() and (g.abs() > 0).all()
+        assert torch.isfinite(grad).all() and (grad.abs() > 0).all()
 
 
 def test_pure_zero_padding_keeps_gradients():
@@ -92,8 +96,8 @@ def test_attention_maps(attn):
         torch.testing.assert_close(mp["cls"].sum(-1), torch.ones(2, 2))
     elif attn == "pure":
         torch.testing.assert_close(mp["A"].square().sum((-2, -1)), torch.ones(2, 2), rtol=1e-4, atol=1e-4)
-        A, g = mp["A"][1, 0].double(), mp["gamma"][0].item()
-        torch.testing.assert_close(mp["katz"][1, 0].double(), infsa.katz_centrality(A, g), rtol=1e-4, atol=1e-5)
+        A, gamma = mp["A"][1, 0].double(), mp["gamma"][0].item()
+        torch.testing.assert_close(mp["katz"][1, 0].double(), infsa.katz_centrality(A, gamma), rtol=1e-4, atol=1e-5)
     else:
         torch.testing.assert_close(mp["a"].sum(-1), torch.ones(2, 2), rtol=1e-4, atol=1e-5)
 

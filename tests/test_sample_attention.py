@@ -1,7 +1,5 @@
 """sample_attention.py: the metrics against hand-computed cases, the maps against their definitions,
-and a smoke run on tiny checkpoints made here in train.py's format."""
-import json
-
+and end-to-end runs on tiny checkpoints that train.py itself writes."""
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -112,25 +110,16 @@ def test_pure_hops_are_rows_of_powers_of_A():
 
 # ---------------------------------------------------------------- tiny runs, end to end
 
-def make_run(folder, kind):
-    """A tiny untrained run in train.py's checkpoint format, with a log.jsonl whose last line was cut short."""
-    torch.manual_seed(0)
-    args = dict(image_size=32, patch_size=8, n_layer=2, n_head=2, n_embd=16, attn=kind, n_classes=10, in_chans=3)
-    model = ViT(ViTConfig(**args), verbose=False)
-    config = dict(train.DEFAULTS, attn=kind, seed=3, n_train=128, n_test=48)
-    state = dict(model=model.state_dict(), optimizer=None, model_args=args, config=config, step=4, epoch=1,
-                 best_acc=0.1, acc=0.1, classes=data.SHAPES, mean=torch.full((3,), 0.5), std=torch.full((3,), 0.22), rng=None)
-    data.write_atomic(str(folder / "ckpt.pt"), lambda f: torch.save(state, f), "wb")
-    lines = [dict(step=s, epoch=0, loss=2.3 - 0.1 * s, acc=0.1 * s, lr=1e-3, img_s=1.0) for s in (1, 2)]
-    lines += [dict(step=s, epoch=0, loss=2.3 - 0.1 * s, acc=0.1 * s, lr=1e-3, img_s=1.0) for s in (3, 4)]
-    lines += [dict(step=4, epoch=0, test_acc=0.3, test_loss=1.9)]
-    (folder / "log.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n{\"step\": 5, \"lo")
+def make_run(folder, kind, *argv):
+    """A tiny run, two steps of train.py itself: its checkpoint format, whatever it becomes."""
+    train.main(["--attn", kind, "--patch_size", "8", "--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--epochs", "1",
+                "--min_steps", "0", "--seed", "3", "--device", "cpu", "--out_dir", str(folder), *argv])
     return str(folder)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return [make_run(tmp_path_factory.mktemp(kind), kind) for kind in ("softmax", "pure", "linear")]
+    return [make_run(tmp_path_factory.mktemp(kind), kind, "--n_train", "128", "--n_test", "48") for kind in ("softmax", "pure", "linear")]
 
 
 def test_compare_with_metrics_end_to_end(runs, tmp_path, capsys):
@@ -174,12 +163,35 @@ def test_errors_are_one_line(runs, tmp_path, capsys):
     one_line_error(capsys, ["--runs", str(tmp_path / "none.pt")], "no checkpoint")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     one_line_error(capsys, ["--runs", str(tmp_path / "bad.pt")], "not a readable checkpoint")
-    one_line_error(capsys, ["--runs", runs[0], "--images", "0,48"], "out of range")
-    one_line_error(capsys, ["--runs", runs[0], "--head", "3"], "--head 3 out of range")
+    one_line_error(capsys, ["--runs", runs[0], "--images", "0,48"], "indices of the test split's 48 images, 0..47; got '0,48'")
+    one_line_error(capsys, ["--runs", runs[0], "--head", "3"], "--head 3 --layer 0 out of range")
+    one_line_error(capsys, ["--runs", runs[0], "--images", "0,x"], "--images takes comma-separated indices")
     one_line_error(capsys, ["--runs", runs[2], "--score_map", "katz"], "not a map of linear")
     one_line_error(capsys, ["--runs", runs[0], "--steps", "0"], "--steps must be at least 1")
+    one_line_error(capsys, ["--runs", runs[0], "--device", "foo"], "--device foo is not usable here")
+    one_line_error(capsys, ["--runs", runs[0], "--steps", "4"], "--steps applies only with --metrics true")
+    (tmp_path / "file").write_text("")
+    one_line_error(capsys, ["--runs", runs[0], "--out_dir", str(tmp_path / "file" / "png")], "cannot write")
     ckpt = train.load_checkpoint(f"{runs[0]}/ckpt.pt")
+    torch.save({k: v for k, v in ckpt.items() if k != "mean"}, tmp_path / "old.pt")
+    one_line_error(capsys, ["--runs", str(tmp_path / "old.pt")], "does not fit this code (KeyError: 'mean')")
     for key, value, words in (("dataset", "cifar10", "needs object masks"), ("seed", 4, "tested on other images")):
         data.write_atomic(str(tmp_path / "other.pt"), lambda f: torch.save(dict(ckpt, config=dict(ckpt["config"], **{key: value})), f), "wb")
         one_line_error(capsys, ["--runs", f"{tmp_path / 'other.pt'},{runs[1]}" if key == "seed" else str(tmp_path / "other.pt"),
                                 "--metrics", "true"], words)
+
+
+def test_a_run_on_a_folder_of_other_than_10_classes(tmp_path, capsys):
+    """The model has one output per class of the run; a folder whose classes changed since is refused."""
+    from PIL import Image
+    classes = ["ant", "bee", "owl"]
+    for split in ("train", "test"):
+        for i, c in enumerate(classes):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (80 * i, 0, 0)).save(tmp_path / "d" / split / c / "0.png")
+    run = make_run(tmp_path / "run", "linear", "--dataset", "folder", "--data_dir", str(tmp_path / "d"), "--batch_size", "3")
+    sa.main(["--runs", run, "--images", "0,2", "--device", "cpu"])
+    assert f"wrote {tmp_path / 'run' / 'maps.png'}" in capsys.readouterr().out
+    for split in ("train", "test"):
+        (tmp_path / "d" / split / "bee").rename(tmp_path / "d" / split / "bees")
+    one_line_error(capsys, ["--runs", run, "--device", "cpu"], "was trained on other classes than")

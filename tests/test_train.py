@@ -162,7 +162,7 @@ def test_bad_options_stop_before_anything_is_written(argv, msg, tmp_path, capsys
 
 
 def test_config_files_then_overrides_left_to_right(tmp_path):
-    cfg, given = configure(["config/cifar.py", "--n_embd", "64", "--attn=pure"], train.DEFAULTS, choices=train.ALLOWED)
+    cfg, given = configure(["config/cifar.py", "--n_embd", "64", "--attn=pure"], train.DEFAULTS, train.ALLOWED)
     assert (cfg["n_embd"], cfg["n_layer"], cfg["attn"], cfg["epochs"], cfg["compile_mode"]) == (64, 6, "pure", 75, "reduce-overhead")
     assert {"n_embd", "attn", "dataset"} <= given
     long, _ = configure(["config/cifar_long.py"], train.DEFAULTS)
@@ -314,3 +314,29 @@ def test_a_resumed_folder_run_needs_the_same_classes_and_images(tmp_path, capsys
             train.main(resume)
         err = capsys.readouterr().err
         assert "the data changed since the run in" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("attn", ["linear", "pure"])
+def test_resume_on_a_gpu_is_bitwise_exact(attn, tmp_path, monkeypatch):
+    """On CUDA (eager; the kernels used here are deterministic): a run stopped mid-epoch by Ctrl-C and resumed
+    ends with the same weights, bit for bit, as the unbroken run: the CUDA random state (stochastic depth,
+    the mixup permutation) is in the checkpoint with the CPU's."""
+    argv = TINY + AUGS + ["--attn", attn, "--epochs", "2", "--drop_path", "0.2", "--device", "cuda", "--compile", "false"]
+    train.main(argv + ["--out_dir", str(tmp_path / "a")])
+    calls, loss = [], train.mixed_loss
+
+    def press_ctrl_c(*a):
+        calls.append(1)
+        if len(calls) == 4:  # in the second epoch
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(*a)
+
+    monkeypatch.setattr(train, "mixed_loss", press_ctrl_c)
+    with pytest.raises(SystemExit):
+        train.main(argv + ["--out_dir", str(tmp_path / "b")])
+    monkeypatch.setattr(train, "mixed_loss", loss)
+    assert ckpt_of(tmp_path / "b")["progress"]["step"] == 4 and ckpt_of(tmp_path / "b")["rng"][0]["cuda"] is not None
+    train.main(["--init_from", "resume", "--out_dir", str(tmp_path / "b")])
+    wa, wb = ckpt_of(tmp_path / "a")["model"], ckpt_of(tmp_path / "b")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
