@@ -5,18 +5,23 @@ attention kind, from 224^2 to 9216^2 images (197 to 331,777 tokens).
     python bench.py                                                  # the whole sweep
     python bench.py --kinds pure,pure-chunked --sizes 1024,4096 --train_kinds pure --train_sizes 4096
     python bench.py --kinds linear,softmax --sizes 1024 --compile true   # torch.compile'd models
-    python bench.py --cpu true --out_dir /tmp/bench                  # a tiny fp32 smoke run on the CPU
+    python bench.py --cpu true --out_dir /tmp/bench                  # a smoke run on the CPU: seconds, tiny images
 
 Kinds: linear (Linear-InfSA); softmax (PyTorch's fused SDPA: the strong baseline); softmax-mat
 (softmax(q k^T / sqrt(d_h)) built in full, O(N^2) memory: the kind of baseline the paper's 13.4x is
-measured against); pure (Pure-InfSA, K = 3, as the model runs it: from 1,024 tokens on CUDA the
-fused FlexAttention hops); pure-chunked (the same sum by a loop over blocks of rows of A_hat,
-recomputed every hop: the baseline of the fused hops). Inference: bf16 weights under
+measured against); pure (Pure-InfSA, K = 3, as the model runs it: on CUDA from model.FUSED_MIN_TOKENS
+on, each hop one Triton kernel of relu_hop.py); pure-chunked (the same sum by a loop over blocks of rows of
+A_hat, recomputed every hop: the baseline of the fused hops). Inference: bf16 weights under
 inference_mode; a training step (forward, backward, SGD): fp32 weights under bf16 autocast.
 Each row: two warm-up calls (the first compiles, where anything does), then the median of --runs
 calls timed by CUDA events (fast rows: about 0.5 s of calls; never past --budget_s; a row whose first
 call alone exceeds it reports that call). Out of memory is a row. MFU = the model's matmul FLOPs
-per second / the bf16 matmul rate measured at the start of the run.
+per second / the bf16 matmul rate measured at the start of the run. The model's FLOPs count attention as
+its formula: pure (2 + 2K) N^2 d per layer (S once, then K products A_hat z). The kernel does more: K
+passes over the N^2 scores, each computing S again and ReLU(S) z (4 N^2 d; the first also gives the
+norm), 4K N^2 d in all, so its own rate is 4K / (2 + 2K) = 1.5x the MFU's at K = 3. On the CPU (--cpu
+true: fp32, a 2-layer model, images of CPU_SIZES unless --sizes says otherwise, at most CPU_MAX pixels a
+side) nothing is compared with a matmul rate: no MFU.
 """
 import gc
 import json
@@ -55,6 +60,7 @@ matmul_n = 8192             # the size of the matmul whose rate MFU is measured 
 cpu = False                 # tiny shapes in fp32 on the CPU: a smoke run
 # -----------------------------------------------------------------------------
 DEFAULTS = config_defaults(globals())
+CPU_SIZES, CPU_MAX = "32,64", 256  # the CPU smoke run's default sizes, and its largest (seconds on 2 cores)
 
 
 def chunked_pure_infsa(q, k, v, gamma, hops, chunk, eps=1e-6):
@@ -168,15 +174,16 @@ def fmt(x, spec):
 def table(res):
     """Markdown: every row, then the speed ratios of each size (inference)."""
     line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
-    t = [f"{res['device']} | torch {res['torch']} | {res['date']} | measured bf16 matmul rate "
-         f"{res['matmul_tflops']:.0f} TFLOP/s | " + " ; ".join(f"`{c}`" for c in res["commands"]) + "\n",
+    mm = res["matmul_tflops"]
+    t = [f"{res['device']} | torch {res['torch']} | {res['date']} | " + (f"measured bf16 matmul rate {mm:.0f} TFLOP/s"
+         if mm else "no matmul rate, no MFU (CPU)") + " | " + " ; ".join(f"`{c}`" for c in res["commands"]) + "\n",
          line(["mode", "kind", "image", "tokens", "batch", "status", "img/s", "s per call", "runs", "peak GB", "TFLOP/s", "MFU"]),
          line(["---"] * 12)]
     for r in sorted(res["rows"], key=lambda r: (r["mode"] != "infer", KINDS.index(r["kind"]), r["compiled"], r["image"])):
         tf = r["flops"] / r["s"] / 1e12 if r.get("s") else None
         t.append(line([r["mode"], r["kind"] + (" (compiled)" if r["compiled"] else ""), f"{r['image']}²", f"{r['tokens']:,}", r["batch"], r["status"],
                        fmt(r.get("img_s"), ",.4g"), fmt(r.get("s"), ".4g"), r.get("runs", "-"), fmt(r.get("peak_gb"), ".2f"),
-                       fmt(tf, ".4g"), fmt(tf and tf / res["matmul_tflops"], ".1%")]))
+                       fmt(tf, ".4g"), fmt(tf and mm and tf / mm, ".1%")]))
     t += ["\nInference, img/s ratios between kinds measured in this run:\n",
           line(["image", "linear ÷ softmax-mat", "linear ÷ softmax (SDPA)", "pure ÷ pure-chunked"]), line(["---"] * 4)]
     speed = {(r["kind"], r["image"]): r.get("img_s") for r in res["rows"] if r["mode"] == "infer" and not r["compiled"]}
@@ -232,14 +239,19 @@ def ints(key, value):
         vals = [0]
     if not all(v > 0 for v in vals):
         die(f"--{key} takes positive integers separated by commas, e.g. 224,512; got {value!r}")
+    if not vals:
+        die(f"--{key} {value!r} names no size: nothing to measure")
     return vals
 
 
 def main(argv):
-    opt = SimpleNamespace(**configure(argv, DEFAULTS, __doc__, counts=("runs", "matmul_n"))[0])
+    cfg, given = configure(argv, DEFAULTS, __doc__, dict(runs=(1, math.inf), matmul_n=(1, math.inf)))
+    opt = SimpleNamespace(**cfg)
     cpu = opt.cpu
     if not cpu and not torch.cuda.is_available():
         die("no CUDA device: use --cpu true for the smoke run")
+    if cpu:  # a smoke run: the GPU sweep's default sizes would take hours and terabytes here
+        opt.sizes, opt.train_sizes = (cfg[k] if k in given else CPU_SIZES for k in ("sizes", "train_sizes"))
     plan = [("infer", k, S) for k in opt.kinds.split(",") if k for S in ints("sizes", opt.sizes)]
     plan += [("train", k, S) for k in opt.train_kinds.split(",") if k for S in ints("train_sizes", opt.train_sizes)]
     if not plan:
@@ -248,6 +260,8 @@ def main(argv):
     for mode, k, S in plan:
         if k not in KINDS:
             die(f"unknown kind {k!r}; kinds are {', '.join(KINDS)}")
+        if cpu and S > CPU_MAX:
+            die(f"--cpu true is a smoke run: images up to {CPU_MAX}² (a 2-layer model, fp32); got {S}")
         try:
             base = ViTConfig(image_size=S, patch_size=8, n_layer=2, n_head=4, n_embd=64, mlp_ratio=4.0) if cpu \
                 else paper_4l64h(image_size=S)
@@ -255,20 +269,25 @@ def main(argv):
         except ValueError as e:
             die(f"{e}; change --sizes")
     dev, dt = (torch.device("cpu"), torch.float32) if cpu else (torch.device("cuda"), torch.bfloat16)
-    rate = matmul_rate(256 if cpu else opt.matmul_n, dev, dt)
+    rate = None if cpu else matmul_rate(opt.matmul_n, dev, dt)  # a CPU's rate at tiny shapes means nothing: no MFU
     res = dict(device="CPU" if cpu else torch.cuda.get_device_name(), torch=torch.__version__,
                commands=["python bench.py " + " ".join(argv)],
                date=datetime.now().isoformat(timespec="seconds"), matmul_tflops=rate, rows=[],
                gpu_gb=None if cpu else torch.cuda.get_device_properties(0).total_memory / 1e9)
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # an unfused fallback would time the wrong thing
-    print(f"{res['device']} | torch {res['torch']} | matmul {rate:.1f} TFLOP/s", flush=True)
-    for mode, k, S in plan:
-        B = opt.batch or (2 if cpu else min(64, max(1, round(8 * (1024 / S) ** 2))))
-        row = measure(mode, k, S, configs[k, S], B, dev, opt)
-        res["rows"].append(row)
-        print(f"{mode} {k:<12} {S}² B={row['batch']}: {row['status']}, {fmt(row.get('img_s'), ',.4g')} img/s, "
-              f"{fmt(row.get('peak_gb'), '.2f')} GB", flush=True)
-        finish(res, opt.out_dir)  # a run killed by a timeout still leaves every row it measured
+    print(f"{res['device']} | torch {res['torch']} | matmul {fmt(rate, '.1f')} TFLOP/s", flush=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if cpu else threads)  # tiny shapes: a second thread only waits (100x slower on a busy CPU)
+    try:
+        for mode, k, S in plan:
+            B = opt.batch or (2 if cpu else min(64, max(1, round(8 * (1024 / S) ** 2))))
+            row = measure(mode, k, S, configs[k, S], B, dev, opt)
+            res["rows"].append(row)
+            print(f"{mode} {k:<12} {S}² B={row['batch']}: {row['status']}, {fmt(row.get('img_s'), ',.4g')} img/s, "
+                  f"{fmt(row.get('peak_gb'), '.2f')} GB", flush=True)
+            finish(res, opt.out_dir)  # a run killed by a timeout still leaves every row it measured
+    finally:
+        torch.set_num_threads(threads)
     print(finish(res, opt.out_dir))
     return res
 

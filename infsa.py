@@ -2,33 +2,29 @@
 Infinite Self-Attention (InfSA): attention as diffusion on a graph of tokens.
 
 One attention layer moves information one step along a graph whose nodes are tokens and whose
-edge weights are query-key affinities A_hat. Pure-InfSA sums many such steps with a discount
-gamma,
+edge weights are query-key affinities A_hat. Pure-InfSA sums K such steps with a discount gamma,
 
     Y = sum_{t=1..K} gamma^t A_hat^t V   ->   ((I - gamma A_hat)^-1 - I) V   as K -> inf,
 
-a Neumann series whose limit is the resolvent of the graph: the same object as Katz centrality,
-and as the fundamental matrix of an absorbing Markov chain where gamma A_hat is sub-stochastic
-(every row sum <= 1). The sum starts at t = 1 because the transformer's residual stream
-x + Attn(x) already passes each token on unchanged: it plays the part of the t = 0 term.
-Linear-InfSA keeps a single pooled score vector a over the tokens instead of the N x N matrix,
-so its state per head is O(d_h) whatever N is.
+a Neumann series whose limit is built from the resolvent (I - gamma A_hat)^-1 of the graph: the
+operator of Katz centrality and, where gamma A_hat is sub-stochastic (every row sum <= 1), the
+fundamental matrix of an absorbing Markov chain. The sum starts at t = 1 because the residual
+stream x + Attn(x) already passes each token on unchanged: it plays the part of the t = 0 term.
+Linear-InfSA keeps a single pooled score vector a over the tokens instead of the N x N matrix and
+gives every token the same context vector gamma sum_j a_j v_j: its state per head is O(d_h) whatever N is.
 
-Tensors are (..., N, d_h): any leading batch / head dims. Every function states its formula in
-its docstring. Reading order: affinity -> neumann_series -> neumann_closed_form -> pure_infsa
--> the centrality and Markov views -> linear_infsa -> softmax baselines. The last section holds
-one fast path, pure_infsa_flex, which computes pure_infsa without the N x N matrix; nothing
-above depends on it.
+Tensors are (..., N, d_h): any leading batch / head dims; every function states its formula in its docstring.
+Reading order: affinity -> neumann_series -> neumann_closed_form -> pure_infsa -> the centrality and Markov
+views -> linear_infsa -> softmax baselines. relu_hop.py holds pure_infsa's GPU fast path (never N x N).
 """
 import math
 from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 # -----------------------------------------------------------------------------
-# argument checks: one line each, where a caller can go wrong
+# argument checks (a one-line error where a caller can go wrong) and the dtype rules
 
 
 def _check_qkv(q, k, v=None):
@@ -51,12 +47,13 @@ def _check_hops(hops):
         raise ValueError(f"hops must be an integer >= 1 (the number of Neumann terms); got {hops!r}")
 
 
-def _like(gamma, x):
-    """gamma in x's dtype, so that bf16 data stays bf16 (a float gamma passes through)."""
+def _gamma_in_dtype_of(gamma, x):
+    """The rule for gamma in every formula here: gamma is applied in the dtype of the data x (a tensor
+    gamma, e.g. the model's fp32 sigmoid, is cast to it), so bf16 data stays bf16 through every hop."""
     return gamma.to(x.dtype) if isinstance(gamma, torch.Tensor) else gamma
 
 
-def _acc(x):
+def _sum_dtype(x):
     """The dtype sums over tokens run in: fp32 for fp16 / bf16 / fp32 data, fp64 for fp64."""
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -71,15 +68,15 @@ def relu_scores(q, k):
 
 def frobenius_norm(S):
     """||S||_F = sqrt(sum_ij S_ij^2) over the last two dims, summed in fp32 (at least), (..., 1, 1)."""
-    return torch.linalg.vector_norm(S, dim=(-2, -1), keepdim=True, dtype=_acc(S))
+    return torch.linalg.vector_norm(S, dim=(-2, -1), keepdim=True, dtype=_sum_dtype(S))
 
 
 def affinity(q, k, eps=1e-6):
     """A_hat = S / (||S||_F + eps),  S = ReLU(q k^T / sqrt(d_h)).
 
     Normalised over the whole N x N matrix, not per row: A_hat >= 0 and ||A_hat||_F = 1 (or
-    A_hat = 0 when every affinity is <= 0), so its spectral radius is at most 1. Row sums vary,
-    unlike softmax. Invariant to positive rescaling of q or k (up to eps). Returned in S's dtype."""
+    A_hat = 0 when every affinity is <= 0), so ||A_hat||_2 <= 1 and its spectral radius too. Row
+    sums vary, unlike softmax. Invariant to positive rescaling of q or k (up to eps). In S's dtype."""
     _check_qkv(q, k)
     S = relu_scores(q, k)
     return (S / (frobenius_norm(S) + eps)).to(S.dtype)
@@ -90,10 +87,10 @@ def neumann_series(A, x, gamma, hops):
     z_0 = x, z_t = gamma A z_{t-1}, Y = sum_t z_t. A^t is never formed.
 
     A: (..., N, N); x: (..., N, d); gamma: a float in (0, 1), or a tensor broadcastable against x,
-    e.g. (H, 1, 1) for one gamma per head."""
+    e.g. (H, 1, 1) for one gamma per head, applied in x's dtype (_gamma_in_dtype_of)."""
     _check_gamma(gamma)
     _check_hops(hops)
-    gamma = _like(gamma, x)
+    gamma = _gamma_in_dtype_of(gamma, x)
     z, y = x, 0
     for _ in range(hops):
         z = gamma * (A @ z)
@@ -108,17 +105,18 @@ def neumann_closed_form(A, x, gamma):
     return torch.linalg.solve(I - gamma * A, x) - x
 
 
-def truncation_bound(gamma, hops):
-    """||Y_inf - Y_K||_2 <= gamma^(K+1) / (1 - gamma) * ||x||_2  when ||A||_2 <= 1 (true for A_hat):
-    the tail sum_{t>K} gamma^t ||A||_2^t ||x||_2, a certificate for cutting the series at K."""
+def truncation_bound(x, gamma, hops):
+    """gamma^(K+1) / (1 - gamma) * ||x||_2 (K = hops), a bound on ||Y_inf - Y_K||_2 whenever ||A||_2 <= 1, as for
+    A_hat (||A_hat||_2 <= ||A_hat||_F <= 1): the tail is sum_{t>K} gamma^t A^t x and ||A^t x|| <= ||A||^t ||x||.
+    Attained when A x = x (e.g. A = 1 1^T / N, equal rows of x). ||.||_2: spectral norm of each (N, d) block."""
     _check_gamma(gamma)
     _check_hops(hops)
-    return gamma ** (hops + 1) / (1 - gamma)
+    return gamma ** (hops + 1) / (1 - gamma) * torch.linalg.matrix_norm(x, ord=2, keepdim=True)
 
 
 def pure_infsa(q, k, v, gamma, hops=3, eps=1e-6):
     """Pure-InfSA head output: Y = sum_{t=1..hops} gamma^t A_hat^t v,  A_hat = affinity(q, k).
-    Builds A_hat (N x N) once; pure_infsa_flex (below) computes the same without it."""
+    Builds A_hat (N x N) once; relu_hop.pure_infsa_fused computes the same without it."""
     _check_qkv(q, k, v)
     return neumann_series(affinity(q, k, eps), v, gamma, hops)
 
@@ -130,9 +128,8 @@ def pure_infsa(q, k, v, gamma, hops=3, eps=1e-6):
 def katz_centrality(A, gamma, direction="in"):
     """Katz centrality c = ((I - gamma A^T)^-1 - I) 1 = sum_{t>=1} gamma^t (A^T)^t 1.
 
-    direction='in': how much each token is attended, directly or through chains.
-    direction='out' uses A instead of A^T: how much each token attends. Needs
-    gamma < 1 / rho(A) (any gamma in (0, 1) for A_hat)."""
+    direction='in': how much each token is attended, directly or through chains; 'out' uses A instead
+    of A^T: how much each token attends. Needs gamma < 1 / rho(A) (any gamma in (0, 1) for A_hat)."""
     if direction not in ("in", "out"):
         raise ValueError(f"direction must be 'in' or 'out'; got {direction!r}")
     if not isinstance(gamma, torch.Tensor) and gamma <= 0:
@@ -177,10 +174,9 @@ def absorbing_chain(A, gamma):
 
     M = gamma A (transient -> transient), absorption R_i = 1 - sum_j M_ij, fundamental matrix
     F = (I - M)^-1 = sum_{t>=0} M^t: F_ij is the expected number of visits to j of a walk started
-    at i before it is absorbed, and (F - I) 1 is the out-Katz score. The probabilistic reading
-    holds only when M is sub-stochastic (every R_i >= 0); Frobenius normalisation does not
-    guarantee it (row sums of A_hat above 1 occur), so `valid` says whether it holds.
-    Returns Chain(M, R, fundamental, valid)."""
+    at i before it is absorbed; (F - I) 1 is the out-Katz score, 1^T (F - I) the in-Katz. The reading
+    holds only when M is sub-stochastic (every R_i >= 0); Frobenius normalisation does not guarantee
+    it (row sums of A_hat above 1 occur), so `valid` says whether it holds. Returns Chain(M, R, F, valid)."""
     _check_gamma(gamma)
     M = gamma * A
     R = 1 - M.sum(-1)
@@ -192,9 +188,8 @@ def absorbing_chain(A, gamma):
 def random_walk_visits(M, walks=20000, max_steps=1000, generator=None):
     """Monte-Carlo estimate of the fundamental matrix F = (I - M)^-1 of a valid chain, (N, N).
 
-    From each start i run `walks` walks: count the visit to the current state, then move to j with
-    probability M_ij or stop with probability R_i = 1 - sum_j M_ij. The mean visit counts estimate
-    F_ij: an independent check of the closed form."""
+    From each start i run `walks` walks: count the visit to the current state, then move to j with probability
+    M_ij or stop with probability R_i = 1 - sum_j M_ij. The mean counts estimate F_ij, inverting nothing."""
     N = M.shape[-1]
     R = 1 - M.sum(-1)
     if (M < 0).any() or (R < -1e-12).any():
@@ -219,7 +214,7 @@ def random_walk_visits(M, walks=20000, max_steps=1000, generator=None):
 
 def query_energy(q, eps=1e-6):
     """w_t = ||q_t|| / sum_s ||q_s||: each token's share of the query energy, (..., N), fp32 (at least)."""
-    n = torch.linalg.vector_norm(q, dim=-1, dtype=_acc(q))
+    n = torch.linalg.vector_norm(q, dim=-1, dtype=_sum_dtype(q))
     return n / (n.sum(-1, keepdim=True) + eps)
 
 
@@ -233,26 +228,26 @@ def linear_infsa_scores(q, k, eps=1e-6):
     Cost O(N d_h); nothing N x N is built. The sums over tokens run in fp32 (at least)."""
     _check_qkv(q, k)
     w = query_energy(q, eps)  # (..., N)
-    qbar = (w.to(q.dtype).unsqueeze(-1) * q).sum(-2, dtype=_acc(q))  # sum_t w_t q_t: (..., d_h)
-    s = F.relu((k * qbar.to(k.dtype).unsqueeze(-2)).sum(-1, dtype=_acc(k)))  # k_j . qbar: (..., N)
+    qbar = (w.to(q.dtype).unsqueeze(-1) * q).sum(-2, dtype=_sum_dtype(q))  # sum_t w_t q_t: (..., d_h)
+    s = F.relu((k * qbar.to(k.dtype).unsqueeze(-2)).sum(-1, dtype=_sum_dtype(k)))  # k_j . qbar: (..., N)
     return s / (s.sum(-1, keepdim=True) + eps)
 
 
 def linear_infsa(q, k, v, gamma, eps=1e-6, expand=True):
     """Linear-InfSA: o_i = gamma c for every token i,  c = sum_j a_j v_j,  a = linear_infsa_scores.
 
-    Why this approximates the Neumann sum: if A_hat is close to rank one, A_hat ~ lam 1 a^T (every
-    token attends like a, with a summing to 1), then A_hat^t = lam^t 1 a^T and
-    sum_{t>=1} gamma^t A_hat^t V = gamma lam / (1 - gamma lam) 1 a^T V: the whole series is the one
-    context vector c = a^T V, scaled. So gamma acts as a scale here, not as a discount over hops.
+    How it relates to the Neumann sum: if A_hat were rank one, A_hat = lam 1 a^T (every token
+    attends like a, with a summing to 1), then A_hat^t = lam^t 1 a^T and the whole series is
+    gamma lam / (1 - gamma lam) 1 c^T with c = a^T V. This function returns gamma c, one hop of the
+    rank-one operator 1 a^T, not that limit: gamma is a scale here, not a discount over hops.
     The output is the same vector for every token (rank one): tokens differ only through their
     residual stream. State per head: qbar and c, both d_h-sized; time O(N d_h). expand=False
     returns the (..., 1, d_v) context alone, which a model broadcasts instead of repeating it."""
     _check_qkv(q, k, v)
     _check_gamma(gamma)
     a = linear_infsa_scores(q, k, eps)  # (..., N)
-    c = (a.to(v.dtype).unsqueeze(-1) * v).sum(-2, keepdim=True, dtype=_acc(v))  # sum_j a_j v_j: (..., 1, d_v)
-    o = (_like(gamma, v) * c.to(v.dtype))
+    c = (a.to(v.dtype).unsqueeze(-1) * v).sum(-2, keepdim=True, dtype=_sum_dtype(v))  # sum_j a_j v_j: (..., 1, d_v)
+    o = _gamma_in_dtype_of(gamma, v) * c.to(v.dtype)
     return o.expand(v.shape) if expand else o
 
 # -----------------------------------------------------------------------------
@@ -265,56 +260,15 @@ def softmax_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def softmax_weights(q, k):
+    """P = softmax(q k^T / sqrt(d_h)) over the last dim, (..., N, N): the attention map, rows sum to 1."""
+    _check_qkv(q, k)
+    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+
+
 def softmax_attention_materialized(q, k, v):
-    """P = softmax(q k^T / sqrt(d_h)) built explicitly, then P v. Returns (P v, P): the unfused
-    baseline, O(N^2) memory, for attention maps and for the paper's kind of benchmark."""
+    """P v with P = softmax_weights(q, k) built explicitly. Returns (P v, P): the unfused baseline,
+    O(N^2) memory, for the paper's kind of benchmark."""
     _check_qkv(q, k, v)
-    P = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+    P = softmax_weights(q, k)
     return P @ v, P
-
-# -----------------------------------------------------------------------------
-# Fast path: Pure-InfSA with each hop one fused kernel, never holding N x N (FlexAttention).
-# tests/test_infsa.py checks it against pure_infsa.
-
-TINY = 1e-30  # the weight a score s <= 0 gets instead of 0, so that log stays finite (fp32 holds it)
-
-
-def log_relu(s, b, h, i, j):
-    """FlexAttention score_mod: s -> log ReLU(s), so that its softmax weights are ReLU(s) / sum ReLU(s)."""
-    return torch.log(torch.clamp(s, min=TINY))
-
-
-def two_log_relu(s, b, h, i, j):
-    """FlexAttention score_mod: s -> log ReLU(s)^2, so that its lse is log sum_j ReLU(s_ij)^2."""
-    return 2 * torch.log(torch.clamp(s, min=TINY))
-
-
-# compiled once; a recompile per new shape (dynamic=False keeps each kernel specialised)
-flex_compiled = torch.compile(flex_attention, dynamic=False)
-
-
-def pure_infsa_flex(q, k, v, gamma, hops=3, eps=1e-6):
-    """pure_infsa without the N x N matrix: hops + 1 fused FlexAttention calls, O(N d) memory.
-
-    FlexAttention computes o = softmax(score_mod(S)) z and lse_i = log sum_j exp(score_mod(s_ij)).
-    With score_mod = log ReLU:      ReLU(S) z = exp(lse) * o                (one hop, unnormalised);
-    with score_mod = 2 log ReLU:    ||ReLU(S)||_F^2 = sum_i exp(lse2_i)      (the norm, one call).
-    So each hop z_t = gamma A_hat z_{t-1} = gamma exp(lse - log(||S||_F + eps)) * flex(q, k, z_{t-1}),
-    still the explicit Neumann sum. A row with every s_ij <= 0 gets weights TINY: ~1e-30 instead of 0.
-    On CUDA the compiled kernel runs; elsewhere flex_attention's eager reference (which builds N x N
-    and has no backward on the CPU: for tests of the identity only)."""
-    _check_qkv(q, k, v)
-    if q.dim() != 4:
-        raise ValueError(f"q, k, v must be (B, H, N, d_h) for FlexAttention; got q {tuple(q.shape)}")
-    _check_gamma(gamma)
-    _check_hops(hops)
-    flex = flex_compiled if q.is_cuda else flex_attention
-    _, aux = flex(q, k, v, score_mod=two_log_relu, return_aux=AuxRequest(lse=True))
-    log_norm = torch.log(torch.exp(0.5 * torch.logsumexp(aux.lse, -1, keepdim=True)) + eps)  # log(||S||_F + eps): (..., 1)
-    gamma = gamma.float() if isinstance(gamma, torch.Tensor) else gamma
-    z, y = v, 0
-    for _ in range(hops):
-        o, aux = flex(q, k, z, score_mod=log_relu, return_aux=AuxRequest(lse=True))  # o: (..., N, d), lse: (..., N)
-        z = (gamma * torch.exp(aux.lse - log_norm).unsqueeze(-1) * o).to(v.dtype)  # gamma A_hat z_{t-1}
-        y = y + z
-    return y

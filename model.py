@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import infsa
+import relu_hop
 
 ATTN_KINDS = ("softmax", "pure", "linear")
 
@@ -37,7 +38,7 @@ class ViTConfig:
     attn: str = "linear"     # softmax | pure | linear
     hops: int = 3            # K, Neumann terms per layer (pure)
     gamma_init: float = 0.9  # initial discount gamma for every head (pure, linear)
-    init_std: float = 0.0    # Linear weights: 0 = Xavier-uniform (scales with width), > 0 = N(0, init_std^2)
+    init_std: float = 0.0    # Linear weights: 0 = Xavier-uniform, > 0 = N(0, init_std^2) cut at +-2 (ViT._init)
     bias: bool = True
 
     def __post_init__(self):
@@ -64,17 +65,18 @@ def paper_4l64h(attn="linear", image_size=224):
                      n_embd=1024, mlp_ratio=4.0, attn=attn)
 
 
-FLEX_MIN_TOKENS = 1024  # from here on CUDA, Pure-InfSA runs as fused FlexAttention hops (never N x N)
+FUSED_MIN_TOKENS = 256  # from here on CUDA, relu_hop.py's kernels: a training step of attention 1.3x faster at 257 tokens
+# (d_h = 48), slower at 129 and 65 (0.8x, 0.64x), where the padded products stay (H200, bf16, RESULTS.md section 4)
 
 
 def pure_attention(q, k, v, gamma, hops):
-    """Pure-InfSA as the model runs it. On CUDA with N >= FLEX_MIN_TOKENS: infsa.pure_infsa_flex,
-    O(N d) memory. Otherwise infsa.pure_infsa on N padded with zero tokens to a multiple of 8,
-    which is exact (a zero query or key adds a zero row or column to S, so ||S||_F and the real
-    tokens' outputs are unchanged) and lets GPU bf16 matrix products take their aligned kernels."""
+    """Pure-InfSA as the model runs it. On CUDA with N >= FUSED_MIN_TOKENS: relu_hop.pure_infsa_fused, each hop
+    one Triton kernel, O(N d) memory. Otherwise infsa.pure_infsa on N padded with zero tokens to a multiple of 8,
+    which is exact (a zero query or key adds a zero row or column to S, so ||S||_F and the real tokens' outputs
+    are unchanged) and lets GPU bf16 matrix products take their aligned kernels."""
     N = q.shape[-2]
-    if q.is_cuda and N >= FLEX_MIN_TOKENS:
-        return infsa.pure_infsa_flex(q, k, v, gamma, hops)
+    if q.is_cuda and N >= FUSED_MIN_TOKENS:
+        return relu_hop.pure_infsa_fused(q, k, v, gamma, hops)
     q, k, v = (F.pad(t, (0, 0, 0, -N % 8)) for t in (q, k, v))  # each (B, H, 8 * ceil(N / 8), d)
     return infsa.pure_infsa(q, k, v, gamma, hops)[..., :N, :]
 
@@ -102,15 +104,15 @@ class Attention(nn.Module):
         B, N, C = x.shape
         H, d = self.n_head, C // self.n_head
         q, k, v = self.qkv(x).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, N, d)
-        g = self.gamma().view(H, 1, 1)  # (H, 1, 1): broadcasts over (B, H, N, d)
+        gamma = self.gamma().view(H, 1, 1)  # (H, 1, 1): broadcasts over (B, H, N, d)
         if self.keep_maps:
             self.maps = self._maps(q, k)
         if self.cfg.attn == "softmax":
             y = infsa.softmax_attention(q, k, v)  # (B, H, N, d)
         elif self.cfg.attn == "pure":
-            y = pure_attention(q, k, v, g, self.cfg.hops)  # (B, H, N, d)
+            y = pure_attention(q, k, v, gamma, self.cfg.hops)  # (B, H, N, d)
         else:  # the same context vector for every token: keep it once, (B, H, 1, d)
-            y = infsa.linear_infsa(q, k, v, g, expand=False)
+            y = infsa.linear_infsa(q, k, v, gamma, expand=False)
         y = y.transpose(1, 2).reshape(B, y.shape[2], C)  # (B, N, C); linear: (B, 1, C)
         return self.drop(self.proj(y))  # linear: (B, 1, C), which the residual add broadcasts to N tokens
 
@@ -120,12 +122,12 @@ class Attention(nn.Module):
         pure -> A_hat (B,H,N,N) and its Katz in-centrality (B,H,N); linear -> scores a (B,H,N)."""
         q, k = q.float(), k.float()
         if self.cfg.attn == "softmax":
-            _, P = infsa.softmax_attention_materialized(q, k, k)
+            P = infsa.softmax_weights(q, k)
             return {"P": P, "cls": P[:, :, 0, :]}
         if self.cfg.attn == "pure":
             A = infsa.affinity(q, k)
-            g = self.gamma().double().view(-1, 1, 1)  # (H, 1, 1): Katz with each head's own gamma
-            return {"A": A, "katz": infsa.katz_centrality(A.double(), g).float(), "gamma": g.flatten().float()}
+            gamma = self.gamma().double().view(-1, 1, 1)  # (H, 1, 1): each head's own gamma
+            return {"A": A, "katz": infsa.katz_centrality(A.double(), gamma).float(), "gamma": gamma.flatten().float()}
         return {"a": infsa.linear_infsa_scores(q, k)}
 
 
@@ -148,7 +150,7 @@ class Block(nn.Module):
         self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
         self.drop_path = drop_path
 
-    def _dp(self, y):
+    def _stochastic_depth(self, y):
         """Stochastic depth: drop the whole branch for a random subset of images while training."""
         if not self.training or self.drop_path == 0.0:
             return y
@@ -156,8 +158,8 @@ class Block(nn.Module):
         return y * keep.to(y.dtype) / (1 - self.drop_path)
 
     def forward(self, x):
-        x = x + self._dp(self.attn(self.ln_1(x)))
-        return x + self._dp(self.mlp(self.ln_2(x)))
+        x = x + self._stochastic_depth(self.attn(self.ln_1(x)))
+        return x + self._stochastic_depth(self.mlp(self.ln_2(x)))
 
 
 class ViT(nn.Module):
@@ -168,20 +170,21 @@ class ViT(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
         self.pos = nn.Parameter(torch.randn(1, cfg.n_tokens, cfg.n_embd) * 0.02)
         self.drop = nn.Dropout(cfg.dropout)
-        dp = [cfg.drop_path * i / max(cfg.n_layer - 1, 1) for i in range(cfg.n_layer)]
-        self.blocks = nn.ModuleList([Block(cfg, p) for p in dp])
+        drop_rates = [cfg.drop_path * i / max(cfg.n_layer - 1, 1) for i in range(cfg.n_layer)]  # 0 .. drop_path
+        self.blocks = nn.ModuleList([Block(cfg, rate) for rate in drop_rates])
+        if cfg.attn == "pure" and relu_hop.AVAILABLE:
+            relu_hop.ops()  # Pure-InfSA's GPU kernel registered now, before torch.compile traces the model
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.n_classes)
-        for m in (self.blocks, self.head):  # the patch embedding keeps PyTorch's default U(+-1/sqrt(fan_in))
-            m.apply(lambda m: self._init(m, cfg.init_std))
+        for part in (self.blocks, self.head):  # the patch embedding keeps PyTorch's default U(+-1/sqrt(fan_in))
+            part.apply(lambda m: self._init(m, cfg.init_std))
         if verbose:
             print(f"ViT ({cfg.attn}): {self.num_params() / 1e6:.2f}M parameters, {cfg.n_tokens} tokens")
 
     @staticmethod
     def _init(m, std):
-        """Xavier-uniform by default. A fixed std of 0.02 (ViT/GPT practice at width >= 768) is
-        several times too small at widths below 128 and left training on its initial plateau for
-        most of the CPU budget, depending on the seed and even on the thread count."""
+        """std = 0: Xavier-uniform, which scales with width (0.02, ViT/GPT practice at width >= 768, is several times
+        too small below width 128). std > 0: nn.init.trunc_normal_, N(0, std^2) cut at +-2 (100 std at std 0.02)."""
         if isinstance(m, nn.Linear):
             if std > 0:
                 nn.init.trunc_normal_(m.weight, std=std)

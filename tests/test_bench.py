@@ -26,7 +26,7 @@ def rows_of(res, **kv):
 
 def test_smoke_run_has_a_row_for_every_kind_and_size(smoke):
     out, res = smoke
-    assert res["matmul_tflops"] > 0 and res["device"] == "CPU"
+    assert res["matmul_tflops"] is None and res["device"] == "CPU"  # no MFU on the CPU
     assert json.load(open(out / "bench.json"))["rows"] == res["rows"]
     for kind in bench.KINDS:
         for size in (32, 64):
@@ -37,6 +37,16 @@ def test_smoke_run_has_a_row_for_every_kind_and_size(smoke):
         assert r["status"] == "ok" and r["img_s"] > 0
     md = (out / "bench.md").read_text()
     assert "| 64² |" in md and "pure ÷ pure-chunked" in md and (out / "bench.png").stat().st_size > 10_000
+    assert "no MFU" in md and "%" not in md
+
+
+def test_cpu_smoke_run_defaults_to_tiny_sizes(tmp_path, monkeypatch):
+    """--cpu true alone measures tiny images only (it once swept the GPU's sizes up to 9216² on the CPU)."""
+    planned = []
+    monkeypatch.setattr(bench, "measure", lambda mode, k, S, cfg, B, dev, opt: planned.append((mode, k, S)) or
+                        dict(mode=mode, kind=k, image=S, tokens=cfg.n_tokens, batch=B, compiled=False, status="ok", flops=1))
+    res = bench.main(["--cpu", "true", "--out_dir", str(tmp_path)])
+    assert planned and {S for _, _, S in planned} == {32, 64} and res["matmul_tflops"] is None
 
 
 def test_flop_counts_agree_with_a_hand_count_and_with_pytorch(smoke, monkeypatch):
@@ -90,6 +100,7 @@ def test_out_of_memory_becomes_a_row_not_a_crash(tmp_path, monkeypatch):
     (["--kinds", "linear,pure-K0"], "unknown kind 'pure-K0'"),
     (["--sizes", "32,abc"], "--sizes takes positive integers"),
     (["--sizes", ","], "nothing to measure"),
+    (["--kinds", "linear", "--sizes", "512"], "--cpu true is a smoke run: images up to 256²"),
     (["--sizes", "36"], "image_size (36) must be divisible by patch_size (8)"),
     (["--runs", "0"], "--runs must be at least 1"),
 ])
@@ -99,3 +110,13 @@ def test_bad_options_stop_before_anything_is_measured_or_written(argv, msg, tmp_
         bench.main(["--cpu", "true", "--out_dir", "run", "--train_kinds", ""] + argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_empty_sizes_say_nothing_to_measure_even_with_the_default_training_rows(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("measured a row"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--cpu", "true", "--sizes", ","])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "nothing to measure" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bench_out").exists()

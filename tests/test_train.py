@@ -21,8 +21,16 @@ AUGS = ["--rotate", "10", "--zoom", "0.1", "--translate", "0.1", "--jitter", "0.
 
 
 def cli(*argv, cwd=ROOT):
+    """train.py as its own process: what a user sees, tracebacks included."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
+
+
+def refused(capsys, argv, code=2):
+    """train.main(argv) in this process (each new process costs an import of torch): its exit code and stderr."""
+    with pytest.raises(SystemExit) as e:
+        train.main(list(argv))
+    return e.value.code == code, capsys.readouterr().err
 
 
 def ckpt_of(folder):
@@ -113,16 +121,16 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(extra, tmp_path
             (tmp_path / "summary.json").read_bytes()) == good  # the old run, whole: its checkpoint, log and summary
 
 
-def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
+def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path, capsys):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
-    r = cli("--init_from", "resume", "--out_dir", str(tmp_path))
-    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and len(r.stderr.splitlines()) == 1
+    code2, err = refused(capsys, ["--init_from", "resume", "--out_dir", str(tmp_path)])
+    assert code2 and "not a readable checkpoint" in err and len(err.splitlines()) == 1
     assert (tmp_path / "ckpt.pt").read_bytes() == b"not a checkpoint"
-    r = cli("--init_from", "resume", "--out_dir", str(tmp_path / "none"))
-    assert r.returncode == 2 and "no checkpoint" in r.stderr
+    code2, err = refused(capsys, ["--init_from", "resume", "--out_dir", str(tmp_path / "none")])
+    assert code2 and "no checkpoint" in err
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     cases = [
         (["--atn", "linear"], "unknown option --atn; valid options:"),
@@ -134,11 +142,13 @@ def test_cli_errors_are_one_line(tmp_path):
         (["config/none.py"], "config file config/none.py not found"),
         (["--seed", "-1"], "--seed must be at least 0; got -1"),
         (["--device", "foo"], "--device foo is not usable here"),
-        (["--out_dir", str(tmp_path / "file"), "--n_train", "256", "--n_test", "16"], "cannot write to --out_dir"),
+        (["--out_dir", str(tmp_path / "file"), "--n_train", "256", "--n_test", "16", "--device", "cpu"], "cannot write to --out_dir"),
     ]
     for argv, msg in cases:
-        r = cli(*argv)
-        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.splitlines()) == 1, (argv, r.stderr)
+        code2, err = refused(capsys, argv)
+        assert code2 and msg in err and len(err.splitlines()) == 1, (argv, err)
+    r = cli("--attn", "cosine")  # and as a process of its own: one line, no traceback
+    assert r.returncode == 2 and r.stderr.splitlines() == ["error: --attn must be one of softmax | pure | linear; got 'cosine'"]
 
 
 @pytest.mark.parametrize("argv, msg", [

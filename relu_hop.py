@@ -1,0 +1,226 @@
+"""
+One Pure-InfSA hop as a fused GPU kernel, and Pure-InfSA built from it: never an N x N matrix.
+
+    S = scale q k^T (scale = 1 / sqrt(d_h)),   o_i = sum_j ReLU(s_ij) z_j,   s2_i = sum_j ReLU(s_ij)^2
+
+A program takes a tile of BM queries of one head and streams the keys and values past it in tiles of BN: per tile
+one product q k^T, a ReLU, one product ReLU(S) z, accumulated in fp32. ReLU attention needs none of FlashAttention's
+machinery (no running maximum, no exp, no rescaling): ReLU(S) z is a plain sum over key tiles. ReLU is positively
+homogeneous, ReLU(scale r) = scale ReLU(r), so the kernels score r = q k^T and apply scale once to each (N, d)
+accumulator instead of once to each of the N^2 scores. The backward pass recomputes S tile by tile the same way:
+
+    dS_ij = [s_ij > 0] (dO_i . z_j + 2 ds2_i s_ij),   dq = scale dS k,   dk = scale dS^T q,   dz = ReLU(S)^T dO
+
+one kernel over key tiles (dk, dz) and one over query tiles (dq), so that no output tile has two writers.
+ops() registers relu_hop as a torch.library.triton_op with its backward, so torch.compile traces through it (CUDA graphs
+too). Triton is imported only where it is installed (CI has none); on the CPU the kernels run under Triton's
+interpreter (TRITON_INTERPRET=1 set before this import), which tests/test_relu_hop.py uses at tiny sizes.
+pure_infsa_fused builds Pure-InfSA from relu_hop in plain torch: autograd does the norm, gamma and the sum.
+"""
+import math
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import infsa
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: everything still imports; pure_infsa_fused refuses with a clear error
+    triton, tl = None, SimpleNamespace(constexpr=None)  # tl.constexpr only annotates the kernels' arguments
+
+# where the kernels can run: a GPU, or Triton's interpreter
+AVAILABLE = triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+# (BM queries, BN keys, warps, pipeline stages) per kernel: the fastest of 7-9 tried on an H200 at d_h = 16
+# (bf16, 64 heads, 16,385 tokens: forward 381, backward over keys 222, over queries 347 TFLOP/s)
+CONFIG = {"fwd": (128, 64, 4, 3), "bwd_kz": (32, 128, 4, 3), "bwd_q": (128, 64, 4, 3)}
+
+
+def _jit(fn):
+    """triton.jit where Triton is installed; without it the kernels stay plain functions that nothing calls."""
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
+def _hop_fwd(Q, K, Z, O, S2, N, scale, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
+             BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
+    """o_i = scale sum_j ReLU(r_ij) z_j and s2_i = scale^2 sum_j ReLU(r_ij)^2, r = q k^T, for BM queries of one head."""
+    h = tl.program_id(1).to(tl.int64)  # (batch, head); int64 because h N d passes 2^31 at a few 100k tokens
+    i = tl.program_id(0) * BM + tl.arange(0, BM)  # this tile's queries
+    dk, dv = tl.arange(0, DK), tl.arange(0, DV)
+    Q, K, Z = Q + h * N * DK, K + h * N * DK, Z + h * N * DV
+    q = tl.load(Q + i[:, None] * DK + dk[None, :], mask=i[:, None] < N, other=0.0)  # (BM, DK)
+    o = tl.zeros((BM, DV), tl.float32)
+    s2 = tl.zeros((BM,), tl.float32)
+    for start in range(0, N, BN):
+        j = start + tl.arange(0, BN)
+        # keys past N load as 0, so their scores are 0 and ReLU drops them: S needs no mask
+        k = tl.load(K + j[:, None] * DK + dk[None, :], mask=j[:, None] < N, other=0.0)  # (BN, DK)
+        z = tl.load(Z + j[:, None] * DV + dv[None, :], mask=j[:, None] < N, other=0.0)  # (BN, DV)
+        p = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)  # ReLU(q k^T): (BM, BN), fp32
+        if WITH_S2:  # the norm needs it once, in the first hop
+            s2 += tl.sum(p * p, 1)
+        o = tl.dot(p.to(z.dtype), z, o, input_precision=PREC)  # o += ReLU(r) z, in fp32
+    tl.store(O + h * N * DV + i[:, None] * DV + dv[None, :], (o * scale).to(O.dtype.element_ty), mask=i[:, None] < N)
+    if WITH_S2:
+        tl.store(S2 + h * N + i, s2 * (scale * scale), mask=i < N)
+
+
+@_jit
+def _hop_bwd_kz(Q, K, Z, DO, DS2, DKo, DZo, N, scale, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
+    """dk_j = scale sum_i dS_ij q_i and dz_j = sum_i ReLU(s_ij) dO_i for BN keys of one head, over every query tile."""
+    h = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(0) * BN + tl.arange(0, BN)  # this tile's keys
+    dk, dv = tl.arange(0, DK), tl.arange(0, DV)
+    Q, K, Z, DO, DS2 = Q + h * N * DK, K + h * N * DK, Z + h * N * DV, DO + h * N * DV, DS2 + h * N
+    k = tl.load(K + j[:, None] * DK + dk[None, :], mask=j[:, None] < N, other=0.0)  # (BN, DK)
+    z = tl.load(Z + j[:, None] * DV + dv[None, :], mask=j[:, None] < N, other=0.0)  # (BN, DV)
+    gk = tl.zeros((BN, DK), tl.float32)
+    gz = tl.zeros((BN, DV), tl.float32)
+    for start in range(0, N, BM):
+        i = start + tl.arange(0, BM)
+        q = tl.load(Q + i[:, None] * DK + dk[None, :], mask=i[:, None] < N, other=0.0)  # (BM, DK)
+        do = tl.load(DO + i[:, None] * DV + dv[None, :], mask=i[:, None] < N, other=0.0)  # (BM, DV)
+        rT = tl.dot(k, tl.trans(q), input_precision=PREC)  # r^T = k q^T, recomputed: (BN, BM)
+        gz = tl.dot(tl.maximum(rT, 0.0).to(do.dtype), do, gz, input_precision=PREC)  # dz += ReLU(r)^T dO
+        gT = tl.dot(z, tl.trans(do), input_precision=PREC)  # z_j . dO_i: (BN, BM)
+        if WITH_S2:  # + 2 ds2_i s_ij, with s = scale r
+            gT += (2 * scale * tl.load(DS2 + i, mask=i < N, other=0.0))[None, :] * rT
+        gT = tl.where(rT > 0, gT, 0.0)  # ReLU passes the gradient where the score is positive
+        gk = tl.dot(gT.to(q.dtype), q, gk, input_precision=PREC)  # dk += dS^T q
+    tl.store(DKo + h * N * DK + j[:, None] * DK + dk[None, :], gk * scale, mask=j[:, None] < N)
+    tl.store(DZo + h * N * DV + j[:, None] * DV + dv[None, :], gz * scale, mask=j[:, None] < N)
+
+
+@_jit
+def _hop_bwd_q(Q, K, Z, DO, DS2, DQo, N, scale, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
+    """dq_i = scale sum_j dS_ij k_j for BM queries of one head, over every key tile."""
+    h = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * BM + tl.arange(0, BM)
+    dk, dv = tl.arange(0, DK), tl.arange(0, DV)
+    Q, K, Z = Q + h * N * DK, K + h * N * DK, Z + h * N * DV
+    q = tl.load(Q + i[:, None] * DK + dk[None, :], mask=i[:, None] < N, other=0.0)  # (BM, DK)
+    do = tl.load(DO + h * N * DV + i[:, None] * DV + dv[None, :], mask=i[:, None] < N, other=0.0)  # (BM, DV)
+    c = 2 * scale * tl.load(DS2 + h * N + i, mask=i < N, other=0.0)  # (BM,): 2 ds2_i scale
+    gq = tl.zeros((BM, DK), tl.float32)
+    for start in range(0, N, BN):
+        j = start + tl.arange(0, BN)
+        k = tl.load(K + j[:, None] * DK + dk[None, :], mask=j[:, None] < N, other=0.0)  # (BN, DK)
+        z = tl.load(Z + j[:, None] * DV + dv[None, :], mask=j[:, None] < N, other=0.0)  # (BN, DV)
+        r = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BM, BN)
+        g = tl.dot(do, tl.trans(z), input_precision=PREC)  # dO_i . z_j
+        if WITH_S2:
+            g += c[:, None] * r
+        g = tl.where(r > 0, g, 0.0)
+        gq = tl.dot(g.to(k.dtype), k, gq, input_precision=PREC)  # dq += dS k
+    tl.store(DQo + h * N * DK + i[:, None] * DK + dk[None, :], gq * scale, mask=i[:, None] < N)
+
+# -----------------------------------------------------------------------------
+# the custom ops: what torch.compile and autograd see
+
+
+def _launch(kernel, cfg, over, tensors, scale, with_s2):
+    """kernel[grid](*tensors, N, scale, ...) with CONFIG[cfg]; one program per (tile of `over`: "q" or "k", head).
+    The tile a program owns holds its fp32 accumulators in registers: wider heads get proportionally fewer rows."""
+    BM, BN, warps, stages = CONFIG[cfg]
+    q, k, z = tensors[:3]
+    BH, N, DK = q.shape
+    rows = lambda r: max(16, r * 16 // max(DK, z.shape[-1], 16))  # noqa: E731 (r rows at d = 16)
+    BM, BN = (rows(BM), BN) if over == "q" else (BM, rows(BN))
+    grid = (triton.cdiv(N, BM if over == "q" else BN), BH)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # ieee: fp32 products exact to fp32, not TF32's 10 bits
+    # wrap_triton lets torch.compile see the kernel; Triton's interpreter makes plain functions, which it refuses (torch 2.11)
+    run = torch.library.wrap_triton(kernel) if isinstance(kernel, triton.runtime.JITFunction) else kernel
+    run[grid](*tensors, N, scale, DK=DK, DV=z.shape[-1], BM=BM, BN=BN, WITH_S2=with_s2, PREC=prec,
+              num_warps=warps, num_stages=stages)
+
+
+_ops = {}  # the registered custom op, filled by ops() on first use
+
+
+def ops():
+    """The custom op infsa::relu_hop (a triton_op with its backward registered, so torch.compile sees it), registered
+    on first use: registering imports torch's compiler, seconds that a process which never runs the kernels need not
+    spend. model.ViT registers it when it is built, before torch.compile traces the model."""
+    if _ops:
+        return _ops["relu_hop"]
+
+    @torch.library.triton_op("infsa::relu_hop", mutates_args=())
+    def relu_hop(q: torch.Tensor, k: torch.Tensor, z: torch.Tensor, scale: float, with_s2: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(o, s2) for q, k (BH, N, DK), z (BH, N, DV): o = ReLU(scale q k^T) z (BH, N, DV), summed in fp32 and
+        returned in z's dtype, and, when with_s2, s2 = the row sums of ReLU(scale q k^T)^2 (BH, N) in fp32 (else 0)."""
+        q, k, z = q.contiguous(), k.contiguous(), z.contiguous()
+        o = torch.empty_like(z)
+        s2 = q.new_zeros(q.shape[:2], dtype=torch.float32)
+        _launch(_hop_fwd, "fwd", "q", (q, k, z, o, s2), scale, with_s2)
+        return o, s2
+
+    @torch.library.triton_op("infsa::relu_hop_backward", mutates_args=())
+    def relu_hop_backward(q: torch.Tensor, k: torch.Tensor, z: torch.Tensor, do: torch.Tensor, ds2: torch.Tensor,
+                          scale: float, with_s2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dq, dk, dz) of relu_hop, given dO (BH, N, DV) and ds2 (BH, N), in the dtypes of q, k, z."""
+        q, k, z, do, ds2 = (t.contiguous() for t in (q, k, z, do.to(z.dtype), ds2.float()))  # products in z's dtype
+        dq, dk, dz = torch.empty_like(q), torch.empty_like(k), torch.empty_like(z)
+        _launch(_hop_bwd_kz, "bwd_kz", "k", (q, k, z, do, ds2, dk, dz), scale, with_s2)
+        _launch(_hop_bwd_q, "bwd_q", "q", (q, k, z, do, ds2, dq), scale, with_s2)
+        return dq, dk, dz
+
+    def _setup_context(ctx, inputs, output):
+        q, k, z, ctx.scale, ctx.with_s2 = inputs
+        ctx.save_for_backward(q, k, z)
+
+    def _backward(ctx, do, ds2):
+        q, k, z = ctx.saved_tensors
+        ds2 = torch.zeros(q.shape[:2], device=q.device) if ds2 is None else ds2
+        dq, dk, dz = relu_hop_backward(q, k, z, do, ds2, ctx.scale, ctx.with_s2)
+        return dq, dk, dz, None, None
+
+    relu_hop.register_autograd(_backward, setup_context=_setup_context)
+    _ops["relu_hop"] = relu_hop
+    return relu_hop
+
+
+# -----------------------------------------------------------------------------
+# Pure-InfSA from fused hops
+
+
+def _width(d):
+    """The kernels' width for a head size d: the next power of two, at least 16 (tl.dot's smallest)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def pure_infsa_fused(q, k, v, gamma, hops=3, eps=1e-6):
+    """infsa.pure_infsa by fused hops: Y = sum_{t=1..hops} z_t,  z_0 = v,  z_t = gamma A_hat z_{t-1}, with
+
+        A_hat z = ReLU(S) z / (||ReLU(S)||_F + eps),   ||ReLU(S)||_F^2 = sum_i s2_i  (from the first hop),
+
+    each ReLU(S) z one relu_hop call: O(N d) memory, S recomputed tile by tile in every hop. q, k (..., N, d_h),
+    v (..., N, d_v), fp32 / bf16 / fp16 on a device Triton runs on; gamma a float or a tensor broadcastable
+    against (..., 1, 1) (one per head), which receives its gradient. Head sizes that are not a power of two >= 16
+    are padded with zero columns (exact: they add nothing to q . k, and give zero columns of o)."""
+    if not AVAILABLE:
+        raise RuntimeError("relu_hop needs Triton and a GPU (or Triton's interpreter, TRITON_INTERPRET=1); "
+                           "infsa.pure_infsa computes the same sum")
+    infsa._check_qkv(q, k, v)
+    infsa._check_gamma(gamma)
+    infsa._check_hops(hops)
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"relu_hop runs fp32, bf16 or fp16, one dtype for q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
+    *lead, N, d = q.shape
+    dv, DK, DV = v.shape[-1], _width(d), _width(v.shape[-1])
+    q, k = (F.pad(t, (0, DK - d)).reshape(-1, N, DK) for t in (q, k))  # (BH, N, DK)
+    z, y, a, hop = F.pad(v, (0, DV - dv)), 0, None, ops()  # z: (..., N, DV)
+    for t in range(hops):
+        o, s2 = hop(q, k, z.reshape(-1, N, DV), 1 / math.sqrt(d), t == 0)  # (BH, N, DV), (BH, N)
+        if t == 0:  # gamma / (||ReLU(S)||_F + eps); the clamp keeps sqrt's gradient finite when S = 0
+            norm = s2.view(*lead, N).sum(-1).clamp_min(1e-30).sqrt()[..., None, None]  # (..., 1, 1)
+            a = (gamma.float() if isinstance(gamma, torch.Tensor) else gamma) / (norm + eps)
+        z = a.to(o.dtype) * o.view(*lead, N, DV)  # z_t = gamma A_hat z_{t-1}, scaled in the data's dtype as in infsa
+        y = z if t == 0 else y + z  # (..., N, DV)
+    return y[..., :dv]
