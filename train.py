@@ -27,7 +27,8 @@ import data
 import loader
 from configurator import config_defaults, configure, die
 from model import ATTN_KINDS, ViT, ViTConfig
-from runtime import flat_grads, load_checkpoint, restore_rng, run_folder, save_checkpoint, setup_device, stop_on_ctrl_c, write_log
+from runtime import (flat_grads, load_checkpoint, restore_rng, run_folder, save_checkpoint, setup_device, stop_on_ctrl_c,
+                     write_log)
 
 # -----------------------------------------------------------------------------
 # config: the built-in dataset, sized to train on a 2-core CPU in a few minutes
@@ -216,8 +217,9 @@ def train(argv):
         mode = cfg.compile_mode if cfg.compile and cuda else None  # None: not compiled
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        run = SimpleNamespace(cfg=cfg, config=config, model_args={k: config[k] for k in MODEL_KEYS}, out=out, dev=dev, rank=rank, world=world, master=master, model=model,
-                              fwd=torch.compile(model, mode=mode) if mode else model, opt=opt, mode=mode,
+        run = SimpleNamespace(cfg=cfg, config=config, model_args={k: config[k] for k in MODEL_KEYS}, out=out, dev=dev,
+                              rank=rank, world=world, master=master, model=model, opt=opt, mode=mode,
+                              compiled=torch.compile(model, mode=mode) if mode else model,  # the model when not compiled
                               flat=flat_grads([p for _, p in named]), progress=progress, log=log, first_step=progress["step"],
                               ctx=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext(),
                               loaders=(train_loader, eval_loader, test_loader), data=data_seen, mean=mean, std=std)
@@ -244,13 +246,13 @@ def fit(run):
             train_loader.epoch, train_loader.start = epoch, p["batch"]  # a run stopped mid-epoch resumes there
             t0, pending = time.time(), []
             for b, (xb, yb) in enumerate(train_loader, start=p["batch"]):
-                for group in opt.param_groups:  # the schedule counts this run's batches, whatever an earlier segment's
+                for group in opt.param_groups:  # by place in the epochs: a resume with another batch_size ends at min_lr too
                     group["lr"] = lr_at(epoch * per_epoch + b, total, cfg.lr, cfg.min_lr, cfg.warmup)
                 for xm, ym in zip(xb.chunk(cfg.grad_accum), yb.chunk(cfg.grad_accum)):
                     if run.mode == "reduce-overhead":
                         torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
                     with run.ctx:
-                        logits, loss = mixed_loss(run.fwd, xm, ym, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
+                        logits, loss = mixed_loss(run.compiled, xm, ym, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
                     (loss / cfg.grad_accum).backward()
                 if run.world > 1:
                     torch.distributed.all_reduce(run.flat)  # the sum of every rank's gradients ...
@@ -276,7 +278,7 @@ def fit(run):
             p["epoch"], p["batch"] = epoch + 1, 0
             due = lambda n: n > 0 and (epoch + 1) % n == 0  # noqa: E731 -- after epochs n, 2n, ...
             if run.master and (epoch + 1 == epochs or due(cfg.eval_every)):
-                p["acc"], loss = evaluate(run.fwd, eval_loader, run.ctx)
+                p["acc"], loss = evaluate(run.compiled, eval_loader, run.ctx)
                 p["best_acc"] = max(p["best_acc"], p["acc"])
                 run.log.append({"step": p["step"], "epoch": epoch, f"{split}_acc": p["acc"], f"{split}_loss": loss})
                 bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {p['acc']:.4f}, {split} loss {loss:.4f}")
@@ -320,7 +322,7 @@ def finish(run):
     acc = p["acc"]
     if test_loader is not None:
         summary.update(val_acc=acc, best_val_acc=p["best_acc"])
-        acc, _ = evaluate(run.fwd, test_loader, run.ctx)
+        acc, _ = evaluate(run.compiled, test_loader, run.ctx)
         run.log.append(dict(step=p["step"], epoch=run.epochs - 1, test_acc=acc))
     else:
         test_loader = eval_loader
@@ -329,11 +331,12 @@ def finish(run):
     if cfg.eval_shift:
         for kind in data.CORRUPTIONS:
             xc = data.corrupt(test_loader.x, kind, cfg.seed)
-            shift[kind] = evaluate(run.fwd, loader.Loader(xc, test_loader.y, 1000, run.mean, run.std, False), run.ctx)[0]
+            shift[kind] = evaluate(run.compiled, loader.Loader(xc, test_loader.y, 1000, run.mean, run.std, False), run.ctx)[0]
         shift["mean"] = sum(shift.values()) / len(shift)
         print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
     ips = run.seen / run.timed_s if run.timed_s else None  # this command's steps, the compile interval excluded
-    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if run.dev.startswith("cuda") and k in torch.cuda.get_device_name(run.dev)), 0)
+    gpu = torch.cuda.get_device_name(run.dev) if run.dev.startswith("cuda") else ""
+    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 0)
     mfu = run.model.flops_per_image(training=True) * ips / (run.world * peak * 1e12) if ips and peak else None
     summary.update(test_acc=acc, shift=shift, img_s=ips, mfu=mfu, wall_s=p["wall_s"], resumed_from_step=run.first_step,
                    gamma_mean=run.model.gammas().mean().item(), device=run.dev, world=run.world, compile_mode=run.mode)
