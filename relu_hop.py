@@ -202,8 +202,8 @@ def pure_infsa_fused(q, k, v, gamma, hops=3, eps=1e-6):
 
     each ReLU(S) z one relu_hop call: O(N d) memory, S recomputed tile by tile in every hop. q, k (..., N, d_h),
     v (..., N, d_v), fp32 / bf16 / fp16 on a device Triton runs on; gamma a float or a tensor broadcastable
-    against (..., 1, 1) (one per head), which receives its gradient;
-    gamma / (||ReLU(S)||_F + eps) is computed in fp32, then applied to each hop in the data's dtype (as in infsa). Head sizes that are not a power of two >= 16
+    against (..., 1, 1) (one per head), which receives its gradient; gamma / (||ReLU(S)||_F + eps) is computed in
+    fp32, then applied to each hop in the data's dtype (as in infsa). Head sizes that are not a power of two >= 16
     are padded with zero columns (exact: they add nothing to q . k, and give zero columns of o)."""
     if not AVAILABLE:
         raise RuntimeError("relu_hop needs Triton and a GPU (or Triton's interpreter, TRITON_INTERPRET=1); "
