@@ -81,8 +81,10 @@ def configure(argv, defaults, doc="", allowed=None):
     for k, v in cfg.items():
         if k in choices and v not in choices[k]:
             die(f"--{k} must be one of {' | '.join(choices[k])}; got {v!r}")
-        low, high = allowed.get(k, (0, math.inf)) if type(v) in (int, float) else (0, math.inf)
-        if type(v) in (int, float) and not (math.isfinite(v) and low <= v < high):
+        if type(v) not in (int, float):
+            continue
+        low, high = allowed.get(k, (0, math.inf))
+        if not (math.isfinite(v) and low <= v < high):
             die(f"--{k} must be " + ("finite and " if v == math.inf else "")
                 + (f"in [{low}, {high})" if math.isfinite(high) else f"at least {low}") + f"; got {v}")
     return cfg, given

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -105,6 +106,7 @@ def save_checkpoint(run):
     atomically; only finite weights, the same on every rank: a diverged run never replaces a good checkpoint.
     A summary.json from before is removed: it describes a finished run, and this one is not."""
     rng, p = rng_states(run.dev, run.world), run.progress
+    p["wall_s"] = run.wall0 + time.time() - run.t_start  # training time, over all of the run's segments
     weights = torch.cat([w.detach().flatten() for w in run.model.parameters()])
     stopped = f"stopped, {run.out}/ckpt.pt is the last good checkpoint (if any)"
     if not all_ranks_agree(weights, run.world):  # each applies the same averaged gradients: equal bit for bit

@@ -28,7 +28,7 @@ import torch
 
 import data
 import loader
-import train
+import runtime
 from configurator import config_defaults, configure, die
 from model import ViT, ViTConfig
 
@@ -106,7 +106,7 @@ def load_run(path, dev, opt):
     """A run as its checkpoint describes it: the model (model_args, an output per class) on dev in eval mode, classes,
     normalisation, log, the config that fixes its test images; run.map: --score_map at --layer (--head checked too)."""
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    ckpt = train.load_checkpoint(path)
+    ckpt = runtime.load_checkpoint(path)
     try:  # a field missing, or one this model.py does not take: one line, not a traceback
         classes = ckpt["data"]["classes"]
         model = ViT(ViTConfig(**dict(ckpt["model_args"], n_classes=len(classes))), verbose=False)
@@ -317,7 +317,7 @@ def main(argv):
         die(f"--{k} applies only with --metrics true; add that or drop --{k}")
     if not 0 < opt.cover <= 1:
         die(f"--cover must lie in (0, 1]; got {opt.cover}")
-    dev = train.setup_device(opt.device if opt.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")[0]
+    dev = runtime.setup_device(opt.device)[0]
     runs = [load_run(p, dev, opt) for p in opt.runs.split(",") if p] or die("--runs names no run; give run folders like out/linear")
     ref, kinds = runs[0].config, [r.kind for r in runs]
     for run in runs:

@@ -201,7 +201,8 @@ def train(argv):
                 f"or pick another --out_dir")
         # ---- model, optimiser, and the state a checkpoint restores
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = ViT(ViTConfig(**{k: config[k] for k in MODEL_KEYS}, n_classes=len(classes)), verbose=master).to(dev)
+        model_args = {k: config[k] for k in MODEL_KEYS}
+        model = ViT(ViTConfig(**model_args, n_classes=len(classes)), verbose=master).to(dev)
         decay = lambda n, p: p.dim() >= 2 and n not in ("cls", "pos")  # noqa: E731 -- matrices decay, the rest not
         named = list(model.named_parameters())
         opt = torch.optim.AdamW([{"params": [p for n, p in named if decay(n, p)], "weight_decay": cfg.weight_decay},
@@ -217,7 +218,7 @@ def train(argv):
         mode = cfg.compile_mode if cfg.compile and cuda else None  # None: not compiled
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        run = SimpleNamespace(cfg=cfg, config=config, model_args={k: config[k] for k in MODEL_KEYS}, out=out, dev=dev,
+        run = SimpleNamespace(cfg=cfg, config=config, model_args=model_args, out=out, dev=dev,
                               rank=rank, world=world, master=master, model=model, opt=opt, mode=mode,
                               compiled=torch.compile(model, mode=mode) if mode else model,  # the model when not compiled
                               flat=flat_grads([p for _, p in named]), progress=progress, log=log, first_step=progress["step"],
@@ -233,12 +234,13 @@ def fit(run):
     train_loader, eval_loader, test_loader = run.loaders
     per_epoch = len(train_loader)
     run.epochs = epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
-    total, split = epochs * per_epoch, "val" if test_loader is not None else "test"  # what training evaluates on
+    total, run.split = epochs * per_epoch, "val" if test_loader is not None else "test"  # what training evaluates on
+    split = run.split
     if run.master:
         more = f" (raised from {cfg.epochs} to reach min_steps {cfg.min_steps})" if epochs > cfg.epochs else ""
         print(f"training {epochs} epochs{more} x {per_epoch} steps = {total} steps of {cfg.batch_size} images; "
               f"evaluating on {split}; writing to {run.out}")
-    run.timed_s, run.seen, run.t_start, wall0 = 0.0, 0, time.time(), p["wall_s"]
+    run.timed_s, run.seen, run.t_start, run.wall0 = 0.0, 0, time.time(), p["wall_s"]  # wall0: earlier segments' time
     bar = tqdm(total=total, initial=p["epoch"] * per_epoch + p["batch"], desc=cfg.attn, dynamic_ncols=True,
                disable=None if run.master else True)
     with stop_on_ctrl_c() as stop:
@@ -267,7 +269,6 @@ def fit(run):
                 if p["step"] % cfg.log_every and b + 1 < per_epoch:
                     continue
                 log_interval(run, epoch, pending, time.time() - t0, bar)
-                p["wall_s"] = wall0 + time.time() - run.t_start
                 if stop(run.world, run.dev):
                     save_checkpoint(run)
                     bar.close()
@@ -288,7 +289,7 @@ def fit(run):
             if epoch + 1 == epochs or due(cfg.eval_every) or due(cfg.ckpt_every):
                 save_checkpoint(run)
     bar.close()
-    p["wall_s"] = wall0 + time.time() - run.t_start
+    p["wall_s"] = run.wall0 + time.time() - run.t_start
 
 
 def log_interval(run, epoch, pending, dt, bar):
@@ -343,8 +344,7 @@ def finish(run):
     write_log(run)
     data.write_atomic(os.path.join(run.out, "summary.json"), lambda f: json.dump(summary, f, indent=1))
     speed = f" | {ips:,.0f} img/s" if ips else ""
-    split = "val" if summary.get("val_acc") is not None else "test"
-    print(f"done: final test acc {100 * acc:.2f}% (best {split} acc during training {100 * p['best_acc']:.2f}%){speed}"
+    print(f"done: final test acc {100 * acc:.2f}% (best {run.split} acc during training {100 * p['best_acc']:.2f}%){speed}"
           f"{f' | MFU {100 * mfu:.1f}%' if mfu else ''} | {p['wall_s'] / 60:.1f} min of training | {run.out}/ckpt.pt")
     return summary
 

@@ -58,6 +58,16 @@ def test_cifar10_reader_on_batches_in_the_official_format(tmp_path):
     assert d["y_test"].tolist() == test[b"labels"]
 
 
+def cifar_archive(path):
+    """A CIFAR-10 archive in the official layout, 2 images a batch, at path."""
+    folder = path.parent / "batches" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_cifar_batch(folder / name, 2, 0)
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+
+
 def test_cifar10_bad_archive_is_a_clear_error(tmp_path, monkeypatch):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -65,13 +75,7 @@ def test_cifar10_bad_archive_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(buf.getvalue())
     with pytest.raises(data.DataError, match="md5"):
         data.load("cifar10", str(tmp_path))
-    # a good archive (its md5 made to match) is unpacked and read
-    folder = tmp_path / "src" / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        _write_cifar_batch(folder / name, 2, 0)
-    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
-        tar.add(folder, arcname="cifar-10-batches-py")
+    cifar_archive(tmp_path / "cifar-10-python.tar.gz")  # a good archive (its md5 made to match) is unpacked and read
     monkeypatch.setattr(data, "CIFAR_MD5", hashlib.md5((tmp_path / "cifar-10-python.tar.gz").read_bytes()).hexdigest())
     assert data.load("cifar10", str(tmp_path))["x_train"].shape == (10, 3, 32, 32)
 
@@ -81,12 +85,7 @@ def disk_full(*args, **kwargs):
 
 
 def test_cifar10_download_shows_progress_and_bad_batches_are_one_line_errors(tmp_path, monkeypatch, capsys):
-    src = tmp_path / "src" / "cifar-10-batches-py"
-    src.mkdir(parents=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        _write_cifar_batch(src / name, 2, 0)
-    with tarfile.open(tmp_path / "src.tar.gz", "w:gz") as tar:
-        tar.add(src, arcname="cifar-10-batches-py")
+    cifar_archive(tmp_path / "src.tar.gz")
     monkeypatch.setattr(data, "CIFAR_URL", (tmp_path / "none.tar.gz").as_uri())
     with pytest.raises(data.DataError, match="could not download CIFAR-10"):
         data.load("cifar10", str(tmp_path / "d"))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import runtime
 import sample_attention as sa
 import train
 from model import ViT, ViTConfig
@@ -172,7 +173,7 @@ def test_errors_are_one_line(runs, tmp_path, capsys):
     one_line_error(capsys, ["--runs", runs[0], "--steps", "4"], "--steps applies only with --metrics true")
     (tmp_path / "file").write_text("")
     one_line_error(capsys, ["--runs", runs[0], "--out_dir", str(tmp_path / "file" / "png")], "cannot write")
-    ckpt = train.load_checkpoint(f"{runs[0]}/ckpt.pt")
+    ckpt = runtime.load_checkpoint(f"{runs[0]}/ckpt.pt")
     torch.save({k: v for k, v in ckpt.items() if k != "mean"}, tmp_path / "old.pt")
     one_line_error(capsys, ["--runs", str(tmp_path / "old.pt")], "does not fit this code (KeyError: 'mean')")
     for key, value, words in (("dataset", "cifar10", "needs object masks"), ("seed", 4, "tested on other images")):
