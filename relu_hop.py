@@ -22,7 +22,6 @@ import os
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 import infsa
 
@@ -45,46 +44,57 @@ def _jit(fn):
 
 
 @_jit
-def _hop_fwd(Q, K, Z, O, S2, N, scale, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
-             BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
+def _rows(P, r, cols, stride, N, D):
+    """The tile P[r, cols] of an (N, D) matrix with row stride `stride` (columns contiguous): rows past N and columns
+    past D read as 0, which is what zero-padding the matrix to the kernels' widths would give, without the copy."""
+    return tl.load(P + r[:, None] * stride + cols[None, :], mask=(r[:, None] < N) & (cols[None, :] < D), other=0.0)
+
+
+@_jit
+def _hop_fwd(Q, K, Z, O, S2, sb, sh, sn, zb, zh, zn, H, N, D, DVR, scale, DK: tl.constexpr, DV: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
     """o_i = scale sum_j ReLU(r_ij) z_j and s2_i = scale^2 sum_j ReLU(r_ij)^2, r = q k^T, for BM queries of one head."""
-    h = tl.program_id(1).to(tl.int64)  # (batch, head); int64 because h N d passes 2^31 at a few 100k tokens
+    bh = tl.program_id(1).to(tl.int64)  # b H + h; int64 because offsets pass 2^31 at a few 100k tokens
+    b, h = bh // H, bh % H
     i = tl.program_id(0) * BM + tl.arange(0, BM)  # this tile's queries
     dk, dv = tl.arange(0, DK), tl.arange(0, DV)
-    Q, K, Z = Q + h * N * DK, K + h * N * DK, Z + h * N * DV
-    q = tl.load(Q + i[:, None] * DK + dk[None, :], mask=i[:, None] < N, other=0.0)  # (BM, DK)
+    Q, K, Z = Q + b * sb + h * sh, K + b * sb + h * sh, Z + b * zb + h * zh  # q, k share strides; z has its own
+    q = _rows(Q, i, dk, sn, N, D)  # (BM, DK)
     o = tl.zeros((BM, DV), tl.float32)
     s2 = tl.zeros((BM,), tl.float32)
     for start in range(0, N, BN):
         j = start + tl.arange(0, BN)
         # keys past N load as 0, so their scores are 0 and ReLU drops them: S needs no mask
-        k = tl.load(K + j[:, None] * DK + dk[None, :], mask=j[:, None] < N, other=0.0)  # (BN, DK)
-        z = tl.load(Z + j[:, None] * DV + dv[None, :], mask=j[:, None] < N, other=0.0)  # (BN, DV)
+        k = _rows(K, j, dk, sn, N, D)  # (BN, DK)
+        z = _rows(Z, j, dv, zn, N, DVR)  # (BN, DV)
         p = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)  # ReLU(q k^T): (BM, BN), fp32
         if WITH_S2:  # the norm needs it once, in the first hop
             s2 += tl.sum(p * p, 1)
         o = tl.dot(p.to(z.dtype), z, o, input_precision=PREC)  # o += ReLU(r) z, in fp32
-    tl.store(O + h * N * DV + i[:, None] * DV + dv[None, :], (o * scale).to(O.dtype.element_ty), mask=i[:, None] < N)
+    mask = (i[:, None] < N) & (dv[None, :] < DVR)
+    tl.store(O + bh * N * DVR + i[:, None] * DVR + dv[None, :], (o * scale).to(O.dtype.element_ty), mask=mask)
     if WITH_S2:
-        tl.store(S2 + h * N + i, s2 * (scale * scale), mask=i < N)
+        tl.store(S2 + bh * N + i, s2 * (scale * scale), mask=i < N)
 
 
 @_jit
-def _hop_bwd_kz(Q, K, Z, DO, DS2, DKo, DZo, N, scale, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
-                BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
+def _hop_bwd_kz(Q, K, Z, DO, DS2, DKo, DZo, sb, sh, sn, zb, zh, zn, H, N, D, DVR, scale, DK: tl.constexpr,
+                DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
     """dk_j = scale sum_i dS_ij q_i and dz_j = sum_i ReLU(s_ij) dO_i for BN keys of one head, over every query tile."""
-    h = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
     j = tl.program_id(0) * BN + tl.arange(0, BN)  # this tile's keys
     dk, dv = tl.arange(0, DK), tl.arange(0, DV)
-    Q, K, Z, DO, DS2 = Q + h * N * DK, K + h * N * DK, Z + h * N * DV, DO + h * N * DV, DS2 + h * N
-    k = tl.load(K + j[:, None] * DK + dk[None, :], mask=j[:, None] < N, other=0.0)  # (BN, DK)
-    z = tl.load(Z + j[:, None] * DV + dv[None, :], mask=j[:, None] < N, other=0.0)  # (BN, DV)
+    Q, K, Z = Q + b * sb + h * sh, K + b * sb + h * sh, Z + b * zb + h * zh
+    DO, DS2 = DO + bh * N * DVR, DS2 + bh * N  # dO and ds2 are contiguous
+    k = _rows(K, j, dk, sn, N, D)  # (BN, DK)
+    z = _rows(Z, j, dv, zn, N, DVR)  # (BN, DV)
     gk = tl.zeros((BN, DK), tl.float32)
     gz = tl.zeros((BN, DV), tl.float32)
     for start in range(0, N, BM):
         i = start + tl.arange(0, BM)
-        q = tl.load(Q + i[:, None] * DK + dk[None, :], mask=i[:, None] < N, other=0.0)  # (BM, DK)
-        do = tl.load(DO + i[:, None] * DV + dv[None, :], mask=i[:, None] < N, other=0.0)  # (BM, DV)
+        q = _rows(Q, i, dk, sn, N, D)  # (BM, DK)
+        do = _rows(DO, i, dv, DVR, N, DVR)  # (BM, DV)
         rT = tl.dot(k, tl.trans(q), input_precision=PREC)  # r^T = k q^T, recomputed: (BN, BM)
         gz = tl.dot(tl.maximum(rT, 0.0).to(do.dtype), do, gz, input_precision=PREC)  # dz += ReLU(r)^T dO
         gT = tl.dot(z, tl.trans(do), input_precision=PREC)  # z_j . dO_i: (BN, BM)
@@ -92,52 +102,62 @@ def _hop_bwd_kz(Q, K, Z, DO, DS2, DKo, DZo, N, scale, DK: tl.constexpr, DV: tl.c
             gT += (2 * scale * tl.load(DS2 + i, mask=i < N, other=0.0))[None, :] * rT
         gT = tl.where(rT > 0, gT, 0.0)  # ReLU passes the gradient where the score is positive
         gk = tl.dot(gT.to(q.dtype), q, gk, input_precision=PREC)  # dk += dS^T q
-    tl.store(DKo + h * N * DK + j[:, None] * DK + dk[None, :], gk * scale, mask=j[:, None] < N)
-    tl.store(DZo + h * N * DV + j[:, None] * DV + dv[None, :], gz * scale, mask=j[:, None] < N)
+    tl.store(DKo + bh * N * D + j[:, None] * D + dk[None, :], gk * scale, mask=(j[:, None] < N) & (dk[None, :] < D))
+    tl.store(DZo + bh * N * DVR + j[:, None] * DVR + dv[None, :], gz * scale, mask=(j[:, None] < N) & (dv[None, :] < DVR))
 
 
 @_jit
-def _hop_bwd_q(Q, K, Z, DO, DS2, DQo, N, scale, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
-               BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
+def _hop_bwd_q(Q, K, Z, DO, DS2, DQo, sb, sh, sn, zb, zh, zn, H, N, D, DVR, scale, DK: tl.constexpr,
+               DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
     """dq_i = scale sum_j dS_ij k_j for BM queries of one head, over every key tile."""
-    h = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
     i = tl.program_id(0) * BM + tl.arange(0, BM)
     dk, dv = tl.arange(0, DK), tl.arange(0, DV)
-    Q, K, Z = Q + h * N * DK, K + h * N * DK, Z + h * N * DV
-    q = tl.load(Q + i[:, None] * DK + dk[None, :], mask=i[:, None] < N, other=0.0)  # (BM, DK)
-    do = tl.load(DO + h * N * DV + i[:, None] * DV + dv[None, :], mask=i[:, None] < N, other=0.0)  # (BM, DV)
-    c = 2 * scale * tl.load(DS2 + h * N + i, mask=i < N, other=0.0)  # (BM,): 2 ds2_i scale
+    Q, K, Z = Q + b * sb + h * sh, K + b * sb + h * sh, Z + b * zb + h * zh
+    q = _rows(Q, i, dk, sn, N, D)  # (BM, DK)
+    do = _rows(DO + bh * N * DVR, i, dv, DVR, N, DVR)  # (BM, DV)
+    c = 2 * scale * tl.load(DS2 + bh * N + i, mask=i < N, other=0.0)  # (BM,): 2 ds2_i scale
     gq = tl.zeros((BM, DK), tl.float32)
     for start in range(0, N, BN):
         j = start + tl.arange(0, BN)
-        k = tl.load(K + j[:, None] * DK + dk[None, :], mask=j[:, None] < N, other=0.0)  # (BN, DK)
-        z = tl.load(Z + j[:, None] * DV + dv[None, :], mask=j[:, None] < N, other=0.0)  # (BN, DV)
+        k = _rows(K, j, dk, sn, N, D)  # (BN, DK)
+        z = _rows(Z, j, dv, zn, N, DVR)  # (BN, DV)
         r = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BM, BN)
         g = tl.dot(do, tl.trans(z), input_precision=PREC)  # dO_i . z_j
         if WITH_S2:
             g += c[:, None] * r
         g = tl.where(r > 0, g, 0.0)
         gq = tl.dot(g.to(k.dtype), k, gq, input_precision=PREC)  # dq += dS k
-    tl.store(DQo + h * N * DK + i[:, None] * DK + dk[None, :], gq * scale, mask=i[:, None] < N)
+    tl.store(DQo + bh * N * D + i[:, None] * D + dk[None, :], gq * scale, mask=(i[:, None] < N) & (dk[None, :] < D))
 
 # -----------------------------------------------------------------------------
 # the custom ops: what torch.compile and autograd see
 
 
 def _launch(kernel, cfg, over, tensors, scale, with_s2):
-    """kernel[grid](*tensors, N, scale, ...) with CONFIG[cfg]; one program per (tile of `over`: "q" or "k", head).
+    """kernel[grid](*tensors, strides, ..., scale, ...) with CONFIG[cfg]; one program per (tile of `over`: "q" or "k",
+    head); tensors (q, k, z, *rest) as _kernel_layout gives them, 4-d (B, H, N, d), the rest contiguous.
     The tile a program owns holds its fp32 accumulators in registers: wider heads get proportionally fewer rows."""
     BM, BN, warps, stages = CONFIG[cfg]
     q, k, z = tensors[:3]
-    BH, N, DK = q.shape
-    rows = lambda r: max(16, r * 16 // max(DK, z.shape[-1], 16))  # noqa: E731 (r rows at d = 16)
+    B, H, N, d = q.shape
+    DK, DV = _width(d), _width(z.shape[-1])
+    rows = lambda r: max(16, r * 16 // max(DK, DV))  # noqa: E731 (r rows at d = 16)
     BM, BN = (rows(BM), BN) if over == "q" else (BM, rows(BN))
-    grid = (triton.cdiv(N, BM if over == "q" else BN), BH)
+    grid = (triton.cdiv(N, BM if over == "q" else BN), B * H)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # ieee: fp32 products exact to fp32, not TF32's 10 bits
     # wrap_triton lets torch.compile see the kernel; Triton's interpreter makes plain functions, which it refuses (torch 2.11)
     run = torch.library.wrap_triton(kernel) if isinstance(kernel, triton.runtime.JITFunction) else kernel
-    run[grid](*tensors, N, scale, DK=DK, DV=z.shape[-1], BM=BM, BN=BN, WITH_S2=with_s2, PREC=prec,
-              num_warps=warps, num_stages=stages)
+    run[grid](*tensors, *q.stride()[:3], *z.stride()[:3], H, N, d, z.shape[-1], scale, DK=DK, DV=DV, BM=BM, BN=BN,
+              WITH_S2=with_s2, PREC=prec, num_warps=warps, num_stages=stages)
+
+
+def _kernel_layout(q, k, z):
+    """q, k, z as the kernels read them: unit stride along d, and one set of strides for q and k. The model's q, k, v
+    are strided views of one qkv tensor, which already are: the kernels read them in place, with no copy."""
+    q, k, z = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, z))
+    return (q, k, z) if q.stride() == k.stride() else (q.contiguous(), k.contiguous(), z)
 
 
 _ops = {}  # the registered custom op, filled by ops() on first use
@@ -153,20 +173,21 @@ def ops():
     @torch.library.triton_op("infsa::relu_hop", mutates_args=())
     def relu_hop(q: torch.Tensor, k: torch.Tensor, z: torch.Tensor, scale: float, with_s2: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(o, s2) for q, k (BH, N, DK), z (BH, N, DV): o = ReLU(scale q k^T) z (BH, N, DV), summed in fp32 and
-        returned in z's dtype, and, when with_s2, s2 = the row sums of ReLU(scale q k^T)^2 (BH, N) in fp32 (else 0)."""
-        q, k, z = q.contiguous(), k.contiguous(), z.contiguous()
-        o = torch.empty_like(z)
-        s2 = q.new_zeros(q.shape[:2], dtype=torch.float32)
+        """(o, s2) for q, k (B, H, N, d), z (B, H, N, dv): o = ReLU(scale q k^T) z (B, H, N, dv), summed in fp32 and
+        returned in z's dtype, and, when with_s2, s2 = the row sums of ReLU(scale q k^T)^2 (B, H, N) in fp32 (else 0)."""
+        q, k, z = _kernel_layout(q, k, z)
+        o = z.new_empty(z.shape)
+        s2 = q.new_zeros(q.shape[:3], dtype=torch.float32)
         _launch(_hop_fwd, "fwd", "q", (q, k, z, o, s2), scale, with_s2)
         return o, s2
 
     @torch.library.triton_op("infsa::relu_hop_backward", mutates_args=())
     def relu_hop_backward(q: torch.Tensor, k: torch.Tensor, z: torch.Tensor, do: torch.Tensor, ds2: torch.Tensor,
                           scale: float, with_s2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dq, dk, dz) of relu_hop, given dO (BH, N, DV) and ds2 (BH, N), in the dtypes of q, k, z."""
-        q, k, z, do, ds2 = (t.contiguous() for t in (q, k, z, do.to(z.dtype), ds2.float()))  # products in z's dtype
-        dq, dk, dz = torch.empty_like(q), torch.empty_like(k), torch.empty_like(z)
+        """(dq, dk, dz) of relu_hop, given dO (B, H, N, dv) and ds2 (B, H, N), in the dtypes of q, k, z."""
+        q, k, z = _kernel_layout(q, k, z)
+        do, ds2 = do.to(z.dtype).contiguous(), ds2.float().contiguous()  # products in z's dtype
+        dq, dk, dz = q.new_empty(q.shape), k.new_empty(k.shape), z.new_empty(z.shape)
         _launch(_hop_bwd_kz, "bwd_kz", "k", (q, k, z, do, ds2, dk, dz), scale, with_s2)
         _launch(_hop_bwd_q, "bwd_q", "q", (q, k, z, do, ds2, dq), scale, with_s2)
         return dq, dk, dz
@@ -177,7 +198,7 @@ def ops():
 
     def _backward(ctx, do, ds2):
         q, k, z = ctx.saved_tensors
-        ds2 = torch.zeros(q.shape[:2], device=q.device) if ds2 is None else ds2
+        ds2 = torch.zeros(q.shape[:3], device=q.device) if ds2 is None else ds2
         dq, dk, dz = relu_hop_backward(q, k, z, do, ds2, ctx.scale, ctx.with_s2)
         return dq, dk, dz, None, None
 
@@ -203,8 +224,9 @@ def pure_infsa_fused(q, k, v, gamma, hops=3, eps=1e-6):
     each ReLU(S) z one relu_hop call: O(N d) memory, S recomputed tile by tile in every hop. q, k (..., N, d_h),
     v (..., N, d_v), fp32 / bf16 / fp16 on a device Triton runs on; gamma a float or a tensor broadcastable
     against (..., 1, 1) (one per head), which receives its gradient; gamma / (||ReLU(S)||_F + eps) is computed in
-    fp32, then applied to each hop in the data's dtype (as in infsa). Head sizes that are not a power of two >= 16
-    are padded with zero columns (exact: they add nothing to q . k, and give zero columns of o)."""
+    fp32, then applied to each hop in the data's dtype (as in infsa). The kernels read q, k, v where they lie (strided
+    views such as the model's take no copy); head sizes that are not a power of two >= 16 load as zero-padded columns
+    (exact: they add nothing to q . k, and o's extra columns are never stored)."""
     if not AVAILABLE:
         raise RuntimeError("relu_hop needs Triton and a GPU (or Triton's interpreter, TRITON_INTERPRET=1); "
                            "infsa.pure_infsa computes the same sum")
@@ -214,14 +236,13 @@ def pure_infsa_fused(q, k, v, gamma, hops=3, eps=1e-6):
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"relu_hop runs fp32, bf16 or fp16, one dtype for q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
     *lead, N, d = q.shape
-    dv, DK, DV = v.shape[-1], _width(d), _width(v.shape[-1])
-    q, k = (F.pad(t, (0, DK - d)).reshape(-1, N, DK) for t in (q, k))  # (BH, N, DK)
-    z, y, a, hop = F.pad(v, (0, DV - dv)), 0, None, ops()  # z: (..., N, DV)
+    four_d = lambda t: t.reshape(-1, *([1] + list(t.shape))[-3:])  # noqa: E731 (..., N, d) -> (B, H, N, d): a view for 4-d
+    q, k, z, y, a, hop = four_d(q), four_d(k), v, 0, None, ops()
     for t in range(hops):
-        o, s2 = hop(q, k, z.reshape(-1, N, DV), 1 / math.sqrt(d), t == 0)  # (BH, N, DV), (BH, N)
+        o, s2 = hop(q, k, four_d(z), 1 / math.sqrt(d), t == 0)  # (B, H, N, d_v), (B, H, N)
         if t == 0:  # gamma / (||ReLU(S)||_F + eps); the clamp keeps sqrt's gradient finite when S = 0
             norm = s2.view(*lead, N).sum(-1).clamp_min(1e-30).sqrt()[..., None, None]  # (..., 1, 1)
             a = (gamma.float() if isinstance(gamma, torch.Tensor) else gamma) / (norm + eps)
-        z = a.to(o.dtype) * o.view(*lead, N, DV)  # z_t = gamma A_hat z_{t-1}, scaled in the data's dtype as in infsa
-        y = z if t == 0 else y + z  # (..., N, DV)
-    return y[..., :dv]
+        z = a.to(o.dtype) * o.view(v.shape)  # z_t = gamma A_hat z_{t-1}, scaled in the data's dtype as in infsa
+        y = z if t == 0 else y + z  # (..., N, d_v)
+    return y

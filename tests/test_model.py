@@ -5,6 +5,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import infsa
 import model
+import runtime
 from model import ViT, ViTConfig, paper_4l64h
 
 KINDS = ["softmax", "pure", "linear"]
@@ -121,3 +122,24 @@ def test_bad_config_is_a_clear_error():
         ViTConfig(attn="cosine")
     with pytest.raises(ValueError, match="divisible"):
         ViTConfig(n_embd=100, n_head=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_grad_accum_adds_micro_batches_under_cuda_graphs():
+    """compile_mode reduce-overhead replays recorded CUDA graphs; backward must still add each micro-batch's gradient
+    into the flat buffer (runtime.flat_grads): two halves, compiled and replayed, give the whole batch's gradient."""
+    m = tiny("softmax").cuda()
+    flat = runtime.flat_grads(list(m.parameters()))
+    x, y = torch.randn(64, 3, 16, 16, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+    compiled = torch.compile(m, mode="reduce-overhead")
+    for _ in range(3):  # a warm-up, a recording, then replays
+        flat.zero_()
+        for xm, ym in zip(x.chunk(2), y.chunk(2)):
+            torch.compiler.cudagraph_mark_step_begin()
+            (compiled(xm, ym)[1] / 2).backward()
+    got = flat.clone()
+    flat.zero_()
+    m(x, y)[1].backward()  # eager, the whole batch at once
+    half = torch.autograd.grad(m(x[32:], y[32:])[1] / 2, list(m.parameters()))  # what a replay that overwrote would give
+    err = lambda g: ((g - flat).norm() / flat.norm()).item()  # noqa: E731
+    assert err(got) < 5e-3 and err(torch.cat([h.flatten() for h in half])) > 0.1
