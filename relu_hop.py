@@ -41,20 +41,22 @@ CONFIG = {"fwd": (128, 64, 4, 3), "bwd_kz": (32, 128, 4, 3), "bwd_q": (128, 64, 
 def _jit(fn):
     """triton.jit where Triton is installed; without it the kernels stay plain functions that nothing calls. Triton
     compiles a kernel again for each new kind of integer argument (1, a multiple of 16, other); the head count and the
-    sizes gain nothing from that, so only the strides (whose multiples of 16 allow wide loads) are specialised on."""
-    return triton.jit(fn, do_not_specialize=["H", "N", "D", "DVR"]) if triton is not None else fn
+    token count gain nothing from that, so only the strides (whose multiples of 16 allow wide loads) are."""
+    return triton.jit(fn, do_not_specialize=["H", "N"]) if triton is not None else fn
 
 
 @_jit
 def _rows(P, r, cols, stride, N, D):
     """The tile P[r, cols] of an (N, D) matrix with row stride `stride` (columns contiguous): rows past N and columns
-    past D read as 0, which is what zero-padding the matrix to the kernels' widths would give, without the copy."""
+    past D read as 0, which is what zero-padding the matrix to the kernels' widths would give, without the copy.
+    D is a constexpr, so the compiler sees the column mask is constant over runs of 16 columns and keeps wide loads."""
     return tl.load(P + r[:, None] * stride + cols[None, :], mask=(r[:, None] < N) & (cols[None, :] < D), other=0.0)
 
 
 @_jit
-def _hop_fwd(Q, K, Z, O, S2, sb, sh, sn, zb, zh, zn, H, N, D, DVR, scale, DK: tl.constexpr, DV: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
+def _hop_fwd(Q, K, Z, O, S2, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl.constexpr, DVR: tl.constexpr,
+             DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_S2: tl.constexpr,
+             PREC: tl.constexpr):
     """o_i = scale sum_j ReLU(r_ij) z_j and s2_i = scale^2 sum_j ReLU(r_ij)^2, r = q k^T, for BM queries of one head."""
     bh = tl.program_id(1).to(tl.int64)  # b H + h; int64 because offsets pass 2^31 at a few 100k tokens
     b, h = bh // H, bh % H
@@ -80,8 +82,9 @@ def _hop_fwd(Q, K, Z, O, S2, sb, sh, sn, zb, zh, zn, H, N, D, DVR, scale, DK: tl
 
 
 @_jit
-def _hop_bwd_kz(Q, K, Z, DO, DS2, DKo, DZo, sb, sh, sn, zb, zh, zn, H, N, D, DVR, scale, DK: tl.constexpr,
-                DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
+def _hop_bwd_kz(Q, K, Z, DO, DS2, DKo, DZo, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl.constexpr, DVR: tl.constexpr,
+                DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_S2: tl.constexpr,
+                PREC: tl.constexpr):
     """dk_j = scale sum_i dS_ij q_i and dz_j = sum_i ReLU(s_ij) dO_i for BN keys of one head, over every query tile."""
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -109,8 +112,9 @@ def _hop_bwd_kz(Q, K, Z, DO, DS2, DKo, DZo, sb, sh, sn, zb, zh, zn, H, N, D, DVR
 
 
 @_jit
-def _hop_bwd_q(Q, K, Z, DO, DS2, DQo, sb, sh, sn, zb, zh, zn, H, N, D, DVR, scale, DK: tl.constexpr,
-               DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
+def _hop_bwd_q(Q, K, Z, DO, DS2, DQo, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl.constexpr, DVR: tl.constexpr,
+               DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_S2: tl.constexpr,
+               PREC: tl.constexpr):
     """dq_i = scale sum_j dS_ij k_j for BM queries of one head, over every key tile."""
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -151,7 +155,7 @@ def _launch(kernel, cfg, over, tensors, scale, with_s2):
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # ieee: fp32 products exact to fp32, not TF32's 10 bits
     # wrap_triton lets torch.compile see the kernel; Triton's interpreter makes plain functions, which it refuses (torch 2.11)
     run = torch.library.wrap_triton(kernel) if isinstance(kernel, triton.runtime.JITFunction) else kernel
-    run[grid](*tensors, *q.stride()[:3], *z.stride()[:3], H, N, d, z.shape[-1], scale, DK=DK, DV=DV, BM=BM, BN=BN,
+    run[grid](*tensors, *q.stride()[:3], *z.stride()[:3], H, N, scale, D=d, DVR=z.shape[-1], DK=DK, DV=DV, BM=BM, BN=BN,
               WITH_S2=with_s2, PREC=prec, num_warps=warps, num_stages=stages)
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 import data
 import loader
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_train", "256", "--n_test", "64", "--batch_size", "64", "--n_layer", "2", "--n_head", "2",
@@ -49,14 +50,14 @@ def ranks(argv, world=2):
 def test_two_processes_match_one_process_and_each_other(tmp_path):
     """Same global batch on 1 and 2 processes: the same gradients (up to summation order), so the same weights."""
     ranks([*TINY, "--out_dir", str(tmp_path / "ddp")])
-    sh([sys.executable, "train.py", *TINY, "--out_dir", str(tmp_path / "one")])
+    train.main([*TINY, "--out_dir", str(tmp_path / "one")])  # in this process: a new one costs an import of torch
     a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
     assert a["progress"]["step"] == b["progress"]["step"] == 8 and len(a["rng"]) == 2
     for k in b["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
     # the 2-process checkpoint resumes in one process
-    sh([sys.executable, "train.py", "--epochs", "3", "--out_dir", str(tmp_path / "ddp"), "--init_from", "resume"])
+    train.main(["--epochs", "3", "--out_dir", str(tmp_path / "ddp"), "--init_from", "resume"])
     assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["progress"]["step"] == 12
 
 
