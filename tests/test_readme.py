@@ -106,6 +106,21 @@ def test_scaling_tables_match_the_benchmark(name):
                 assert abs(float(shown.replace(",", "")) / speed - 1) < 0.005 + 0.5 * 10 ** -(len(shown.replace(",", "").replace(".", "").lstrip("0")) - 1), (image, kind, cell)
 
 
+def test_kernel_table_matches_its_benchmark():
+    """RESULTS §4's Triton-kernel table: each figure (img/s, seconds, GB) is its row of assets/bench_kernel.json."""
+    rows = json.loads((ROOT / "assets" / "bench_kernel.json").read_text())["rows"]
+    checked = 0
+    for row in table_after(RESULTS, "| row | Triton kernel |"):
+        mode, image = ("train" if row[0].startswith("training") else "infer"), int(re.search(r"(\d+)²", row[0])[1])
+        for kind, cell in (("pure", row[1]), ("pure-chunked", row[2])):
+            found = [r for r in rows if (r["mode"], r["kind"], r["image"]) == (mode, kind, image)]
+            for value, unit in re.findall(r"([\d.]+) (img/s|s|GB)\b", cell) if found else ():
+                want = {"img/s": found[0]["img_s"], "s": found[0]["s"], "GB": found[0]["peak_gb"]}[unit]
+                assert close(value, want, len(value.split(".")[1]) if "." in value else 0), (row[0], kind, cell)
+                checked += 1
+    assert checked >= 10
+
+
 def cpu_run(name):
     runs = json.loads((ROOT / "assets" / "cpu" / "runs.json").read_text())["runs"]
     return json.loads((ROOT / "assets" / "cpu" / name / "summary.json").read_text()), runs[name]

@@ -117,6 +117,8 @@ import torch, infsa, relu_hop, tests.test_relu_hop as t
 torch.manual_seed(0)
 for N, d, dtype, tol, strided in ((70, 16, torch.float32, 1e-5, True), (37, 12, torch.float16, 3e-3, False)):
     t.check(*t.qkv(N=N, d=d, dtype=dtype, strided=strided), t.gammas(3), 3, tol)
+q, k, v = t.qkv(N=40)
+t.check(t.qkv(N=40, strided=True)[0], k.mT.contiguous().mT, v, t.gammas(3), 2, 1e-5)  # q strided, k column-major
 one = torch.ones(1, 1, 20, 16, requires_grad=True)
 y = relu_hop.pure_infsa_fused(one, -one, one, 0.9, 2)
 y.sum().backward()
@@ -129,8 +131,8 @@ print("ok")
                     reason="needs Triton (the interpreter is part of it); with a GPU the compiled kernels are tested instead")
 def test_kernels_under_the_triton_interpreter_on_cpu():
     """The same kernels, interpreted on CPU tensors (TRITON_INTERPRET=1 must be set before Triton compiles anything,
-    hence a fresh process): N = 70 and 37 cross the tiles' edges, d_h = 12 is padded to 16, and N = 70 reads q, k, v
-    as strided views of one tensor. fp32 and fp16 only: the
+    hence a fresh process): N = 70 and 37 cross the tiles' edges, d_h = 12 is padded to 16, N = 70 reads q, k, v
+    as strided views of one tensor, and N = 40 gives q and k layouts that the kernels cannot share. fp32 and fp16 only: the
     interpreter of Triton 3.9 returns wrong values for tl.dot on bf16."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
