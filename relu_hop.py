@@ -41,7 +41,7 @@ CONFIG = {"fwd": (128, 64, 4, 3), "bwd_kz": (32, 128, 4, 3), "bwd_q": (128, 64, 
 def _jit(fn):
     """triton.jit where Triton is installed; without it the kernels stay plain functions that nothing calls. Triton
     compiles a kernel again for each new kind of integer argument (1, a multiple of 16, other); the head count and the
-    token count gain nothing from that, so only the strides (whose multiples of 16 allow wide loads) are."""
+    token count gain nothing from that, so only the strides are specialised on (their multiples of 16 allow wide loads)."""
     return triton.jit(fn, do_not_specialize=["H", "N"]) if triton is not None else fn
 
 
