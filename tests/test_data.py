@@ -338,8 +338,8 @@ def test_compiled_augmentation_equals_the_eager_one():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=dev)
     kw = dict(rotate=15.0, zoom=0.15, translate=0.1, jitter=0.3, erase=0.5)
-    ld = loader.Loader(x, torch.arange(64, device=dev) % 10, 32, torch.full((3,), 0.5, device=dev),
-                       torch.full((3,), 0.25, device=dev), True, **kw, compile=True)
+    ld = loader.Loader(x, torch.arange(64, device=dev) % 10, 32, torch.full((3,), 0.5), torch.full((3,), 0.25), True,
+                       **kw, compile=True)  # the Loader moves mean and std to the labels' device
     u = torch.rand(32, sum(loader.DRAWS.values()), generator=torch.Generator().manual_seed(1)).to(dev)
     eager = ld.augment(x[:32], u)
     torch.testing.assert_close(ld.transform(x[:32], u), eager, atol=1e-4, rtol=0)
