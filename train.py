@@ -56,6 +56,7 @@ erase = 0.0                 # probability of erasing one random rectangle per im
 mixup = 0.0                 # >0: mix pairs of images, lambda ~ Beta(mixup, mixup) per batch
 cutmix = 0.0                # >0: paste a box of the partner image, area 1 - lambda ~ Beta(cutmix, cutmix)
 eval_shift = False          # at the end, also evaluate on corrupted test images (noise, blur, contrast, jpeg)
+flip_eval = False           # evaluate on each image and its mirror, averaging the two logits
 # model
 attn = "linear"             # softmax | pure | linear
 image_size = 32
@@ -144,15 +145,17 @@ def settle_config(argv):
 
 
 @torch.no_grad()
-def evaluate(model, batches, ctx):
-    """(accuracy, mean loss) over a loader's batches."""
+def evaluate(model, batches, ctx, flip=False):
+    """(accuracy, mean loss) over a loader's batches; flip: of the logits averaged over each image and its mirror."""
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
     for xb, yb in batches:
         with ctx:
-            logits, loss = model(xb, yb)
+            logits = model(xb)[0].float().clone()  # a copy: a CUDA-graph replay reuses its output buffers
+            if flip:
+                logits = (logits + model(xb.flip(-1))[0].float()) / 2
         correct += (logits.argmax(-1) == yb).sum()
-        loss_sum += loss.float() * len(yb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
         n += len(yb)
     model.train()
     return (correct / n).item(), (loss_sum / n).item()
@@ -279,7 +282,7 @@ def fit(run):
             p["epoch"], p["batch"] = epoch + 1, 0
             due = lambda n: n > 0 and (epoch + 1) % n == 0  # noqa: E731 -- after epochs n, 2n, ...
             if run.master and (epoch + 1 == epochs or due(cfg.eval_every)):
-                p["acc"], loss = evaluate(run.compiled, eval_loader, run.ctx)
+                p["acc"], loss = evaluate(run.compiled, eval_loader, run.ctx, cfg.flip_eval)
                 p["best_acc"] = max(p["best_acc"], p["acc"])
                 run.log.append({"step": p["step"], "epoch": epoch, f"{split}_acc": p["acc"], f"{split}_loss": loss})
                 bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {p['acc']:.4f}, {split} loss {loss:.4f}")
@@ -323,7 +326,7 @@ def finish(run):
     acc = p["acc"]
     if test_loader is not None:
         summary.update(val_acc=acc, best_val_acc=p["best_acc"])
-        acc, _ = evaluate(run.compiled, test_loader, run.ctx)
+        acc, _ = evaluate(run.compiled, test_loader, run.ctx, cfg.flip_eval)
         run.log.append(dict(step=p["step"], epoch=run.epochs - 1, test_acc=acc))
     else:
         test_loader = eval_loader
@@ -332,7 +335,8 @@ def finish(run):
     if cfg.eval_shift:
         for kind in data.CORRUPTIONS:
             xc = data.corrupt(test_loader.x, kind, cfg.seed)
-            shift[kind] = evaluate(run.compiled, loader.Loader(xc, test_loader.y, 1000, run.mean, run.std, False), run.ctx)[0]
+            xs = loader.Loader(xc, test_loader.y, 1000, run.mean, run.std, False)
+            shift[kind] = evaluate(run.compiled, xs, run.ctx, cfg.flip_eval)[0]
         shift["mean"] = sum(shift.values()) / len(shift)
         print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
     ips = run.seen / run.timed_s if run.timed_s else None  # this command's steps, the compile interval excluded

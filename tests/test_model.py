@@ -1,4 +1,6 @@
 """model.py: the attention switch computes what infsa.py says, gamma trains, counts are right."""
+import contextlib
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -145,3 +147,20 @@ def test_grad_accum_adds_micro_batches_under_cuda_graphs():
     m(x, y)[1].backward()  # eager, the whole batch at once
     err = lambda g: ((g - flat).norm() / flat.norm()).item()  # noqa: E731
     assert err(got) < 5e-3 and err(half) > 0.1, (err(got), err(half))
+
+
+def test_flip_eval_averages_the_logits_of_each_image_and_its_mirror():
+    """train.evaluate(flip=True) against the logits averaged image by image: its accuracy and mean loss; the
+    result is the same for the mirrored set, and differs from plain evaluation."""
+    import train
+    m, ctx = tiny("softmax").eval(), contextlib.nullcontext()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 10, (24,), generator=g)
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    mean_logits = torch.cat([(m(x[i:i + 1])[0] + m(x[i:i + 1].flip(-1))[0]) / 2 for i in range(24)])
+    acc, loss = train.evaluate(m, batches, ctx, flip=True)
+    assert acc == pytest.approx((mean_logits.argmax(-1) == y).float().mean().item())
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(mean_logits, y).item(), rel=1e-5)
+    mirrored = train.evaluate(m, [(b.flip(-1), t) for b, t in batches], ctx, flip=True)
+    assert mirrored[1] == pytest.approx(loss, rel=1e-5)
+    assert train.evaluate(m, batches, ctx)[1] != pytest.approx(loss, rel=1e-3)
