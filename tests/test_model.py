@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import infsa
 import model
 import runtime
+import train
 from model import ViT, ViTConfig, paper_4l64h
 
 KINDS = ["softmax", "pure", "linear"]
@@ -152,7 +153,6 @@ def test_grad_accum_adds_micro_batches_under_cuda_graphs():
 def test_flip_eval_averages_the_logits_of_each_image_and_its_mirror():
     """train.evaluate(flip=True) against the logits averaged image by image: its accuracy and mean loss; the
     result is the same for the mirrored set, and differs from plain evaluation."""
-    import train
     m, ctx = tiny("softmax").eval(), contextlib.nullcontext()
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 10, (24,), generator=g)

@@ -123,10 +123,10 @@ def test_kernel_table_matches_its_benchmark():
 
 def test_recipe_search_rows_match_their_summaries():
     """RESULTS §5's recipe search: val acc, flip, img/s and minutes of every finished run are its summary's."""
-    rows = [r for r in table_after(RESULTS, "| run | change from") if r[0]]
-    finished = [r for r in rows if (ROOT / "assets" / "cifar" / "search" / f"{r[0]}.json").exists()]
+    rows, folder = [r for r in table_after(RESULTS, "| run | change from") if r[0]], ROOT / "assets" / "cifar" / "search"
+    finished = [r for r in rows if (folder / f"{r[0]}.json").exists()]
     for run, _, epochs, val, flip, ips, minutes in finished:
-        s = json.loads((ROOT / "assets" / "cifar" / "search" / f"{run}.json").read_text())
+        s = json.loads((folder / f"{run}.json").read_text())
         assert int(epochs) == s["epochs"] and close(val, 100 * s["val_acc"], 2) and close(flip, 100 * s["val_acc_flip"], 2), run
         assert close(ips, s["img_s"], 0) and close(minutes, s["wall_s"] / 60, 1), run
     assert len(finished) == 4 and len(rows) == 6
