@@ -129,7 +129,7 @@ def test_recipe_search_rows_match_their_summaries():
         s = json.loads((folder / f"{run}.json").read_text())
         assert int(epochs) == s["epochs"] and close(val, 100 * s["val_acc"], 2) and close(flip, 100 * s["val_acc_flip"], 2), run
         assert close(ips, s["img_s"], 0) and close(minutes, s["wall_s"] / 60, 1), run
-    assert len(finished) == 4 and len(rows) == 6
+    assert len(finished) == 10 and len(rows) == 12
 
 
 def cpu_run(name):
