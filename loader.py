@@ -184,6 +184,8 @@ class Loader:
         gen = torch.Generator(device=dev).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)  # the epoch's augmentation
         draws = [torch.rand(len(i), sum(DRAWS.values()), generator=gen, device=dev) if self.train else None for i in idxs]
         idxs, draws = idxs[self.start:], draws[self.start:]  # the skipped batches' draws are made all the same
+        if not idxs:  # stopped after the epoch's last batch: nothing of it is left
+            return
         if isinstance(self.x, Files):
             batches = torch.utils.data.DataLoader(self.x, batch_sampler=[i.tolist() for i in idxs], num_workers=self.workers,
                                                   pin_memory=dev.type == "cuda")

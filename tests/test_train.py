@@ -227,25 +227,26 @@ def test_lr_schedule():
     assert lrs[-1] < 2e-5 and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
 
 
-def test_ctrl_c_stops_mid_epoch_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, capsys):
-    """Ctrl-C at step 2 of 3 (mid-epoch): one line, exit 130, a checkpoint at that step; resumed, the run
-    ends with the weights of an unbroken one (the loader skips the batches done and their random draws)."""
+@pytest.mark.parametrize("at", [2, 3])  # mid-epoch, and the epoch's last step (the resume starts on an empty epoch)
+def test_ctrl_c_stops_with_a_checkpoint_that_resumes_exactly(at, tmp_path, monkeypatch, capsys):
+    """Ctrl-C at step `at` of 3: one line, exit 130, a checkpoint at that step; resumed, the run ends with
+    the weights of an unbroken one (the loader skips the batches done and their random draws)."""
     argv = TINY + AUGS + ["--epochs", "2", "--drop_path", "0.2"]
     train.main(argv + ["--out_dir", str(tmp_path / "a")])
     calls, loss = [], train.mixed_loss
 
     def press_ctrl_c(*a):  # the signal arrives during the second step, as a key press would
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == at:
             os.kill(os.getpid(), signal.SIGINT)
         return loss(*a)
 
     monkeypatch.setattr(train, "mixed_loss", press_ctrl_c)
     with pytest.raises(SystemExit) as e:
         train.main(argv + ["--out_dir", str(tmp_path / "b")])
-    assert e.value.code == 130 and "stopped by Ctrl-C at step 2" in capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 130 and f"stopped by Ctrl-C at step {at}" in capsys.readouterr().err.splitlines()[-1]
     progress = ckpt_of(tmp_path / "b")["progress"]
-    assert (progress["step"], progress["epoch"], progress["batch"]) == (2, 0, 2)
+    assert (progress["step"], progress["epoch"], progress["batch"]) == (at, 0, at)
     monkeypatch.setattr(train, "mixed_loss", loss)
     assert train.main(["--init_from", "resume", "--out_dir", str(tmp_path / "b")])["steps"] == 6
     wa, wb = ckpt_of(tmp_path / "a")["model"], ckpt_of(tmp_path / "b")["model"]
