@@ -54,6 +54,12 @@ def _rows(P, r, cols, stride, N, D):
 
 
 @_jit
+def _put(P, r, cols, stride, N, D, value):
+    """Store value into the tile P[r, cols] of an (N, D) matrix, as _rows reads it: rows past N, columns past D skipped."""
+    tl.store(P + r[:, None] * stride + cols[None, :], value, mask=(r[:, None] < N) & (cols[None, :] < D))
+
+
+@_jit
 def _hop_fwd(Q, K, Z, O, S2, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl.constexpr, DVR: tl.constexpr,
              DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_S2: tl.constexpr,
              PREC: tl.constexpr):
@@ -75,8 +81,7 @@ def _hop_fwd(Q, K, Z, O, S2, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl.constexp
         if WITH_S2:  # the norm needs it once, in the first hop
             s2 += tl.sum(p * p, 1)
         o = tl.dot(p.to(z.dtype), z, o, input_precision=PREC)  # o += ReLU(r) z, in fp32
-    mask = (i[:, None] < N) & (dv[None, :] < DVR)
-    tl.store(O + bh * N * DVR + i[:, None] * DVR + dv[None, :], (o * scale).to(O.dtype.element_ty), mask=mask)
+    _put(O + bh * N * DVR, i, dv, DVR, N, DVR, (o * scale).to(O.dtype.element_ty))
     if WITH_S2:
         tl.store(S2 + bh * N + i, s2 * (scale * scale), mask=i < N)
 
@@ -107,8 +112,8 @@ def _hop_bwd_kz(Q, K, Z, DO, DS2, DKo, DZo, sb, sh, sn, zb, zh, zn, H, N, scale,
             gT += (2 * scale * tl.load(DS2 + i, mask=i < N, other=0.0))[None, :] * rT
         gT = tl.where(rT > 0, gT, 0.0)  # ReLU passes the gradient where the score is positive
         gk = tl.dot(gT.to(q.dtype), q, gk, input_precision=PREC)  # dk += dS^T q
-    tl.store(DKo + bh * N * D + j[:, None] * D + dk[None, :], gk * scale, mask=(j[:, None] < N) & (dk[None, :] < D))
-    tl.store(DZo + bh * N * DVR + j[:, None] * DVR + dv[None, :], gz * scale, mask=(j[:, None] < N) & (dv[None, :] < DVR))
+    _put(DKo + bh * N * D, j, dk, D, N, D, gk * scale)
+    _put(DZo + bh * N * DVR, j, dv, DVR, N, DVR, gz * scale)
 
 
 @_jit
@@ -135,7 +140,7 @@ def _hop_bwd_q(Q, K, Z, DO, DS2, DQo, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl
             g += c[:, None] * r
         g = tl.where(r > 0, g, 0.0)
         gq = tl.dot(g.to(k.dtype), k, gq, input_precision=PREC)  # dq += dS k
-    tl.store(DQo + bh * N * D + i[:, None] * D + dk[None, :], gq * scale, mask=(i[:, None] < N) & (dk[None, :] < D))
+    _put(DQo + bh * N * D, i, dk, D, N, D, gq * scale)
 
 # -----------------------------------------------------------------------------
 # the custom ops: what torch.compile and autograd see
