@@ -4,8 +4,9 @@ shuffled per epoch, augmented in batched ops that compile into a few fused kerne
 
     loaders(cfg, device) -> (train, evaluate, test, classes, mean, std), from train.py's config
 
-Augmentations, in order (training only): random_crop_flip, random_affine (rotation, zoom, shift),
-color_jitter, normalisation, random_erase; mix_pairs mixes pairs of images (mixup, CutMix) for train.py's loss.
+Augmentations, in order (training only): random_crop_flip, random_policy (one of 13 ops per image), random_affine
+(rotation, zoom, shift), color_jitter, normalisation, random_erase; mix_pairs mixes pairs of images (mixup, CutMix)
+for train.py's loss.
 """
 import math
 
@@ -28,7 +29,8 @@ def standardize(x, mean, std):
 # Every augmentation below is a deterministic function of the images and a (B, k) tensor u of
 # U(0, 1) draws, k = DRAWS[name]. The loader draws all of a batch's randomness in one call and
 # can then compile the whole pipeline into a few fused kernels (a generator cannot be compiled).
-DRAWS = {"crop_flip": 3, "affine": 4, "jitter": 3, "erase": 5}
+# The policy's come last and only when it is on, so that runs without it keep their draws.
+DRAWS = {"crop_flip": 3, "affine": 4, "jitter": 3, "erase": 5, "policy": 2}
 
 
 def _to_symmetric(u):
@@ -77,6 +79,39 @@ def color_jitter(x, u, strength=0.0):
     x = (x - m) * f[:, 1] + m
     grey = x.mean(1, keepdim=True)
     x = (x - grey) * f[:, 2] + grey
+    return x.clamp(0, 1)
+
+
+POLICY = ("identity", "brightness", "contrast", "saturation", "sharpness", "posterize", "solarize", "autocontrast",
+          "rotate", "shear_x", "shear_y", "shift_x", "shift_y")
+
+
+def random_policy(x, u):
+    """TrivialAugment-style: one op of POLICY per image, chosen uniformly, at a magnitude m ~ U(-1, 1). Colour ops on
+    x float (B, C, H, W) in [0, 1]: brightness x f, contrast (x - mean) f + mean, saturation (x - grey) f + grey,
+    sharpness blur + f (x - blur) (blur: 3x3 mean), all with f = 1 + 0.9 m; posterize to 8 - round(4 |m|) bits;
+    solarize 1 - x where x > 1 - |m|; autocontrast (x - min) / (max - min) per channel. Geometric ops, one bilinear
+    resample with reflected borders: rotation by 30 m degrees, shear by 0.3 m, shift by 0.3 m of the image.
+    u (B, 2): the op, the magnitude."""
+    op, m = (u[:, 0] * len(POLICY)).long().clamp(max=len(POLICY) - 1), _to_symmetric(u[:, 1])
+    on = {name: op == i for i, name in enumerate(POLICY)}  # (B,) bool each
+    a = m * math.radians(30) * on["rotate"]
+    sx, sy, tx, ty = (k * m * on[name] for k, name in ((0.3, "shear_x"), (0.3, "shear_y"), (0.6, "shift_x"),
+                                                        (0.6, "shift_y")))  # a shift of 1 image = 2 units
+    theta = torch.stack([torch.stack([a.cos(), sx - a.sin(), tx], -1),
+                         torch.stack([a.sin() + sy, a.cos(), ty], -1)], 1)  # (B, 2, 3)
+    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="bilinear",
+                      padding_mode="reflection", align_corners=False)
+    f, am = (1 + 0.9 * m)[:, None, None, None], m.abs()[:, None, None, None]
+    mean, grey = x.mean((1, 2, 3), keepdim=True), x.mean(1, keepdim=True)
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    step = 2 ** (4 * am).round() / 255  # posterize: keep 8 - round(4 |m|) bits of the 8-bit value
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    ops = {"brightness": x * f, "contrast": (x - mean) * f + mean, "saturation": (x - grey) * f + grey,
+           "sharpness": blur + f * (x - blur), "posterize": torch.floor(x / step + 1e-4) * step,
+           "solarize": torch.where(x > 1 - am, 1 - x, x), "autocontrast": (x - lo) / (hi - lo).clamp_min(1 / 255)}
+    for name, y in ops.items():
+        x = torch.where(on[name][:, None, None, None], y, x)
     return x.clamp(0, 1)
 
 
@@ -147,9 +182,10 @@ class Loader:
     With world > 1 each global batch is split between ranks (this rank takes rows rank::world)."""
 
     def __init__(self, x, y, batch_size, mean, std, train, workers=0, pad=4, flip=True, seed=0, rank=0, world=1,
-                 rotate=0.0, zoom=0.0, translate=0.0, jitter=0.0, erase=0.0, compile=False):
+                 rotate=0.0, zoom=0.0, translate=0.0, jitter=0.0, erase=0.0, policy=False, compile=False):
         self.x, self.y, self.bs, self.train, self.workers, self.pad, self.flip = x, y, batch_size, train, workers, pad, flip
-        self.affine, self.jitter, self.erase = (rotate, zoom, translate), jitter, erase
+        self.affine, self.jitter, self.erase, self.policy = (rotate, zoom, translate), jitter, erase, policy
+        self.draws = [n for k, n in DRAWS.items() if policy or k != "policy"]
         self.mean, self.std = mean.to(y.device), std.to(y.device)
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
         self.start = 0  # batches of this epoch to skip: a run stopped mid-epoch resumes where it stopped
@@ -163,13 +199,15 @@ class Loader:
 
     def augment(self, xb, u=None):
         """uint8 (B, C, H, W) -> normalised float (B, C, H, W); when training, augmented in this order:
-        crop + flip (pad, flip), random_affine (rotate, zoom, translate), color_jitter (jitter), normalise,
-        random_erase (erase = its probability), with the (B, sum(DRAWS.values())) uniform draws u."""
+        crop + flip (pad, flip), random_policy (policy), random_affine (rotate, zoom, translate), color_jitter
+        (jitter), normalise, random_erase (erase = its probability), with the (B, sum(self.draws)) uniform draws u."""
         if not self.train:
             return normalize(xb, self.mean, self.std)
-        u_crop, u_affine, u_jitter, u_erase = u.split(list(DRAWS.values()), dim=1)
+        u_crop, u_affine, u_jitter, u_erase, *u_policy = u.split(self.draws, dim=1)
         xb = random_crop_flip(xb, self.pad, u_crop, self.flip)
         x = xb.float() / 255
+        if self.policy:
+            x = random_policy(x, u_policy[0])
         if any(self.affine):
             x = random_affine(x, u_affine, *self.affine)
         if self.jitter:
@@ -182,7 +220,7 @@ class Loader:
         order = epoch_order(n, self.seed, self.epoch) if self.train else torch.arange(n)
         idxs = [order[i * self.bs:(i + 1) * self.bs][self.rank::self.world] for i in range(len(self))]  # this rank's share
         gen = torch.Generator(device=dev).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)  # the epoch's augmentation
-        draws = [torch.rand(len(i), sum(DRAWS.values()), generator=gen, device=dev) if self.train else None for i in idxs]
+        draws = [torch.rand(len(i), sum(self.draws), generator=gen, device=dev) if self.train else None for i in idxs]
         idxs, draws = idxs[self.start:], draws[self.start:]  # the skipped batches' draws are made all the same
         if not idxs:  # stopped after the epoch's last batch: nothing of it is left
             return
@@ -209,7 +247,7 @@ def loaders(cfg, device, rank=0, world=1):
     random subset of the training images, the same for every seed), else the test set; `test` is the
     test set, evaluated once at the end when there is a validation split, else None."""
     aug = dict(seed=cfg.seed, rank=rank, world=world, pad=cfg.crop_pad, flip=cfg.hflip, rotate=cfg.rotate,
-               zoom=cfg.zoom, translate=cfg.translate, jitter=cfg.jitter, erase=cfg.erase,
+               zoom=cfg.zoom, translate=cfg.translate, jitter=cfg.jitter, erase=cfg.erase, policy=cfg.policy,
                compile=cfg.compile and str(device).startswith("cuda"))
     if cfg.stream:
         if cfg.dataset != "folder":

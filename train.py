@@ -53,6 +53,7 @@ zoom = 0.0                  # random zoom by a factor in [1 - zoom, 1 + zoom]
 translate = 0.0             # random shift, up to this fraction of the image size
 jitter = 0.0                # brightness / contrast / saturation factors in [1 - jitter, 1 + jitter]
 erase = 0.0                 # probability of erasing one random rectangle per image
+policy = False              # one random op per image, TrivialAugment-style (loader.random_policy)
 mixup = 0.0                 # >0: mix pairs of images, lambda ~ Beta(mixup, mixup) per batch
 cutmix = 0.0                # >0: paste a box of the partner image, area 1 - lambda ~ Beta(cutmix, cutmix)
 eval_shift = False          # at the end, also evaluate on corrupted test images (noise, blur, contrast, jpeg)

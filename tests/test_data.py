@@ -1,4 +1,4 @@
-"""data.py: the built-in dataset, the CIFAR-10 and folder readers (on files made here), GPU-style augmentation."""
+"""data.py: the built-in dataset, the CIFAR-10 and folder readers, on files made here."""
 import errno
 import hashlib
 import io
@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import data
-import loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -235,18 +234,6 @@ def test_write_atomic_never_leaves_half_a_file(tmp_path):
     assert json.load(open(path)) == dict(test_acc=0.9) and os.listdir(tmp_path) == ["summary.json"]
 
 
-def test_paste_box_keeps_the_reported_area():
-    x, other = torch.zeros(2, 3, 10, 12), torch.ones(2, 3, 10, 12)
-    torch.manual_seed(0)
-    for lam in (0.1, 0.5, 0.9, 0.99):
-        mixed, kept = loader.paste_box(x, other, lam)
-        pasted = mixed[0, 0]  # 1 inside the box, 0 outside
-        assert kept == pytest.approx(1 - pasted.mean().item())  # lam follows the clipped box
-        rows, cols = pasted.bool().any(1), pasted.bool().any(0)
-        assert torch.equal(pasted.bool(), rows[:, None] & cols[None, :]) and torch.equal(mixed[0], mixed[1])
-        assert x.sum() == 0  # the input is not modified
-
-
 def test_parallel_decode_equals_one_process(tmp_path):
     from PIL import Image
     rng = np.random.default_rng(0)
@@ -256,91 +243,3 @@ def test_parallel_decode_equals_one_process(tmp_path):
         Image.fromarray(rng.integers(0, 256, (10 + i, 14, 3), dtype=np.uint8)).save(paths[-1])
     one = np.stack([data.decode(p, 8) for p in paths])
     assert np.array_equal(data.decode_all(paths, 8, min_parallel=1), one) and one.shape == (12, 3, 8, 8)
-
-
-def test_random_crop_is_a_shifted_window_and_flip_mirrors():
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
-    g = torch.Generator().manual_seed(0)
-    out = loader.random_crop_flip(x, 2, torch.rand(2, 3, generator=g))
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    for i in range(2):
-        windows = [padded[i, :, a:a + 8, b:b + 8] for a in range(5) for b in range(5)]
-        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
-    flips = loader.random_crop_flip(x.repeat(50, 1, 1, 1), 0, torch.rand(100, 3, generator=g))
-    mirrored = (flips == x.repeat(50, 1, 1, 1).flip(-1)).flatten(1).all(1)
-    assert 0.3 < mirrored.float().mean() < 0.7  # about half the images are mirrored, the rest unchanged
-    assert ((flips == x.repeat(50, 1, 1, 1)).flatten(1).all(1) | mirrored).all()
-
-
-def test_loader_epochs_cover_the_data_once():
-    x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 4, 4).contiguous()
-    y = torch.arange(10)
-    ld = loader.Loader(x, y, 3, torch.zeros(3), torch.ones(3) / 255, train=True, pad=0)
-    seen = torch.cat([yb for _, yb in ld])
-    assert len(ld) == 3 and len(seen) == 9 and len(set(seen.tolist())) == 9
-    for xb, yb in loader.Loader(x, y, 4, torch.zeros(3), torch.ones(3) / 255, train=False):
-        torch.testing.assert_close(xb[:, 0, 0, 0], yb.float())  # normalised with mean 0, std 1/255 -> the raw value
-
-
-def _ramp(B=4, H=16, W=16):
-    """Images whose value is the column index: a shift along x adds a constant away from the borders."""
-    return torch.arange(W, dtype=torch.float32).view(1, 1, 1, W).expand(B, 3, H, W).contiguous()
-
-
-def test_random_affine_identity_shift_and_rotation():
-    x = torch.rand(4, 3, 16, 16)
-    g = torch.Generator().manual_seed(0)
-    torch.testing.assert_close(loader.random_affine(x, torch.rand(4, 4, generator=g)), x, atol=1e-5, rtol=0)  # zero strengths: identity
-    out = loader.random_affine(_ramp(), torch.rand(4, 4, generator=g), translate=0.1)  # shifts of up to 1.6 px
-    d = (out - _ramp())[:, :, 3:-3, 3:-3]  # away from the reflected borders
-    per_image = d.flatten(1)
-    torch.testing.assert_close(per_image, per_image[:, :1].expand_as(per_image), atol=1e-4, rtol=0)  # a pure shift
-    assert (per_image[:, 0].abs() <= 1.6 + 1e-4).all() and per_image[:, 0].std() > 0  # within range, not all equal
-    yy, xx = torch.meshgrid(torch.arange(32.0) - 15.5, torch.arange(32.0) - 15.5, indexing="ij")
-    blob = torch.exp(-(xx ** 2 + yy ** 2) / 40).expand(4, 3, 32, 32)  # rotation-invariant image
-    disk = (xx ** 2 + yy ** 2) < 14 ** 2  # inside the inscribed circle nothing comes from the borders
-    out = loader.random_affine(blob, torch.rand(4, 4, generator=g), rotate=45)
-    torch.testing.assert_close(out[..., disk], blob[..., disk], atol=2e-2, rtol=0)
-    assert (out - blob).abs().amax() > 0  # the corners did move
-
-
-def test_color_jitter_keeps_range_and_zero_is_identity():
-    x = torch.rand(8, 3, 8, 8)
-    g = torch.Generator().manual_seed(0)
-    torch.testing.assert_close(loader.color_jitter(x, torch.rand(8, 3, generator=g), 0.0), x)
-    out = loader.color_jitter(x, torch.rand(8, 3, generator=g), 0.4)
-    assert out.min() >= 0 and out.max() <= 1 and not torch.allclose(out, x)
-    grey = x.mean(1, keepdim=True).expand_as(x)  # a grey image keeps equal channels (saturation leaves it)
-    out = loader.color_jitter(grey, torch.rand(8, 3, generator=g), 0.4)
-    torch.testing.assert_close(out, out[:, :1].expand_as(out))
-
-
-def test_random_erase_sets_one_rectangle_of_the_asked_area():
-    x = torch.ones(200, 1, 20, 20)
-    g = torch.Generator().manual_seed(0)
-    u = lambda: torch.rand(200, 5, generator=g)  # noqa: E731
-    assert torch.equal(loader.random_erase(x, u(), p=0.0), x)
-    out = loader.random_erase(x, u(), p=1.0)[:, 0] == 0  # (B, H, W) erased pixels
-    area = out.flatten(1).float().mean(1)
-    assert (area > 0).all() and (area <= 0.25 + 0.1).all() and area.mean() > 0.05
-    for m in out[:20]:  # each erased set is a full rectangle: rows x columns
-        rows, cols = m.any(1), m.any(0)
-        assert torch.equal(m, rows[:, None] & cols[None, :])
-    half = loader.random_erase(x, u(), p=0.5)[:, 0].eq(0).flatten(1).any(1).float().mean()
-    assert 0.35 < half < 0.65
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() and shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="compiling on a CPU needs a C++ compiler")
-def test_compiled_augmentation_equals_the_eager_one():
-    """train.py compiles the pipeline on GPUs; it must compute exactly what the eager code computes. On a GPU, as
-    train.py runs it; without one, compiled for the CPU."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=dev)
-    kw = dict(rotate=15.0, zoom=0.15, translate=0.1, jitter=0.3, erase=0.5)
-    ld = loader.Loader(x, torch.arange(64, device=dev) % 10, 32, torch.full((3,), 0.5), torch.full((3,), 0.25), True,
-                       **kw, compile=True)  # the Loader moves mean and std to the labels' device
-    u = torch.rand(32, sum(loader.DRAWS.values()), generator=torch.Generator().manual_seed(1)).to(dev)
-    eager = ld.augment(x[:32], u)
-    torch.testing.assert_close(ld.transform(x[:32], u), eager, atol=1e-4, rtol=0)
-    assert (eager == 0).any() and eager.std() > 0.5  # erased boxes, and real image content
