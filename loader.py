@@ -55,6 +55,13 @@ def random_crop_flip(x, pad, u, flip=True):
     return torch.where((u[:, 2] < 0.5)[:, None, None, None], x.flip(-1), x)
 
 
+def _resample(x, theta):
+    """x (B, C, H, W) resampled bilinearly at the affine maps theta (B, 2, 3): output point p (in [-1, 1]
+    coordinates) takes the input at theta [p; 1]; borders reflect."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 def random_affine(x, u, rotate=0.0, zoom=0.0, translate=0.0):
     """Per-image rotation by U(-rotate, rotate) degrees, zoom by U(1 - zoom, 1 + zoom) and shift by
     U(-translate, translate) of the image size, in one bilinear resample of a float (B, C, H, W)
@@ -64,9 +71,7 @@ def random_affine(x, u, rotate=0.0, zoom=0.0, translate=0.0):
     s = 1 + _to_symmetric(u[:, 1]) * zoom
     t = _to_symmetric(u[:, 2:4]) * 2 * translate  # (B, 2); a shift of 1 image = 2 units
     cos, sin = th.cos() / s, th.sin() / s
-    theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], -1), torch.stack([sin, cos, t[:, 1]], -1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return _resample(x, torch.stack([torch.stack([cos, -sin, t[:, 0]], -1), torch.stack([sin, cos, t[:, 1]], -1)], 1))
 
 
 def color_jitter(x, u, strength=0.0):
@@ -98,10 +103,8 @@ def random_policy(x, u):
     a = m * math.radians(30) * on["rotate"]
     sx, sy, tx, ty = (k * m * on[name] for k, name in ((0.3, "shear_x"), (0.3, "shear_y"), (0.6, "shift_x"),
                                                         (0.6, "shift_y")))  # a shift of 1 image = 2 units
-    theta = torch.stack([torch.stack([a.cos(), sx - a.sin(), tx], -1),
-                         torch.stack([a.sin() + sy, a.cos(), ty], -1)], 1)  # (B, 2, 3)
-    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="bilinear",
-                      padding_mode="reflection", align_corners=False)
+    x = _resample(x, torch.stack([torch.stack([a.cos(), sx - a.sin(), tx], -1),
+                                  torch.stack([a.sin() + sy, a.cos(), ty], -1)], 1))  # theta: (B, 2, 3)
     f, am = (1 + 0.9 * m)[:, None, None, None], m.abs()[:, None, None, None]
     mean, grey = x.mean((1, 2, 3), keepdim=True), x.mean(1, keepdim=True)
     blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
