@@ -212,12 +212,12 @@ def train(argv):
         opt = torch.optim.AdamW([{"params": [p for n, p in named if decay(n, p)], "weight_decay": cfg.weight_decay},
                                  {"params": [p for n, p in named if not decay(n, p)], "weight_decay": 0.0}],
                                 lr=cfg.lr, betas=(0.9, cfg.beta2), fused=cuda)
-        progress, log = dict(step=0, epoch=0, batch=0, best_acc=0.0, acc=math.nan, wall_s=0.0), []
+        progress, log = dict(step=0, epoch=0, batch=0, best_acc=0.0, acc=math.nan, wall_s=0.0, timed_s=0.0, seen=0), []
         torch.manual_seed(cfg.seed + rank)  # per-rank randomness: mixup, stochastic depth
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
-            progress, log = ckpt["progress"], ckpt["log"]
+            progress, log = {**progress, **ckpt["progress"]}, ckpt["log"]
             restore_rng(ckpt["rng"], dev, rank, world)
         mode = cfg.compile_mode if cfg.compile and cuda else None  # None: not compiled
         if cuda:
@@ -244,7 +244,7 @@ def fit(run):
         more = f" (raised from {cfg.epochs} to reach min_steps {cfg.min_steps})" if epochs > cfg.epochs else ""
         print(f"training {epochs} epochs{more} x {per_epoch} steps = {total} steps of {cfg.batch_size} images; "
               f"evaluating on {split}; writing to {run.out}")
-    run.timed_s, run.seen, run.t_start, run.wall0 = 0.0, 0, time.time(), p["wall_s"]  # wall0: earlier segments' time
+    run.t_start, run.wall0 = time.time(), p["wall_s"]  # wall0: earlier segments' time
     bar = tqdm(total=total, initial=p["epoch"] * per_epoch + p["batch"], desc=cfg.attn, dynamic_ncols=True,
                disable=None if run.master else True)
     with stop_on_ctrl_c() as stop:
@@ -308,7 +308,7 @@ def log_interval(run, epoch, pending, dt, bar):
         die(f"the loss became {stats[~torch.isfinite(stats[:, 0]), 0][0].item()} by step {p['step']}; stopped, "
             f"{run.out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr")
     if p["step"] - len(pending) > run.first_step:  # this command's first interval holds the compile: not timed
-        run.timed_s, run.seen = run.timed_s + dt, run.seen + len(pending) * run.cfg.batch_size
+        p["timed_s"], p["seen"] = p["timed_s"] + dt, p["seen"] + len(pending) * run.cfg.batch_size
     rec = dict(step=p["step"], epoch=epoch, loss=stats[:, 0].mean().item(), acc=stats[:, 1].mean().item(),
                lr=run.opt.param_groups[0]["lr"], img_s=len(pending) * run.cfg.batch_size / dt)
     run.log.append(rec)
@@ -340,7 +340,7 @@ def finish(run):
             shift[kind] = evaluate(run.compiled, xs, run.ctx, cfg.flip_eval)[0]
         shift["mean"] = sum(shift.values()) / len(shift)
         print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
-    ips = run.seen / run.timed_s if run.timed_s else None  # this command's steps, the compile interval excluded
+    ips = p["seen"] / p["timed_s"] if p["timed_s"] else None  # every segment's steps but its compile interval
     gpu = torch.cuda.get_device_name(run.dev) if run.dev.startswith("cuda") else ""
     peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 0)
     mfu = run.model.flops_per_image(training=True) * ips / (run.world * peak * 1e12) if ips and peak else None

@@ -83,6 +83,8 @@ def test_resume_restores_the_run_and_continues_exactly(tmp_path, monkeypatch):
         torch.testing.assert_close(wb[k], wa[k], msg=k)
     log = [json.loads(line) for line in open(b / "log.jsonl")]  # past step 3, only the resumed run's lines
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6] and 9.0 not in [r["loss"] for r in log if "loss" in r]
+    timed = [r["img_s"] for r in log if "loss" in r and r["step"] not in (1, 4)]  # each segment's first step compiles
+    assert s["img_s"] == pytest.approx(len(timed) / sum(1 / v for v in timed))  # both segments' steps, one batch each
 
 
 def test_resume_overrides_apply_or_are_refused(tmp_path, capsys):
