@@ -43,20 +43,24 @@ def kind_of(label):
 
 
 def test_cifar_means_in_the_readme_are_the_means_of_the_summaries():
-    recipe = {"`config/cifar.py`": "light", "`config/cifar_long.py`": "long560", "`config/cifar_long.py --epochs 640`": "long640"}
+    recipe = {"`config/cifar.py`": "light", "`config/cifar_long.py`": "long560", "`config/cifar_long.py --epochs 640`": "long640",
+              "`config/cifar_10min.py`": "min10"}
     rows = table_after(README, "| recipe | softmax |")
-    assert len(rows) == 3
+    assert len(rows) == 4
     for row in rows:
         prefix = recipe[row[0].split(",")[0]]
         for kind, cell in zip(("softmax", "pure", "linear"), row[1:]):
             assert len(summaries("cifar", prefix, kind)) == 2, (prefix, kind)
             assert close(re.match(r"[\d.]+", cell).group(), mean_test_acc(prefix, kind), 2), (prefix, kind, cell)
+            span = re.search(r"\(([\d.]+)(?:–([\d.]+))? min\)", cell)  # minutes of training: the seeds' range
+            wall = sorted(s["wall_s"] / 60 for s in summaries("cifar", prefix, kind).values())
+            assert not span or close(span[1], wall[0], 1) and close(span[2] or span[1], wall[-1], 1), (prefix, kind, cell)
 
 
 @pytest.mark.parametrize("header, prefix, col, n_runs", [
     ("| attention | seed | val acc (best) | test acc |", "long560", 3, 7),
     ("| attention | seed | test acc |", "long640", 2, 6),
-    ("| attention | seed | val acc, flip (best) |", "min10", 3, 2),
+    ("| attention | seed | val acc, flip (best) |", "min10", 3, 6),
 ])
 def test_per_seed_cifar_rows_match_their_summaries(header, prefix, col, n_runs):
     seen = 0
@@ -68,7 +72,11 @@ def test_per_seed_cifar_rows_match_their_summaries(header, prefix, col, n_runs):
         assert close(row[col], 100 * run["test_acc"], 2), row
         shift, drop = re.match(r"([\d.]+) \(−([\d.]+)\)", row[col + 1]).groups()
         assert close(shift, 100 * run["shift"]["mean"], 1) and close(drop, 100 * (run["test_acc"] - run["shift"]["mean"]), 1), row
-        assert int(row[-3].replace(",", "")) == round(run["img_s"]), row
+        assert int(row[-3].replace(",", "")) == round(run["img_s"]) and close(row[-2].rstrip("%"), 100 * run["mfu"], 1), row
+        assert close(row[-1], run["wall_s"] / 60, 1), row
+        if col == 3:  # a validation column: final (best)
+            val, best = re.match(r"([\d.]+) \(([\d.]+)\)", row[2]).groups()
+            assert close(val, 100 * run["val_acc"], 2) and close(best, 100 * run["best_val_acc"], 2), row
         seen += 1
     assert seen == n_runs
 
@@ -133,7 +141,7 @@ def test_recipe_search_rows_match_their_summaries():
         assert int(epochs) == s["epochs"] and close(flip, 100 * s["val_acc_flip" if val else "val_acc"], 2), run
         assert (not val or close(val, 100 * s["val_acc"], 2)) and close(ips, s["img_s"], 0), run
         assert close(minutes, s["wall_s"] / 60, 1), run
-    assert len(found) == 11 and len(rows) == 14
+    assert len(found) == 11 and len(rows) == 15
 
 
 def cpu_run(name):
