@@ -291,9 +291,8 @@ def fit(run):
                     die(f"the {split} loss is {loss} after step {p['step']}; stopped, {run.out}/ckpt.pt is the last "
                         f"good checkpoint (if any); try a lower --lr")
             if epoch + 1 == epochs or due(cfg.eval_every) or due(cfg.ckpt_every):
-                save_checkpoint(run)
+                save_checkpoint(run)  # the last epoch always saves: wall_s, the training time, is final there
     bar.close()
-    p["wall_s"] = run.wall0 + time.time() - run.t_start
 
 
 def log_interval(run, epoch, pending, dt, bar):
