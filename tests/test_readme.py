@@ -141,7 +141,15 @@ def test_recipe_search_rows_match_their_summaries():
         assert int(epochs) == s["epochs"] and close(flip, 100 * s["val_acc_flip" if val else "val_acc"], 2), run
         assert (not val or close(val, 100 * s["val_acc"], 2)) and close(ips, s["img_s"], 0), run
         assert close(minutes, s["wall_s"] / 60, 1), run
-    assert len(found) == 11 and len(rows) == 15
+    assert len(found) == 15 and len(rows) == 20
+    ema = re.search(r"decay 0.998: (.+?);\s+decay 0.9995: (.+?), for (.+?)\)", RESULTS)  # EMA minus final, in points
+    for i, decay in enumerate(("0.998", "0.9995")):
+        for run, gain in zip(ema[3].split(", "), ema[i + 1].split(", "), strict=True):
+            s = json.loads(found[run].read_text())
+            assert close(gain.replace("−", "-"), 100 * (s[f"val_acc_ema{decay}"] - s["val_acc"]), 2), (run, decay)
+    cost = dict(line.split("\t")[:0:-1] for line in (cifar / "search" / "step_cost.txt").read_text().splitlines()[2:])
+    for change, ips in (("(none)", "61,859"), ("--mixup 0 --cutmix 0", "67,010"), ("--grad_clip 0", "64,926")):
+        assert cost[change] == ips.replace(",", "") + " img/s" and ips in RESULTS, change
 
 
 def cpu_run(name):
