@@ -212,7 +212,7 @@ class ViT(nn.Module):
             x = block(x)
         logits = self.head(self.ln_f(x[:, 0]))  # (B, n_classes), from CLS
         loss = None
-        if targets is not None:
+        if targets is not None:  # (B,) class indices, or (B, n_classes) probabilities (a mixed batch's)
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
         return logits, loss
 

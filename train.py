@@ -164,13 +164,13 @@ def evaluate(model, batches, ctx, flip=False):
 
 def mixed_loss(model, xb, yb, mixup, cutmix, label_smoothing):
     """(logits, loss): cross-entropy with label smoothing; on pairs mixed by loader.mix_pairs (mixup or cutmix
-    > 0), loss = lam CE(y) + (1 - lam) CE(y of the partner image)."""
-    if not (mixup or cutmix):
-        return model(xb, yb, label_smoothing)
-    xb, perm, lam = loader.mix_pairs(xb, mixup, cutmix)
-    logits, _ = model(xb)
-    ce = lambda y: F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)  # noqa: E731
-    return logits, lam * ce(yb) + (1 - lam) * ce(yb[perm])
+    > 0), loss = lam CE(y) + (1 - lam) CE(y of the partner image) = CE(lam onehot(y) + (1 - lam) onehot(y of
+    the partner)), as cross-entropy is linear in its target: one loss, inside the compiled model."""
+    if mixup or cutmix:
+        xb, perm, lam = loader.mix_pairs(xb, mixup, cutmix)
+        onehot = F.one_hot(yb, model.cfg.n_classes).float()  # (B, classes)
+        yb = lam * onehot + (1 - lam) * onehot[perm]
+    return model(xb, yb, label_smoothing)
 
 
 def main(argv):

@@ -4,8 +4,24 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import loader
+import train
+from model import ViT, ViTConfig
+
+
+def test_mixed_loss_weighs_the_two_labels_by_lam():
+    """train.mixed_loss on mixed pairs is lam CE(y) + (1 - lam) CE(y of the partner), recomputed from the same draw."""
+    model = ViT(ViTConfig(attn="softmax", image_size=16, n_layer=1, n_head=2, n_embd=16), verbose=False).eval()
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8)
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0)):
+        torch.manual_seed(0)
+        loss = train.mixed_loss(model, x, y, mixup, cutmix, 0.1)[1].item()
+        torch.manual_seed(0)
+        xm, perm, lam = loader.mix_pairs(x, mixup, cutmix)
+        ce = lambda t: F.cross_entropy(model(xm)[0], t, label_smoothing=0.1).item()  # noqa: E731
+        assert 0.05 < lam < 0.95 and loss == pytest.approx(lam * ce(y) + (1 - lam) * ce(y[perm]), rel=1e-5)
 
 
 def test_paste_box_keeps_the_reported_area():

@@ -150,6 +150,9 @@ def test_recipe_search_rows_match_their_summaries():
     cost = dict(line.split("\t")[:0:-1] for line in (cifar / "search" / "step_cost.txt").read_text().splitlines()[2:])
     for change, ips in (("(none)", "61,859"), ("--mixup 0 --cutmix 0", "67,010"), ("--grad_clip 0", "64,926")):
         assert cost[change] == ips.replace(",", "") + " img/s" and ips in RESULTS, change
+    mixed = [line.split() for line in (cifar / "search" / "mixed_loss.txt").read_text().splitlines()[2:]]
+    for code in ("train", "train_old"):
+        assert " and ".join(f"{int(r[2]):,}" for r in mixed if r[0] == code) in RESULTS, code
 
 
 def cpu_run(name):
