@@ -147,7 +147,8 @@ def test_recipe_search_rows_match_their_summaries():
         for run, gain in zip(ema[3].split(", "), ema[i + 1].split(", "), strict=True):
             s = json.loads(found[run].read_text())
             assert close(gain.replace("−", "-"), 100 * (s[f"val_acc_ema{decay}"] - s["val_acc"]), 2), (run, decay)
-    cost = dict(line.split("\t")[:0:-1] for line in (cifar / "search" / "step_cost.txt").read_text().splitlines()[2:])
+    lines = (cifar / "search" / "step_cost.txt").read_text().splitlines()[2:]  # run, img/s, change: tab-separated
+    cost = {change: ips for _, ips, change in (line.split("\t") for line in lines)}
     for change, ips in (("(none)", "61,859"), ("--mixup 0 --cutmix 0", "67,010"), ("--grad_clip 0", "64,926")):
         assert cost[change] == ips.replace(",", "") + " img/s" and ips in RESULTS, change
     mixed = [line.split() for line in (cifar / "search" / "mixed_loss.txt").read_text().splitlines()[2:]]
