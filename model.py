@@ -26,7 +26,8 @@ ATTN_KINDS = ("softmax", "pure", "linear")
 @dataclass
 class ViTConfig:
     image_size: int = 32     # input images are image_size x image_size
-    patch_size: int = 4      # non-overlapping square patches -> (image_size / patch_size)^2 tokens
+    patch_size: int = 4      # square patches on a stride of patch_size -> (image_size / patch_size)^2 tokens
+    patch_overlap: int = 0   # each patch reads patch_overlap more pixels on every side: (p + 2 o)^2 per channel
     in_chans: int = 3
     n_classes: int = 10
     n_layer: int = 4
@@ -166,7 +167,7 @@ class ViT(nn.Module):
     def __init__(self, cfg, verbose=True):
         super().__init__()
         self.cfg = cfg
-        self.patch = nn.Linear(cfg.in_chans * cfg.patch_size ** 2, cfg.n_embd)
+        self.patch = nn.Linear(cfg.in_chans * (cfg.patch_size + 2 * cfg.patch_overlap) ** 2, cfg.n_embd)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
         self.pos = nn.Parameter(torch.randn(1, cfg.n_tokens, cfg.n_embd) * 0.02)
         self.drop = nn.Dropout(cfg.dropout)
@@ -200,7 +201,9 @@ class ViT(nn.Module):
         """Patch embedding: every p x p patch, flattened in (channel, row, column) order, through one
         Linear: (B, c, H, W) -> (B, h*w, C). The same as a stride-p convolution, as a matrix product."""
         B, c, H, W = images.shape
-        p = self.cfg.patch_size
+        p, o = self.cfg.patch_size, self.cfg.patch_overlap
+        if o:  # windows of p + 2o on a stride of p: (B, c (p+2o)^2, h*w) -> (B, h*w, c (p+2o)^2)
+            return self.patch(F.unfold(images, p + 2 * o, padding=o, stride=p).transpose(1, 2))
         x = images.view(B, c, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, c, p, p)
         return self.patch(x.reshape(B, (H // p) * (W // p), c * p * p))  # (B, h*w, C)
 
@@ -244,6 +247,6 @@ class ViT(nn.Module):
         attn = {"softmax": 4 * N * N * d, "pure": (2 + 2 * c.hops) * N * N * d, "linear": 6 * N * d}[c.attn]
         proj = 2 * d * d * (1 if c.attn == "linear" else N)
         layer = 6 * N * d * d + proj + 4 * c.mlp_ratio * N * d * d + attn
-        embed = 2 * (N - 1) * c.in_chans * c.patch_size ** 2 * d
+        embed = 2 * (N - 1) * c.in_chans * (c.patch_size + 2 * c.patch_overlap) ** 2 * d
         fwd = embed + L * layer + 2 * d * c.n_classes
         return 3 * fwd if training else fwd

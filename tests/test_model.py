@@ -80,11 +80,12 @@ def test_pure_zero_padding_keeps_gradients():
     torch.testing.assert_close(padded, m.qkv.weight.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_patch_embedding_is_a_strided_convolution():
-    m = tiny("linear")
+@pytest.mark.parametrize("overlap", [0, 1, 2])
+def test_patch_embedding_is_a_strided_convolution(overlap):
+    m, k = tiny("linear", patch_overlap=overlap), 4 + 2 * overlap  # windows of k x k on a stride of 4
     x = torch.randn(2, 3, 16, 16)
-    conv = torch.nn.functional.conv2d(x, m.patch.weight.view(16, 3, 4, 4), m.patch.bias, stride=4)  # (B, C, 4, 4)
-    torch.testing.assert_close(m.embed(x), conv.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-6)
+    conv = torch.nn.functional.conv2d(x, m.patch.weight.view(16, 3, k, k), m.patch.bias, stride=4, padding=overlap)
+    torch.testing.assert_close(m.embed(x), conv.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-6)  # (B, 16, C)
 
 
 @pytest.mark.parametrize("attn", KINDS)
@@ -108,7 +109,7 @@ def test_attention_maps(attn):
 
 @pytest.mark.parametrize("attn", KINDS)
 def test_flop_count_matches_pytorch_flop_counter(attn, monkeypatch):
-    m = tiny(attn, hops=3)
+    m = tiny(attn, hops=3, patch_overlap=1)
     # count softmax in its materialised form: the counter does not see inside every SDPA kernel
     monkeypatch.setattr(infsa, "softmax_attention", lambda q, k, v: infsa.softmax_attention_materialized(q, k, v)[0])
     # and Pure-InfSA without the zero tokens that pad N to a multiple of 8: they only cost, they compute nothing
