@@ -198,11 +198,12 @@ class ViT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def embed(self, images):
-        """Patch embedding: every p x p patch, flattened in (channel, row, column) order, through one
-        Linear: (B, c, H, W) -> (B, h*w, C). The same as a stride-p convolution, as a matrix product."""
+        """Patch embedding: every p x p patch, widened by o = patch_overlap pixels on each side (zeros past the
+        edge), flattened in (channel, row, column) order, through one Linear: (B, c, H, W) -> (B, h*w, C).
+        The same as a convolution of kernel p + 2o, stride p and padding o, as a matrix product."""
         B, c, H, W = images.shape
         p, o = self.cfg.patch_size, self.cfg.patch_overlap
-        if o:  # windows of p + 2o on a stride of p: (B, c (p+2o)^2, h*w) -> (B, h*w, c (p+2o)^2)
+        if o:  # (B, c (p+2o)^2, h*w) -> (B, h*w, c (p+2o)^2); o = 0 takes the cheaper reshape below
             return self.patch(F.unfold(images, p + 2 * o, padding=o, stride=p).transpose(1, 2))
         x = images.view(B, c, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, c, p, p)
         return self.patch(x.reshape(B, (H // p) * (W // p), c * p * p))  # (B, h*w, C)

@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 import data
 import loader
-import muon
 from configurator import config_defaults, configure, die
 from model import ATTN_KINDS, ViT, ViTConfig
 from runtime import (flat_grads, load_checkpoint, restore_rng, run_folder, save_checkpoint, setup_device, stop_on_ctrl_c,
@@ -79,7 +78,6 @@ min_steps = 1000            # a small training set gets more epochs, up to at le
 batch_size = 64             # global batch per optimizer step, over all GPUs (each takes batch_size / GPUs)
 grad_accum = 1              # micro-batches per step on each process
 lr = 2e-3                   # peak learning rate (AdamW)
-optimizer = "adamw"         # adamw | muon (muon.py: the blocks' weight matrices by Muon, the rest by AdamW)
 min_lr = 1e-5               # cosine floor
 warmup = 0.05               # fraction of all steps spent in linear warm-up
 weight_decay = 0.05
@@ -95,7 +93,7 @@ peak_tflops = 0.0           # your GPU's bf16 peak for MFU; 0 = look it up in PE
 # -----------------------------------------------------------------------------
 DEFAULTS = config_defaults(globals())
 # What each option may be: a tuple of choices, or a number range [low, high). Any other number is >= 0.
-ALLOWED = dict(attn=ATTN_KINDS, optimizer=("adamw", "muon"), dataset=("shapes", "cifar10", "folder"), init_from=("scratch", "resume"),
+ALLOWED = dict(attn=ATTN_KINDS, dataset=("shapes", "cifar10", "folder"), init_from=("scratch", "resume"),
                compile_mode=("default", "reduce-overhead", "max-autotune"),
                **dict.fromkeys(("epochs", "batch_size", "grad_accum", "log_every", "n_train", "n_test", "image_size",
                                 "patch_size", "n_layer", "n_head", "n_embd", "hops", "workers"), (1, math.inf)),
@@ -107,7 +105,7 @@ UNUSED_WHEN = [(lambda c: c["stream"], ("val_split", "eval_shift"), "--stream tr
                (lambda c: c["dataset"] != "shapes", ("n_train", "n_test"), "the size of a dataset on disk is its files; drop"),
                (lambda c: c["attn"] != "pure", ("hops",), "--hops is Pure-InfSA's; drop"),
                (lambda c: c["attn"] == "softmax", ("gamma_init",), "softmax attention has no gamma; drop")]
-RESUME_FIXED = ("attn", "optimizer", "patch_overlap", "image_size", "patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "hops",  # the weights
+RESUME_FIXED = ("attn", "patch_overlap", "image_size", "patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "hops",  # the weights
                 "dataset", "data_dir", "n_train", "n_test", "val_split", "seed")  # the data and its split
 MODEL_KEYS = [f.name for f in dataclasses.fields(ViTConfig) if f.name in DEFAULTS]  # ViTConfig's fields set here
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor datasheets
@@ -212,13 +210,9 @@ def train(argv):
         model = ViT(ViTConfig(**model_args, n_classes=len(classes)), verbose=master).to(dev)
         decay = lambda n, p: p.dim() >= 2 and n not in ("cls", "pos")  # noqa: E731 -- matrices decay, the rest not
         named = list(model.named_parameters())
-        by_muon = [p for n, p in named if cfg.optimizer == "muon" and n.startswith("blocks.") and p.dim() == 2]
-        rest = [(n, p) for n, p in named if all(p is not q for q in by_muon)]
-        opt = torch.optim.AdamW([{"params": [p for n, p in rest if decay(n, p)], "weight_decay": cfg.weight_decay},
-                                 {"params": [p for n, p in rest if not decay(n, p)], "weight_decay": 0.0}],
+        opt = torch.optim.AdamW([{"params": [p for n, p in named if decay(n, p)], "weight_decay": cfg.weight_decay},
+                                 {"params": [p for n, p in named if not decay(n, p)], "weight_decay": 0.0}],
                                 lr=cfg.lr, betas=(0.9, cfg.beta2), fused=cuda)
-        if by_muon:
-            opt = muon.Optimisers(opt, muon.Muon(by_muon, lr=cfg.lr, weight_decay=cfg.weight_decay))
         progress, log = dict(step=0, epoch=0, batch=0, best_acc=0.0, acc=math.nan, wall_s=0.0, timed_s=0.0, seen=0), []
         torch.manual_seed(cfg.seed + rank)  # per-rank randomness: mixup, stochastic depth
         if ckpt is not None:
