@@ -128,6 +128,7 @@ def settle_config(argv):
     ckpt = None
     if config["init_from"] == "resume":  # the run's own config, then what this command line changes
         ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+        ckpt["config"] = {**DEFAULTS, **ckpt["config"]}  # an option newer than the run: its default, the older code's
         for k in sorted(given - {"init_from", "out_dir"}):
             if config[k] != ckpt["config"][k]:
                 if k in RESUME_FIXED:

@@ -89,6 +89,9 @@ def test_resume_restores_the_run_and_continues_exactly(tmp_path, monkeypatch):
 
 def test_resume_overrides_apply_or_are_refused(tmp_path, capsys):
     train.main(TINY + ["--out_dir", str(tmp_path)])
+    ckpt = ckpt_of(tmp_path)
+    del ckpt["config"]["patch_overlap"]  # a run from before the option existed resumes with its default
+    torch.save(ckpt, tmp_path / "ckpt.pt")
     s = train.main(["--init_from", "resume", "--out_dir", str(tmp_path), "--epochs", "2", "--lr", "1e-3"])
     out = capsys.readouterr().out
     assert "resume: epochs = 2 (the run had 1)" in out and "resume: lr = 0.001 (the run had 0.002)" in out
