@@ -141,7 +141,10 @@ def test_recipe_search_rows_match_their_summaries():
         assert int(epochs) == s["epochs"] and close(flip, 100 * s["val_acc_flip" if val else "val_acc"], 2), run
         assert (not val or close(val, 100 * s["val_acc"], 2)) and close(ips, s["img_s"], 0), run
         assert close(minutes, s["wall_s"] / 60, 1), run
-    assert len(found) == 15 and len(rows) == 20
+    assert len(found) == 20 and len(rows) == 26
+    best = re.search(r"lift softmax to ([\d.]+)% test\s+in ([\d.]+) minutes", README)  # README's best within 10 min
+    s = json.loads(found["ovl2e670"].read_text())
+    assert close(best[1], 100 * s["test_acc"], 2) and close(best[2], s["wall_s"] / 60, 1) and s["wall_s"] <= 600
     ema = re.search(r"decay 0.998: (.+?);\s+decay 0.9995: (.+?), for (.+?)\)", RESULTS)  # EMA minus final, in points
     for i, decay in enumerate(("0.998", "0.9995")):
         for run, gain in zip(ema[3].split(", "), ema[i + 1].split(", "), strict=True):
