@@ -55,6 +55,10 @@ class ViTConfig:
             raise ValueError(f"hops must be >= 1; got {self.hops}")
 
     @property
+    def window(self):
+        return self.patch_size + 2 * self.patch_overlap  # pixels a patch reads along each side
+
+    @property
     def n_tokens(self):
         return (self.image_size // self.patch_size) ** 2 + 1  # patches + CLS
 
@@ -167,7 +171,7 @@ class ViT(nn.Module):
     def __init__(self, cfg, verbose=True):
         super().__init__()
         self.cfg = cfg
-        self.patch = nn.Linear(cfg.in_chans * (cfg.patch_size + 2 * cfg.patch_overlap) ** 2, cfg.n_embd)
+        self.patch = nn.Linear(cfg.in_chans * cfg.window ** 2, cfg.n_embd)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
         self.pos = nn.Parameter(torch.randn(1, cfg.n_tokens, cfg.n_embd) * 0.02)
         self.drop = nn.Dropout(cfg.dropout)
@@ -204,7 +208,7 @@ class ViT(nn.Module):
         B, c, H, W = images.shape
         p, o = self.cfg.patch_size, self.cfg.patch_overlap
         if o:  # (B, c (p+2o)^2, h*w) -> (B, h*w, c (p+2o)^2); o = 0 takes the cheaper reshape below
-            return self.patch(F.unfold(images, p + 2 * o, padding=o, stride=p).transpose(1, 2))
+            return self.patch(F.unfold(images, self.cfg.window, padding=o, stride=p).transpose(1, 2))
         x = images.view(B, c, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, c, p, p)
         return self.patch(x.reshape(B, (H // p) * (W // p), c * p * p))  # (B, h*w, C)
 
@@ -248,6 +252,6 @@ class ViT(nn.Module):
         attn = {"softmax": 4 * N * N * d, "pure": (2 + 2 * c.hops) * N * N * d, "linear": 6 * N * d}[c.attn]
         proj = 2 * d * d * (1 if c.attn == "linear" else N)
         layer = 6 * N * d * d + proj + 4 * c.mlp_ratio * N * d * d + attn
-        embed = 2 * (N - 1) * c.in_chans * (c.patch_size + 2 * c.patch_overlap) ** 2 * d
+        embed = 2 * (N - 1) * c.in_chans * c.window ** 2 * d
         fwd = embed + L * layer + 2 * d * c.n_classes
         return 3 * fwd if training else fwd

@@ -105,8 +105,8 @@ UNUSED_WHEN = [(lambda c: c["stream"], ("val_split", "eval_shift"), "--stream tr
                (lambda c: c["dataset"] != "shapes", ("n_train", "n_test"), "the size of a dataset on disk is its files; drop"),
                (lambda c: c["attn"] != "pure", ("hops",), "--hops is Pure-InfSA's; drop"),
                (lambda c: c["attn"] == "softmax", ("gamma_init",), "softmax attention has no gamma; drop")]
-RESUME_FIXED = ("attn", "patch_overlap", "image_size", "patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "hops",  # the weights
-                "dataset", "data_dir", "n_train", "n_test", "val_split", "seed")  # the data and its split
+RESUME_FIXED = ("attn", "image_size", "patch_size", "patch_overlap", "n_layer", "n_head", "n_embd", "mlp_ratio", "hops",
+                "dataset", "data_dir", "n_train", "n_test", "val_split", "seed")  # the weights' shapes, the data and its split
 MODEL_KEYS = [f.name for f in dataclasses.fields(ViTConfig) if f.name in DEFAULTS]  # ViTConfig's fields set here
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor datasheets
 
