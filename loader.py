@@ -159,6 +159,18 @@ def mix_pairs(x, mixup, cutmix):
     return lam * x + (1 - lam) * x[perm], perm, lam
 
 
+def eval_views(x, flip=False, move=0):
+    """The views of a batch (B, C, H, W) whose logits evaluation averages: x; with move > 0 also x moved by `move`
+    pixels down, up, right and left, zeros (after normalisation, the mean colour) coming in; with flip, each mirrored."""
+    views = [x]
+    if move:
+        H, W = x.shape[-2:]
+        xp = F.pad(x, (move,) * 4)  # (B, C, H + 2 move, W + 2 move): view (dy, dx) starts at (move - dy, move - dx)
+        views += [xp[..., move - dy:move - dy + H, move - dx:move - dx + W].contiguous()
+                  for dy, dx in ((move, 0), (-move, 0), (0, move), (0, -move))]
+    return views + [v.flip(-1) for v in views] if flip else views
+
+
 def epoch_order(n, seed, epoch):
     """The shuffled order of epoch `epoch`: the same on every rank and after a resume."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))

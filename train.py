@@ -58,6 +58,7 @@ mixup = 0.0                 # >0: mix pairs of images, lambda ~ Beta(mixup, mixu
 cutmix = 0.0                # >0: paste a box of the partner image, area 1 - lambda ~ Beta(cutmix, cutmix)
 eval_shift = False          # at the end, also evaluate on corrupted test images (noise, blur, contrast, jpeg)
 flip_eval = False           # evaluate on each image and its mirror, averaging the two logits
+move_eval = 0               # >0: evaluation also averages over each image moved this many pixels up, down, left, right
 # model
 attn = "linear"             # softmax | pure | linear
 image_size = 32
@@ -148,15 +149,15 @@ def settle_config(argv):
 
 
 @torch.no_grad()
-def evaluate(model, batches, ctx, flip=False):
-    """(accuracy, mean loss) over a loader's batches; flip: of the logits averaged over each image and its mirror."""
+def evaluate(model, batches, ctx, flip=False, move=0):
+    """(accuracy, mean loss) over a loader's batches, of the logits averaged over each image's views
+    (loader.eval_views: the image; moved by `move` pixels four ways; each mirrored, with flip)."""
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
     for xb, yb in batches:
-        with ctx:
-            logits = model(xb)[0].float().clone()  # a copy: a CUDA-graph replay reuses its output buffers
-            if flip:
-                logits = (logits + model(xb.flip(-1))[0].float()) / 2
+        views = loader.eval_views(xb, flip, move)
+        with ctx:  # each a copy: a CUDA-graph replay reuses its output buffers
+            logits = sum(model(v)[0].float().clone() for v in views) / len(views)
         correct += (logits.argmax(-1) == yb).sum()
         loss_sum += F.cross_entropy(logits, yb, reduction="sum")
         n += len(yb)
@@ -285,7 +286,7 @@ def fit(run):
             p["epoch"], p["batch"] = epoch + 1, 0
             due = lambda n: n > 0 and (epoch + 1) % n == 0  # noqa: E731 -- after epochs n, 2n, ...
             if run.master and (epoch + 1 == epochs or due(cfg.eval_every)):
-                p["acc"], loss = evaluate(run.compiled, eval_loader, run.ctx, cfg.flip_eval)
+                p["acc"], loss = evaluate(run.compiled, eval_loader, run.ctx, cfg.flip_eval, cfg.move_eval)
                 p["best_acc"] = max(p["best_acc"], p["acc"])
                 run.log.append({"step": p["step"], "epoch": epoch, f"{split}_acc": p["acc"], f"{split}_loss": loss})
                 bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {p['acc']:.4f}, {split} loss {loss:.4f}")
@@ -325,20 +326,20 @@ def finish(run):
     if not run.master:
         return None
     summary = dict(attn=cfg.attn, dataset=cfg.dataset, steps=p["step"], epochs=run.epochs, params=run.model.num_params())
-    acc = p["acc"]
-    if test_loader is not None:
-        summary.update(val_acc=acc, best_val_acc=p["best_acc"])
-        acc, _ = evaluate(run.compiled, test_loader, run.ctx, cfg.flip_eval)
-        run.log.append(dict(step=p["step"], epoch=run.epochs - 1, test_acc=acc))
-    else:
+    if test_loader is None:  # training evaluated on the test set; evaluated again here, with this command's options
         test_loader = eval_loader
         summary.update(best_acc=p["best_acc"])
+    else:
+        summary.update(val_acc=p["acc"], best_val_acc=p["best_acc"])
+    acc, _ = evaluate(run.compiled, test_loader, run.ctx, cfg.flip_eval, cfg.move_eval)
+    if test_loader is not eval_loader:
+        run.log.append(dict(step=p["step"], epoch=run.epochs - 1, test_acc=acc))
     shift = {}
     if cfg.eval_shift:
         for kind in data.CORRUPTIONS:
             xc = data.corrupt(test_loader.x, kind, cfg.seed)
             xs = loader.Loader(xc, test_loader.y, 1000, run.mean, run.std, False)
-            shift[kind] = evaluate(run.compiled, xs, run.ctx, cfg.flip_eval)[0]
+            shift[kind] = evaluate(run.compiled, xs, run.ctx, cfg.flip_eval, cfg.move_eval)[0]
         shift["mean"] = sum(shift.values()) / len(shift)
         print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
     ips = p["seen"] / p["timed_s"] if p["timed_s"] else None  # every segment's steps but its compile interval

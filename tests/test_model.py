@@ -165,3 +165,25 @@ def test_flip_eval_averages_the_logits_of_each_image_and_its_mirror():
     mirrored = train.evaluate(m, [(b.flip(-1), t) for b, t in batches], ctx, flip=True)
     assert mirrored[1] == pytest.approx(loss, rel=1e-5)
     assert train.evaluate(m, batches, ctx)[1] != pytest.approx(loss, rel=1e-3)
+
+
+def test_move_eval_averages_over_the_image_moved_four_ways():
+    """train.evaluate(move=2) against the logits of 5 views built pixel by pixel (the image, and moved 2 pixels
+    down, up, right, left with zeros coming in), each with its mirror (flip=True): accuracy and mean loss."""
+    m, ctx = tiny("softmax").eval(), contextlib.nullcontext()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(12, 3, 16, 16, generator=g), torch.randint(0, 10, (12,), generator=g)
+
+    def moved(img, dy, dx):  # out[r, c] = img[r - dy, c - dx], zero where that is outside the image
+        out = torch.zeros_like(img)
+        for r in range(16):
+            for c in range(16):
+                if 0 <= r - dy < 16 and 0 <= c - dx < 16:
+                    out[:, :, r, c] = img[:, :, r - dy, c - dx]
+        return out
+    views = [moved(x, dy, dx) for dy, dx in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))]
+    mean_logits = sum(m(v)[0] + m(v.flip(-1))[0] for v in views) / 10
+    acc, loss = train.evaluate(m, [(x[:8], y[:8]), (x[8:], y[8:])], ctx, flip=True, move=2)
+    assert acc == pytest.approx((mean_logits.argmax(-1) == y).float().mean().item())
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(mean_logits, y).item(), rel=1e-5)
+    assert train.evaluate(m, [(x, y)], ctx, flip=True)[1] != pytest.approx(loss, rel=1e-3)
