@@ -1,15 +1,18 @@
-# CIFAR-10 in under 10 minutes on one H200: cifar_long.py's model for 560 epochs, with weight decay 0.1 and a
-# TrivialAugment-style policy (RESULTS.md §5: what each change gave). 5,000 training images are held out for
-# validation; the test set is seen once, at the end; evaluation averages each image with its mirror.
+# CIFAR-10 in under 10 minutes on one H200 (softmax: 93.11% test, 8.3 minutes; RESULTS.md §5): cifar_long.py's model
+# with patches that overlap by 2 pixels on every side, weight decay 0.1 and a TrivialAugment-style policy, trained on
+# all 50,000 training images for 580 epochs (every choice made on a split of 5,000 held out: RESULTS.md §5's search).
+# The test set is seen once, at the end, with the logits averaged over 10 views of each image: the image and the image
+# moved 2 pixels each way, each with its mirror. Pure-InfSA fits 10 minutes with --hops 2.
 dataset = "cifar10"
 n_layer = 6
 n_head = 8
 n_embd = 384
 mlp_ratio = 2.0
+patch_overlap = 2
 init_std = 0.02
 drop_path = 0.1
 batch_size = 512
-epochs = 560
+epochs = 580
 lr = 1e-3
 warmup = 0.1
 weight_decay = 0.1
@@ -21,9 +24,9 @@ jitter = 0.3
 erase = 0.25
 mixup = 0.8
 cutmix = 1.0
-val_split = 5000
 flip_eval = True
-eval_every = 20
+move_eval = 2
+eval_every = 0
 ckpt_every = 40
 eval_shift = True
 compile_mode = "reduce-overhead"

@@ -183,8 +183,8 @@ def test_config_files_then_overrides_left_to_right(tmp_path):
     long, _ = configure(["config/cifar_long.py"], train.DEFAULTS)
     assert (long["epochs"], long["cutmix"], long["rotate"], long["eval_every"]) == (560, 1.0, 15.0, 20)
     ten, _ = configure(["config/cifar_10min.py"], train.DEFAULTS)
-    assert {k: v for k, v in ten.items() if long[k] != v} == dict(weight_decay=0.1, policy=True, val_split=5000,
-                                                                  flip_eval=True, ckpt_every=40)
+    assert {k: v for k, v in ten.items() if long[k] != v} == dict(weight_decay=0.1, policy=True, epochs=580, patch_overlap=2,
+                                                                  flip_eval=True, move_eval=2, eval_every=0, ckpt_every=40)
     (tmp_path / "bad.py").write_text("epochs = 'many'\n")
     with pytest.raises(SystemExit):
         configure([str(tmp_path / "bad.py")], train.DEFAULTS)
