@@ -326,13 +326,13 @@ def finish(run):
     if not run.master:
         return None
     summary = dict(attn=cfg.attn, dataset=cfg.dataset, steps=p["step"], epochs=run.epochs, params=run.model.num_params())
-    if test_loader is None:  # training evaluated on the test set; evaluated again here, with this command's options
-        test_loader = eval_loader
+    if test_loader is None:  # training evaluated on the test set: its last evaluation is the test accuracy ...
+        test_loader, acc = eval_loader, p["acc"]
         summary.update(best_acc=p["best_acc"])
     else:
         summary.update(val_acc=p["acc"], best_val_acc=p["best_acc"])
-    acc, _ = evaluate(run.compiled, test_loader, run.ctx, cfg.flip_eval, cfg.move_eval)
-    if test_loader is not eval_loader:
+    if test_loader is not eval_loader or p["step"] == run.first_step:  # ... unless this command trained no step
+        acc = evaluate(run.compiled, test_loader, run.ctx, cfg.flip_eval, cfg.move_eval)[0]
         run.log.append(dict(step=p["step"], epoch=run.epochs - 1, test_acc=acc))
     shift = {}
     if cfg.eval_shift:

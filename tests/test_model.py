@@ -187,3 +187,22 @@ def test_move_eval_averages_over_the_image_moved_four_ways():
     assert acc == pytest.approx((mean_logits.argmax(-1) == y).float().mean().item())
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(mean_logits, y).item(), rel=1e-5)
     assert train.evaluate(m, [(x, y)], ctx, flip=True)[1] != pytest.approx(loss, rel=1e-3)
+
+
+def test_a_finished_run_resumed_with_other_evaluation_options_is_evaluated_again(tmp_path):
+    """--init_from resume after the last step trains nothing and evaluates the test set with the new options:
+    the summary's test accuracy is the checkpoint's weights evaluated so, recomputed here."""
+    import data
+    import loader
+    args = ["--n_train", "512", "--n_test", "256", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--epochs", "3",
+            "--min_steps", "0", "--device", "cpu", "--out_dir", str(tmp_path)]
+    first = train.main(args)
+    again = train.main(["--init_from", "resume", "--out_dir", str(tmp_path), "--flip_eval", "true", "--move_eval", "1"])
+    c = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    m = ViT(ViTConfig(**c["model_args"]), verbose=False)
+    m.load_state_dict(c["model"])
+    d = data.load("shapes", n_train=512, n_test=256, seed=1337)
+    want = train.evaluate(m, [(loader.normalize(d["x_test"], c["mean"], c["std"]), d["y_test"])], contextlib.nullcontext(),
+                          flip=True, move=1)[0]
+    assert again["steps"] == first["steps"] and again["best_acc"] == first["best_acc"]
+    assert again["test_acc"] == pytest.approx(want) and first["test_acc"] != pytest.approx(want)
