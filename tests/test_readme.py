@@ -161,6 +161,8 @@ def test_recipe_search_rows_match_their_summaries():
     cost = {change: ips for _, ips, change in (line.split("\t") for line in lines)}
     for change, ips in (("(none)", "61,859"), ("--mixup 0 --cutmix 0", "67,010"), ("--grad_clip 0", "64,926")):
         assert cost[change] == ips.replace(",", "") + " img/s" and ips in RESULTS, change
+    hops = re.findall(r"--hops (\d):.*\| ([\d,]+) img/s", (cifar / "search" / "pure_hops.txt").read_text())
+    assert re.search(rf"{hops[0][1]} img/s with\s+K = {hops[0][0]} and {hops[1][1]} with K = {hops[1][0]}", RESULTS), hops
     mixed = [line.split() for line in (cifar / "search" / "mixed_loss.txt").read_text().splitlines()[2:]]
     for code in ("train", "train_old"):
         assert " and ".join(f"{int(r[2]):,}" for r in mixed if r[0] == code) in RESULTS, code
