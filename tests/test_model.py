@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import infsa
+import loader
 import model
 import runtime
 import train
@@ -192,8 +194,6 @@ def test_move_eval_averages_over_the_image_moved_four_ways():
 def test_a_finished_run_resumed_with_other_evaluation_options_is_evaluated_again(tmp_path):
     """--init_from resume after the last step trains nothing and evaluates the test set with the new options:
     the summary's test accuracy is the checkpoint's weights evaluated so, recomputed here."""
-    import data
-    import loader
     args = ["--n_train", "512", "--n_test", "256", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--epochs", "3",
             "--min_steps", "0", "--device", "cpu", "--out_dir", str(tmp_path)]
     first = train.main(args)
