@@ -237,8 +237,7 @@ def train(argv):
 
 def fit(run):
     """The training loop: steps, logging, evaluation and checkpoints, until the last epoch or a Ctrl-C."""
-    cfg, p, opt = run.cfg, run.progress, run.opt
-    train_loader, eval_loader, test_loader = run.loaders
+    cfg, p, opt, (train_loader, eval_loader, test_loader) = run.cfg, run.progress, run.opt, run.loaders
     per_epoch = len(train_loader)
     run.epochs = epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
     total, run.split = epochs * per_epoch, "val" if test_loader is not None else "test"  # what training evaluates on
@@ -275,7 +274,7 @@ def fit(run):
                 bar.update(1)
                 if p["step"] % cfg.log_every and b + 1 < per_epoch:
                     continue
-                log_interval(run, epoch, pending, time.time() - t0, bar)
+                log_interval(run, epoch, pending, t0, bar)
                 if stop(run.world, run.dev):
                     save_checkpoint(run)
                     bar.close()
@@ -286,7 +285,9 @@ def fit(run):
             p["epoch"], p["batch"] = epoch + 1, 0
             due = lambda n: n > 0 and (epoch + 1) % n == 0  # noqa: E731 -- after epochs n, 2n, ...
             if run.master and (epoch + 1 == epochs or due(cfg.eval_every)):
+                t = time.time()
                 p["acc"], loss = evaluate(run.compiled, eval_loader, run.ctx, cfg.flip_eval, cfg.move_eval)
+                run.t_start += (time.time() - t) * (split == "test")  # wall_s counts training: a test pass is left out
                 p["best_acc"] = max(p["best_acc"], p["acc"])
                 run.log.append({"step": p["step"], "epoch": epoch, f"{split}_acc": p["acc"], f"{split}_loss": loss})
                 bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {p['acc']:.4f}, {split} loss {loss:.4f}")
@@ -298,14 +299,14 @@ def fit(run):
     bar.close()
 
 
-def log_interval(run, epoch, pending, dt, bar):
-    """Loss and accuracy of the steps since the last log line (averaged over ranks: every rank sees the
-    same numbers, so all stop together on a NaN); one host sync per interval."""
+def log_interval(run, epoch, pending, t0, bar):
+    """Loss and accuracy of the steps since time t0 (averaged over ranks: every rank sees the same numbers,
+    so all stop together on a NaN); one host sync per interval, and the interval's time ends after it."""
     stats = torch.stack(pending)  # (steps, 2): loss and accuracy of each step's last micro-batch
     if run.world > 1:
         torch.distributed.all_reduce(stats)
         stats /= run.world
-    stats, p = stats.cpu(), run.progress
+    stats, p, dt = stats.cpu(), run.progress, time.time() - t0  # after the sync: the queued steps are done
     if not torch.isfinite(stats[:, 0]).all():
         die(f"the loss became {stats[~torch.isfinite(stats[:, 0]), 0][0].item()} by step {p['step']}; stopped, "
             f"{run.out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr")
@@ -337,8 +338,7 @@ def finish(run):
     shift = {}
     if cfg.eval_shift:
         for kind in data.CORRUPTIONS:
-            xc = data.corrupt(test_loader.x, kind, cfg.seed)
-            xs = loader.Loader(xc, test_loader.y, 1000, run.mean, run.std, False)
+            xs = loader.Loader(data.corrupt(test_loader.x, kind, cfg.seed), test_loader.y, 1000, run.mean, run.std, False)
             shift[kind] = evaluate(run.compiled, xs, run.ctx, cfg.flip_eval, cfg.move_eval)[0]
         shift["mean"] = sum(shift.values()) / len(shift)
         print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
