@@ -225,15 +225,15 @@ def draw_curves(runs, path):
     for k, run in enumerate(runs):
         split = "val" if any("val_acc" in r for r in run.log) else "test"  # --val_split runs evaluate on val
         tr, te = [r for r in run.log if "loss" in r], [r for r in run.log if f"{split}_loss" in r]  # the log up to the weights
+        w = max(1, len(tr) // 40)  # a running mean over w log intervals: mixup makes single batches noisy
         for ax, key, scale in ((axes[0], "loss", 1), (axes[1], "acc", 100)):
-            ys = np.array([scale * r[key] for r in tr])
-            w = max(1, len(ys) // 40)  # a running mean over w log intervals: mixup makes single batches noisy
-            ys = np.convolve(ys, np.ones(w) / w, mode="valid")
+            ys = np.convolve([scale * r[key] for r in tr], np.ones(w) / w, mode="valid")
             ax.plot([r["step"] for r in tr][w - 1:], ys, f"C{k}", lw=1,
                     label=f"{run.label} train" + (f" (mean of {w} logs)" if w > 1 else ""))
-            last = f" ({scale * te[-1][f'{split}_{key}']:{'.3f' if key == 'loss' else '.1f'}})" if te else ""
-            ax.plot([r["step"] for r in te], [scale * r[f"{split}_{key}"] for r in te], f"C{k}", ls="--", marker="o",
-                    ms=3, label=f"{run.label} {split}{last}")
+            if te:  # a log without evaluations draws its training curves alone
+                last = f" ({scale * te[-1][f'{split}_{key}']:{'.3f' if key == 'loss' else '.1f'}})"
+                ax.plot([r["step"] for r in te], [scale * r[f"{split}_{key}"] for r in te], f"C{k}", ls="--",
+                        marker="o", ms=3, label=f"{run.label} {split}{last}")
     axes[0].set(xlabel="step", ylabel="cross-entropy (train: with label smoothing)", title="loss")
     axes[1].set(xlabel="step", ylabel="accuracy (%; train: augmented batches)", title="accuracy", ylim=(0, 100))
     for ax in axes:
