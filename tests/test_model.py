@@ -210,12 +210,19 @@ def test_a_finished_run_resumed_with_other_evaluation_options_is_evaluated_again
     assert again["test_acc"] == pytest.approx(want) and first["test_acc"] != pytest.approx(want)
 
 
-def test_a_log_interval_is_timed_to_the_end_of_its_wait_for_the_steps(monkeypatch):
+@pytest.fixture
+def clock(monkeypatch):
+    """time.time() plus every clock.jump(seconds) so far: a slow sync or evaluation without the wait."""
+    offset, now = [0.0], time.time
+    monkeypatch.setattr(time, "time", lambda: now() + offset[0])
+    return SimpleNamespace(jump=lambda s: offset.__setitem__(0, offset[0] + s))
+
+
+def test_a_log_interval_is_timed_to_the_end_of_its_wait_for_the_steps(clock, monkeypatch):
     """On a GPU the host queues steps ahead and waits for them at the interval's one sync (stats.cpu()): with
     a clock that jumps 100 s inside that wait, the interval's time, and so timed_s and img/s, must hold it."""
-    clock, now, cpu = [0.0], time.time, torch.Tensor.cpu
-    monkeypatch.setattr(time, "time", lambda: now() + clock[0])
-    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: (clock.__setitem__(0, clock[0] + 100), cpu(t))[1])
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: (clock.jump(100), cpu(t))[1])
     run = SimpleNamespace(world=1, first_step=0, out="out", log=[], cfg=SimpleNamespace(batch_size=10),
                           opt=SimpleNamespace(param_groups=[{"lr": 1e-3}]), progress=dict(step=4, timed_s=0.0, seen=0))
     train.log_interval(run, 0, [torch.tensor([1.0, 0.5])] * 2, time.time(), SimpleNamespace(set_postfix=dict))
@@ -223,12 +230,11 @@ def test_a_log_interval_is_timed_to_the_end_of_its_wait_for_the_steps(monkeypatc
     assert 20 / 101 < run.log[-1]["img_s"] <= 20 / 100
 
 
-def test_wall_s_counts_validation_and_leaves_out_the_test_set(tmp_path, monkeypatch):
+def test_wall_s_counts_validation_and_leaves_out_the_test_set(tmp_path, clock, monkeypatch):
     """With a clock that jumps 1000 s in every evaluation: two validation passes count in wall_s (they are part
     of a run that holds out a split); two test passes, the last epoch's included, do not."""
-    clock, now, evaluate = [0.0], time.time, train.evaluate
-    monkeypatch.setattr(time, "time", lambda: now() + clock[0])
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (clock.__setitem__(0, clock[0] + 1000), evaluate(*a, **k))[1])
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (clock.jump(1000), evaluate(*a, **k))[1])
     args = ["--n_train", "192", "--n_test", "64", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--epochs", "2",
             "--min_steps", "0", "--device", "cpu"]
     on_test = train.main(args + ["--out_dir", str(tmp_path / "test")])
