@@ -148,13 +148,16 @@ def restore_rng(states, dev, rank, world):
 def stop_on_ctrl_c():
     """Yields stop(world, device): whether Ctrl-C was pressed on any rank. The first Ctrl-C asks the loop
     to stop at its next log interval with a checkpoint (a consistent point that all ranks agree on);
-    a second one quits at once."""
+    another, over a second later, quits at once. One within the second is the same one: `timeout -s INT`, and
+    torchrun under a terminal, signal a process and then its group, which can deliver SIGINT twice."""
     pressed = []
 
     def handler(*_):
-        pressed.append(True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping at the next log interval, with a checkpoint (Ctrl-C again: quit without one)", file=sys.stderr)
+        if pressed and time.time() - pressed[0] > 1:
+            raise KeyboardInterrupt
+        if not pressed:
+            pressed.append(time.time())
+            print("\nstopping at the next log interval, with a checkpoint (Ctrl-C again: quit without one)", file=sys.stderr)
 
     def stop(world, dev):
         if world == 1:

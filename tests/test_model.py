@@ -1,5 +1,6 @@
 """model.py: the attention switch computes what infsa.py says, gamma trains, counts are right."""
 import contextlib
+import signal
 import time
 from types import SimpleNamespace
 
@@ -240,3 +241,15 @@ def test_wall_s_counts_validation_and_leaves_out_the_test_set(tmp_path, clock, m
     on_test = train.main(args + ["--out_dir", str(tmp_path / "test")])
     on_val = train.main(args + ["--val_split", "64", "--out_dir", str(tmp_path / "val")])
     assert on_test["wall_s"] < 100 and 2000 <= on_val["wall_s"] < 2100
+
+
+def test_a_second_ctrl_c_within_a_second_is_the_same_press(clock):
+    """`timeout -s INT` signals a process and then its group: two SIGINTs at once stop the run at its next log
+    interval with a checkpoint, as one does; one more, over a second after the first, quits at once."""
+    with runtime.stop_on_ctrl_c() as stop:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        assert stop(1, "cpu")
+        clock.jump(1.5)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
