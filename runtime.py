@@ -148,8 +148,8 @@ def restore_rng(states, dev, rank, world):
 def stop_on_ctrl_c():
     """Yields stop(world, device): whether Ctrl-C was pressed on any rank. The first Ctrl-C asks the loop
     to stop at its next log interval with a checkpoint (a consistent point that all ranks agree on);
-    another, over a second later, quits at once. One within the second is the same one: `timeout -s INT`, and
-    torchrun under a terminal, signal a process and then its group, which can deliver SIGINT twice."""
+    another, over a second later, quits at once. One within the second is the same one: `timeout -s INT` signals
+    a process and then its process group, which delivers SIGINT twice."""
     pressed = []
 
     def handler(*_):
