@@ -153,11 +153,11 @@ def stop_on_ctrl_c():
     pressed = []
 
     def handler(*_):
-        if pressed and time.time() - pressed[0] > 1:
-            raise KeyboardInterrupt
         if not pressed:
             pressed.append(time.time())
             print("\nstopping at the next log interval, with a checkpoint (Ctrl-C again: quit without one)", file=sys.stderr)
+        elif time.time() - pressed[0] > 1:  # a later press; one within the second is the first one again
+            raise KeyboardInterrupt
 
     def stop(world, dev):
         if world == 1:
