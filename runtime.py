@@ -149,7 +149,9 @@ def stop_on_ctrl_c():
     """Yields stop(world, device): whether Ctrl-C was pressed on any rank. The first Ctrl-C asks the loop
     to stop at its next log interval with a checkpoint (a consistent point that all ranks agree on);
     another, over a second later, quits at once. One within the second is the same one: `timeout -s INT` signals
-    a process and then its process group, which delivers SIGINT twice."""
+    a process and then its process group, which delivers SIGINT twice. Each stop() installs the handler again:
+    compiling kernels puts Triton's own SIGINT handler (from its LLVM) in Python's place, and of three SIGINTs that
+    met it on an H200, one ended the process with no checkpoint."""
     pressed = []
 
     def handler(*_):
@@ -160,6 +162,7 @@ def stop_on_ctrl_c():
             raise KeyboardInterrupt
 
     def stop(world, dev):
+        signal.signal(signal.SIGINT, handler)
         if world == 1:
             return bool(pressed)
         flag = torch.tensor([float(bool(pressed))], device=dev)

@@ -1,7 +1,10 @@
 """model.py: the attention switch computes what infsa.py says, gamma trains, counts are right."""
 import contextlib
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -253,3 +256,17 @@ def test_a_second_ctrl_c_within_a_second_is_the_same_press(clock):
         clock.jump(1.5)
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
+
+
+def test_stop_takes_sigint_back_from_a_library_that_replaced_the_handler():
+    """Compiling kernels installs Triton's own C-level SIGINT handler in Python's place; stop() installs ours again.
+    The library is played by libc's signal(SIGINT, SIG_DFL): without the reinstall the SIGINT kills the child."""
+    code = ("import ctypes, signal, runtime\n"
+            "with runtime.stop_on_ctrl_c() as stop:\n"
+            "    ctypes.CDLL(None).signal(signal.SIGINT, int(signal.SIG_DFL))\n"
+            "    print(stop(1, 'cpu'))\n"
+            "    signal.raise_signal(signal.SIGINT)\n"
+            "    print(stop(1, 'cpu'))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=str(Path(__file__).resolve().parents[1]))
+    assert (r.returncode, r.stdout.split()) == (0, ["False", "True"]), r.stderr
