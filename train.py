@@ -287,7 +287,7 @@ def fit(run):
             if run.master and (epoch + 1 == epochs or due(cfg.eval_every)):
                 t = time.time()
                 p["acc"], loss = evaluate(run.compiled, eval_loader, run.ctx, cfg.flip_eval, cfg.move_eval)
-                run.t_start += (time.time() - t) * (split == "test")  # wall_s counts training: a test pass is left out
+                run.t_start += time.time() - t if split == "test" else 0  # wall_s counts training: a test pass is left out
                 p["best_acc"] = max(p["best_acc"], p["acc"])
                 run.log.append({"step": p["step"], "epoch": epoch, f"{split}_acc": p["acc"], f"{split}_loss": loss})
                 bar.write(f"epoch {epoch + 1}/{epochs}: {split} acc {p['acc']:.4f}, {split} loss {loss:.4f}")

@@ -1,4 +1,5 @@
-"""model.py: the attention switch computes what infsa.py says, gamma trains, counts are right."""
+"""model.py: the attention switch computes what infsa.py says, gamma trains, counts are right. Also train.py's
+evaluation views and timing and runtime.py's Ctrl-C, which share the clock fixture here."""
 import contextlib
 import signal
 import subprocess
