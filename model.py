@@ -74,16 +74,19 @@ FUSED_MIN_TOKENS = 256  # from here on CUDA, relu_hop.py's kernels: a training s
 # (d_h = 48), slower at 129 and 65 (0.8x, 0.64x), where the padded products stay (H200, bf16, RESULTS.md section 4)
 
 
-def pure_attention(q, k, v, gamma, hops):
+def pure_attention(q, k, v, gamma, hops, eps=1e-6):
     """Pure-InfSA as the model runs it. On CUDA with N >= FUSED_MIN_TOKENS: relu_hop.pure_infsa_fused, each hop
-    one Triton kernel, O(N d) memory. Otherwise infsa.pure_infsa on N padded with zero tokens to a multiple of 8,
-    which is exact (a zero query or key adds a zero row or column to S, so ||S||_F and the real tokens' outputs
-    are unchanged) and lets GPU bf16 matrix products take their aligned kernels."""
+    one Triton kernel, O(N d) memory. Otherwise sum_t c^t S^t v with c = gamma / (||S||_F + eps), equal to
+    sum_t gamma^t A_hat^t v without forming A_hat (one pass over N x N less each way), on N padded with zero
+    tokens to a multiple of 8, which is exact (a zero query or key adds a zero row or column to S, so ||S||_F and
+    the real tokens' outputs are unchanged) and lets GPU bf16 matrix products take their aligned kernels."""
     N = q.shape[-2]
     if q.is_cuda and N >= FUSED_MIN_TOKENS:
-        return relu_hop.pure_infsa_fused(q, k, v, gamma, hops)
+        return relu_hop.pure_infsa_fused(q, k, v, gamma, hops, eps)
     q, k, v = (F.pad(t, (0, 0, 0, -N % 8)) for t in (q, k, v))  # each (B, H, 8 * ceil(N / 8), d)
-    return infsa.pure_infsa(q, k, v, gamma, hops)[..., :N, :]
+    S = infsa.relu_scores(q, k)
+    c = gamma / (infsa.frobenius_norm(S) + eps)  # (B, H, 1, 1): gamma A_hat = c S
+    return infsa.neumann_series(S, v, c, hops)[..., :N, :]
 
 
 class Attention(nn.Module):
