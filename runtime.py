@@ -174,3 +174,12 @@ def stop_on_ctrl_c():
         yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def exit_interrupted(msg):
+    """The one way out after a Ctrl-C: msg on stderr, exit status 130. Further SIGINTs are ignored first:
+    `timeout -s INT` signals the process and then its group, and the second one would cut the message short
+    with a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(msg, file=sys.stderr)
+    sys.exit(130)

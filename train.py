@@ -27,8 +27,8 @@ import data
 import loader
 from configurator import config_defaults, configure, die
 from model import ATTN_KINDS, ViT, ViTConfig
-from runtime import (flat_grads, load_checkpoint, restore_rng, run_folder, save_checkpoint, setup_device, stop_on_ctrl_c,
-                     write_log)
+from runtime import (exit_interrupted, flat_grads, load_checkpoint, restore_rng, run_folder, save_checkpoint, setup_device,
+                     stop_on_ctrl_c, write_log)
 
 # -----------------------------------------------------------------------------
 # config: the built-in dataset, sized to train on a 2-core CPU in a few minutes
@@ -185,8 +185,7 @@ def main(argv):
     except OSError as e:  # a full disk, a folder that became read-only: the files already written stay as they were
         die(f"cannot write {e.filename or 'a file'} ({e.strerror or e}); the last checkpoint is intact; free space and resume")
     except KeyboardInterrupt:
-        print("interrupted; what this run had written is as it was (its last checkpoint, if any)", file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted("interrupted; what this run had written is as it was (its last checkpoint, if any)")
 
 
 def train(argv):
@@ -278,9 +277,9 @@ def fit(run):
                 if stop(run.world, run.dev):
                     save_checkpoint(run)
                     bar.close()
-                    print(f"stopped by Ctrl-C at step {p['step']}; {run.out}/ckpt.pt continues it exactly: "
-                          f"python train.py --init_from resume --out_dir {run.out}", file=sys.stderr)
-                    sys.exit(130)
+                    launch = "python" if run.world == 1 else f"torchrun --standalone --nproc_per_node={run.world}"
+                    exit_interrupted(f"stopped by Ctrl-C at step {p['step']}; {run.out}/ckpt.pt continues it exactly: "
+                                     f"{launch} train.py --init_from resume --out_dir {run.out}")
                 t0, pending = time.time(), []
             p["epoch"], p["batch"] = epoch + 1, 0
             due = lambda n: n > 0 and (epoch + 1) % n == 0  # noqa: E731 -- after epochs n, 2n, ...

@@ -271,3 +271,29 @@ def test_stop_takes_sigint_back_from_a_library_that_replaced_the_handler():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=str(Path(__file__).resolve().parents[1]))
     assert (r.returncode, r.stdout.split()) == (0, ["False", "True"]), r.stderr
+
+
+def test_a_ctrl_c_after_training_ends_in_one_line_though_timeout_sends_two(monkeypatch):
+    """A Ctrl-C outside the training loop (here: the final evaluation) exits 130 with one line. `timeout -s INT`
+    sends a second SIGINT moments later; arriving while that line is written, it must not end in a traceback."""
+    class Stderr(list):
+        def write(self, s):
+            signal.raise_signal(signal.SIGINT)  # the second SIGINT, in the middle of the message
+            self.append(s)
+
+        def flush(self):
+            pass
+
+    def final_evaluation(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", final_evaluation)
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    try:
+        train.main([])
+    except (SystemExit, KeyboardInterrupt) as e:
+        ended = e
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert isinstance(ended, SystemExit) and ended.code == 130, repr(ended)
+    assert "".join(sys.stderr).startswith("interrupted; what this run had written is as it was")
