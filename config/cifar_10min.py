@@ -2,8 +2,8 @@
 # with patches that overlap by 2 pixels on every side, weight decay 0.1, a TrivialAugment-style policy and 10 views at
 # evaluation (each chosen on 5,000 training images held out: RESULTS.md §5's search), then trained on all 50,000
 # training images for 580 epochs. The test set is seen once, at the end, with the logits averaged over 10 views of each
-# image: the image and the image moved 2 pixels each way, each with its mirror. Pure-InfSA runs with --hops 2, and
-# even so takes 601.7-602.7 s in two segments (92.71% test); with 3 its steps alone take about 10 minutes.
+# image: the image and the image moved 2 pixels each way, each with its mirror. Pure-InfSA runs with --hops 2
+# (92.72% test, 586.3 s from a cold compile); with 3 its steps alone take about 10 minutes.
 dataset = "cifar10"
 n_layer = 6
 n_head = 8

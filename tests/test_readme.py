@@ -83,18 +83,19 @@ def test_per_seed_cifar_rows_match_their_summaries(header, prefix, col, n_runs):
 
 
 def test_the_gaps_at_the_10_minute_recipe_are_the_summaries():
-    """The verdict's gaps to softmax at config/cifar_10min.py, and Pure-InfSA's seconds over 600, in README and RESULTS."""
+    """The verdict's gaps to softmax at config/cifar_10min.py, and Pure-InfSA's seconds (within 600), in README and RESULTS."""
     runs = {k: summaries("cifar", "min10ovl", k) for k in ("softmax", "pure", "linear")}
     soft, pure, lin = (mean_test_acc("min10ovl", k) for k in runs)
     m = re.search(r"reaches\s+([\d.]+)%, ([\d.]+) points behind", README)
     assert close(m[1], pure, 2) and close(m[2], soft - pure, 2)
     m = re.search(r"Pure-InfSA \(K = 2\) is ([\d.]+) points behind \(([\d.]+)% against\s+([\d.]+)%; ([\d.]+) and ([\d.]+) "
-                  r"seed for seed, with (\d+)–(\d+) s more than the budget\) and Linear-InfSA ([\d.]+) \(([\d.]+)%\)", RESULTS)
+                  r"seed for seed, in (\d+) and (\d+) s\) and Linear-InfSA ([\d.]+) \(([\d.]+)%\)", RESULTS)
     assert close(m[1], soft - pure, 2) and close(m[2], pure, 2) and close(m[3], soft, 2)
     for shown, seed in zip(m.group(4, 5), (1337, 2)):
         assert close(shown, 100 * (runs["softmax"][seed]["test_acc"] - runs["pure"][seed]["test_acc"]), 2)
-    over = sorted(s["wall_s"] - 600 for s in runs["pure"].values())
-    assert close(m[6], over[0], 0) and close(m[7], over[1], 0) and close(m[8], soft - lin, 2) and close(m[9], lin, 2)
+    walls = sorted(s["wall_s"] for s in runs["pure"].values())
+    assert close(m[6], walls[0], 0) and close(m[7], walls[1], 0) and close(m[8], soft - lin, 2) and close(m[9], lin, 2)
+    assert walls[1] <= 600 and all(s["wall_s"] <= 600 for s in runs["softmax"].values())
 
 
 def test_75_epoch_rows_match_their_summaries():
