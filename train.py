@@ -177,7 +177,7 @@ def mixed_loss(model, xb, yb, mixup, cutmix, label_smoothing):
 
 
 def main(argv):
-    """train(), with the one-line error paths: bad data, a failed write, Ctrl-C before training starts."""
+    """train(), with the one-line error paths: bad data, a failed write, Ctrl-C outside the training loop."""
     try:
         return train(argv)
     except data.DataError as e:  # a problem with the files on disk; from a worker process, its last line is the error
@@ -185,7 +185,8 @@ def main(argv):
     except OSError as e:  # a full disk, a folder that became read-only: the files already written stay as they were
         die(f"cannot write {e.filename or 'a file'} ({e.strerror or e}); the last checkpoint is intact; free space and resume")
     except KeyboardInterrupt:
-        exit_interrupted("interrupted; what this run had written is as it was (its last checkpoint, if any)")
+        exit_interrupted("interrupted; what this run had written is as it was; --init_from resume continues from its "
+                         "last checkpoint, if any")
 
 
 def train(argv):
