@@ -174,20 +174,21 @@ def test_an_empty_class_or_a_single_class_is_refused(tmp_path):
 
 
 def test_two_processes_building_the_same_cache_at_once_both_succeed(tmp_path):
-    """Both decode and write the same cache; each writes its own temporary file and renames it."""
+    """Both decode and write the same cache; each writes its own temporary file and renames it. Three folders,
+    read by both processes in the same order, give three races for two starts of Python (each imports torch)."""
     import subprocess
     import sys
-    make_folder(tmp_path, n_train=40, n_test=10)
-    code = f"import data; print(len(data.load('folder', {str(tmp_path)!r}, image_size=8)['y_train']))"
-    for _ in range(3):
-        for cache in tmp_path.glob("cache_*"):
-            cache.unlink()
-        procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(2)]
-        for p in procs:
-            out, err = p.communicate(timeout=120)
-            assert p.returncode == 0 and out.split()[-1] == "80", err
-        assert [c.name.endswith(".npz") for c in tmp_path.glob("cache_*")] == [True]  # one cache, no temporary left
+    roots = [tmp_path / str(i) for i in range(3)]
+    for root in roots:
+        make_folder(root, n_train=40, n_test=10)
+    code = f"import data\nfor r in {[str(r) for r in roots]!r}:\n    print('n =', len(data.load('folder', r, image_size=8)['y_train']))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and [s for s in out.splitlines() if s.startswith("n =")] == ["n = 80"] * 3, err
+    for root in roots:
+        assert [c.name.endswith(".npz") for c in root.glob("cache_*")] == [True]  # one cache, no temporary left
 
 
 def test_bad_files_in_a_folder(tmp_path):
@@ -232,6 +233,20 @@ def test_write_atomic_never_leaves_half_a_file(tmp_path):
     with pytest.raises(OSError):
         data.write_atomic(path, half_then_die)
     assert json.load(open(path)) == dict(test_acc=0.9) and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_two_writers_of_one_path_at_once_each_rename_a_whole_file(tmp_path):
+    """A second writer (another process; here, nested) writes the same path while the first is halfway: each
+    has a temporary file of its own, so both finish and the path holds the whole file of the last to rename."""
+    path = str(tmp_path / "cache.txt")
+
+    def first(f):
+        f.write("first, ")
+        data.write_atomic(path, lambda g: g.write("second, whole"))
+        f.write("whole")
+
+    data.write_atomic(path, first)
+    assert open(path).read() == "first, whole" and os.listdir(tmp_path) == ["cache.txt"]
 
 
 def test_parallel_decode_equals_one_process(tmp_path):
