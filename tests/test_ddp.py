@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
@@ -22,13 +23,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def sh(argv, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, **kw)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout
 
 
 def ranks(argv, world=2):
@@ -83,18 +77,22 @@ def test_streaming_loader_gives_the_resident_batches(tmp_path):
             assert torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
-def test_stream_run_end_to_end(tmp_path):
+def test_stream_run_end_to_end(tmp_path, capsys):
+    """A run that decodes its files in worker processes every epoch; a file that cannot be decoded, found by a
+    worker, ends the run with one line naming it (in this process: each new one costs an import of torch)."""
     for split, n in (("train", 32), ("test", 8)):
         for c in ("a", "b"):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(n):
                 colour = (255, 0, 0) if c == "a" else (0, 0, 255)
                 Image.new("RGB", (12, 12), colour).save(tmp_path / split / c / f"{i}.png")
-    argv = [sys.executable, "train.py", "--dataset", "folder", "--data_dir", str(tmp_path), "--stream", "true",
-            "--image_size", "8", "--patch_size", "4", "--batch_size", "16", "--n_embd", "16", "--n_head", "2",
-            "--n_layer", "1", "--epochs", "2", "--min_steps", "0", "--workers", "2", "--device", "cpu"]
-    out = sh(argv + ["--out_dir", str(tmp_path / "o")])
-    assert "done: final test acc" in out and not list(tmp_path.glob("cache*"))
-    (tmp_path / "train" / "b" / "3.png").write_bytes(b"not a png")  # found by a worker: one line naming the file
-    r = subprocess.run(argv + ["--out_dir", str(tmp_path / "o2")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: cannot decode image {tmp_path}/train/b/3.png")
+    argv = ["--dataset", "folder", "--data_dir", str(tmp_path), "--stream", "true", "--image_size", "8", "--patch_size", "4",
+            "--batch_size", "16", "--n_embd", "16", "--n_head", "2", "--n_layer", "1", "--epochs", "2", "--min_steps", "0",
+            "--workers", "2", "--device", "cpu"]
+    train.main(argv + ["--out_dir", str(tmp_path / "o")])
+    assert "done: final test acc" in capsys.readouterr().out and not list(tmp_path.glob("cache*"))
+    (tmp_path / "train" / "b" / "3.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ["--out_dir", str(tmp_path / "o2")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and last.startswith(f"error: cannot decode image {tmp_path}/train/b/3.png"), last
