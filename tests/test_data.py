@@ -181,9 +181,9 @@ def test_two_processes_building_the_same_cache_at_once_both_succeed(tmp_path):
     roots = [tmp_path / str(i) for i in range(3)]
     for root in roots:
         make_folder(root, n_train=40, n_test=10)
-    code = f"import data\nfor r in {[str(r) for r in roots]!r}:\n    print('n =', len(data.load('folder', r, image_size=8)['y_train']))"
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    code = "import data, sys\nfor r in sys.argv[1:]:\n    print('n =', len(data.load('folder', r, image_size=8)['y_train']))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, *map(str, roots)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0 and [s for s in out.splitlines() if s.startswith("n =")] == ["n = 80"] * 3, err
