@@ -1,14 +1,15 @@
 """
-One command line for every script: plain config globals, overridden left to right by config files and
---key value / --key=value.
+One command line for every script: plain config globals, overridden left to right by config
+files and --key value / --key=value.
 
     python train.py config/cifar.py --attn pure --lr=5e-4
 
-A script lists its config as globals with defaults (a default's type is the type its key takes) and calls
-configure(argv, config_defaults(globals())). A config file is Python: its assignments are applied as they are, so
-`epochs = 75` in config/cifar.py is the same as --epochs 75. -h prints the script's docstring and every
-key with its default.
+A script lists its config as globals with defaults (a default's type is the type its key takes)
+and calls configure(argv, config_defaults(globals())). A config file is Python whose top-level
+assignments are options: `epochs = 75` in config/cifar.py is the same as --epochs 75; what it
+imports is not. -h prints the script's docstring and every key with its default.
 """
+import ast
 import math
 import os
 import sys
@@ -22,8 +23,9 @@ def die(msg):
 
 
 def config_defaults(scope):
-    """A script's config: its lower-case globals of type int, float, bool or str (scope = globals())."""
-    return {k: v for k, v in scope.items() if k.islower() and not k.startswith("_") and type(v) in (int, float, bool, str)}
+    """A script's config: its lower-case globals of type int, float, bool or str."""
+    return {k: v for k, v in scope.items()
+            if k.islower() and not k.startswith("_") and type(v) in (int, float, bool, str)}
 
 
 def parse_value(key, value, default):
@@ -38,39 +40,51 @@ def parse_value(key, value, default):
         die(f"--{key} takes a {type(default).__name__}; got {value!r}")
 
 
+def read_config_file(path):
+    """[(key, value)] of a config file's top-level assignments, run as Python; any failure is one
+    line naming the file, the line and the error."""
+    if not os.path.isfile(path):
+        die(f"config file {path} not found")
+    scope = {}
+    try:
+        with open(path) as f:
+            code = f.read()
+        tree = ast.parse(code, path)
+        exec(compile(tree, path, "exec"), scope)
+    except Exception as e:
+        frames = [t.lineno for t in traceback.extract_tb(e.__traceback__) if t.filename == path]
+        line = e.lineno if isinstance(e, SyntaxError) else (frames or [None])[-1]
+        why = (e.msg if isinstance(e, SyntaxError) else str(e)).strip().splitlines()[:1]
+        at = f", line {line}" if line else ""
+        die(f"config file {path}{at}: {': '.join([type(e).__name__] + why)}; fix the file")
+    names = [t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+             for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+             if isinstance(t, ast.Name)]
+    return [(k, scope[k]) for k in dict.fromkeys(names) if not k.startswith("_")]
+
+
 def configure(argv, defaults, doc="", allowed=None):
-    """defaults updated by argv, left to right: config files (*.py, their assignments) and --key value /
-    --key=value; then checked against `allowed`, {key: a tuple of choices, or a number range (low, high),
-    high excluded}; every other number finite and at least 0. Returns (config, the keys argv set).
-    -h prints doc and every key with its default."""
+    """defaults updated by argv, left to right: config files (*.py) and --key value / --key=value;
+    then checked against `allowed`, {key: a tuple of choices, or a number range (low, high), high
+    excluded}; every other number finite and at least 0. Returns (config, the keys argv set)."""
     allowed = allowed or {}
     choices = {k: v for k, v in allowed.items() if isinstance(v[0], str)}
     if {"-h", "--help"} & set(argv):
-        print(doc + "\n".join(f"  --{k} {v!r}" + (f"  ({' | '.join(choices[k])})" if k in choices else "")
-                              for k, v in defaults.items()))
+        print(doc + "\n".join(f"  --{k} {v!r}" + (f"  ({' | '.join(choices[k])})" if k in choices
+                                                  else "") for k, v in defaults.items()))
         sys.exit(0)
     cfg, given, args = dict(defaults), set(), list(argv)
     while args:
         a = args.pop(0)
-        if a.endswith(".py") and not a.startswith("--"):  # a config file: its assignments, as Python values
-            if not os.path.isfile(a):
-                die(f"config file {a} not found")
-            scope = {}
-            try:
-                with open(a) as f:
-                    exec(compile(f.read(), a, "exec"), scope)
-            except Exception as e:  # one line: the file, the line (a SyntaxError's, else the file's last frame), the error
-                tb = [None] + [t.lineno for t in traceback.extract_tb(e.__traceback__) if t.filename == a]
-                line = e.lineno if isinstance(e, SyntaxError) else tb[-1]
-                why = (e.msg if isinstance(e, SyntaxError) else str(e)).strip().splitlines()[:1]
-                die(f"config file {a}{f', line {line}' if line else ''}: {': '.join([type(e).__name__] + why)}; fix the file")
-            pairs = [(k, v) for k, v in scope.items() if not k.startswith("_") and type(v) is not type(os)]  # imports aside
-            where = f" in {a}"
+        if a.endswith(".py") and not a.startswith("--"):
+            pairs, where = read_config_file(a), f" in {a}"
         elif a.startswith("--") and ("=" in a or args):
             k, v = a[2:].split("=", 1) if "=" in a else (a[2:], args.pop(0))
             pairs, where = [(k, parse_value(k, v, defaults[k]) if k in defaults else v)], ""
+        elif a.startswith("--"):
+            die(f"{a} needs a value (see -h)")
         else:
-            die(f"{a} needs a value (see -h)" if a.startswith("--") else f"unexpected argument {a!r}; options look like --attn linear")
+            die(f"unexpected argument {a!r}; options look like --attn linear")
         for k, v in pairs:
             if k not in defaults:
                 die(f"unknown option --{k}{where}; valid options: {', '.join(defaults)}")
@@ -88,3 +102,24 @@ def configure(argv, defaults, doc="", allowed=None):
             die(f"--{k} must be " + ("finite and " if v == math.inf else "")
                 + (f"in [{low}, {high})" if math.isfinite(high) else f"at least {low}") + f"; got {v}")
     return cfg, given
+
+
+def resumed(run, config, given, fixed, where):
+    """A resumed run's config: its own (`run`), with the options this command line set (`given`)
+    applied and printed; an option in `fixed` cannot change."""
+    for k in sorted(given):
+        if config[k] != run[k] and k in fixed:
+            die(f"the run in {where} has {k}={run[k]!r}; a resumed run cannot change it (drop "
+                f"--{k}, or start a new run in another --out_dir)")
+        if config[k] != run[k]:
+            print(f"resume: {k} = {config[k]!r} (the run had {run[k]!r})")
+    return {**run, **{k: config[k] for k in given if k != "init_from"}}
+
+
+def refuse_unused(config, defaults, rules):
+    """rules: (when, keys, why). Where when(config) holds, those keys do nothing: each set away
+    from its default is refused."""
+    for when, keys, why in rules:
+        for k in keys:
+            if config[k] != defaults[k] and when(config):
+                die(f"--{k} {config[k]} does nothing here ({why}); drop --{k}")

@@ -8,54 +8,24 @@ edge weights are query-key affinities A_hat. Pure-InfSA sums K such steps with a
 
 a Neumann series whose limit is built from the resolvent (I - gamma A_hat)^-1 of the graph: the
 operator of Katz centrality and, where gamma A_hat is sub-stochastic (every row sum <= 1), the
-fundamental matrix of an absorbing Markov chain. The sum starts at t = 1 because the residual
-stream x + Attn(x) already passes each token on unchanged: it plays the part of the t = 0 term.
-Linear-InfSA keeps a single pooled score vector a over the tokens instead of the N x N matrix and
-gives every token the same context vector gamma sum_j a_j v_j: its state per head is O(d_h) whatever N is.
+fundamental matrix of an absorbing Markov chain. The sum starts at t = 1: the t = 0 term would add
+each token's own value v_i. In the model the residual stream x + Attn(x) carries each token's own
+state past attention, which plays a like part; that is an analogy, not an identity (the t = 0
+term would add W_o v_i with v_i = W_v LN(x_i); the residual adds x_i itself).
+Linear-InfSA scores each token once against one pooled query instead of building the N x N
+matrix, and gives every token the same context vector gamma sum_j a_j v_j: O(N d_h) time, and
+beside q, k, v it holds N scores per head, never N x N.
 
-Tensors are (..., N, d_h): any leading batch / head dims; every function states its formula in its docstring.
-Reading order: affinity -> neumann_series -> neumann_closed_form -> pure_infsa -> the centrality and Markov
-views -> linear_infsa -> softmax baselines. relu_hop.py holds pure_infsa's GPU fast path (never N x N).
+Tensors are (..., N, d_h): any leading batch / head dims; every function states its formula in its
+docstring. Reading order: affinity -> neumann_series -> neumann_closed_form -> pure_infsa -> the
+centrality and Markov views -> linear_infsa -> softmax baselines. relu_hop.py holds pure_infsa's
+GPU fast path (never N x N).
 """
 import math
 from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
-
-# -----------------------------------------------------------------------------
-# argument checks (a one-line error where a caller can go wrong) and the dtype rules
-
-
-def _check_qkv(q, k, v=None):
-    """q, k (..., N, d_h), v (..., N, d_v), the same leading dims (matmul would broadcast others silently)."""
-    ok = q.dim() >= 2 and q.shape[:-2] == k.shape[:-2] and q.shape[-1] == k.shape[-1]
-    if not ok or (v is not None and v.shape[:-1] != k.shape[:-1]):
-        raise ValueError(f"q, k, v must be (..., N, d_h), (..., N, d_h), (..., N, d_v) with the same leading dims; "
-                         f"got {[tuple(t.shape) for t in (q, k, v) if t is not None]}")
-
-
-def _check_gamma(gamma):
-    """A Python number must lie in (0, 1). A tensor is not inspected (that would synchronise a GPU
-    on every call); the model's gamma = sigmoid(logit) lies in (0, 1) by construction."""
-    if not isinstance(gamma, torch.Tensor) and not 0.0 < gamma < 1.0:
-        raise ValueError(f"gamma must lie in (0, 1) for the Neumann series to converge; got {gamma}")
-
-
-def _check_hops(hops):
-    if not isinstance(hops, int) or hops < 1:
-        raise ValueError(f"hops must be an integer >= 1 (the number of Neumann terms); got {hops!r}")
-
-
-def _gamma_in_dtype_of(gamma, x):
-    """The rule for gamma in every formula here: gamma is applied in the dtype of the data x (a tensor
-    gamma, e.g. the model's fp32 sigmoid, is cast to it), so bf16 data stays bf16 through every hop."""
-    return gamma.to(x.dtype) if isinstance(gamma, torch.Tensor) else gamma
-
-
-def _sum_dtype(x):
-    """The dtype sums over tokens run in: fp32 for fp16 / bf16 / fp32 data, fp64 for fp64."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 # -----------------------------------------------------------------------------
 # Pure-InfSA: the affinity graph and the Neumann series on it
@@ -67,7 +37,8 @@ def relu_scores(q, k):
 
 
 def frobenius_norm(S):
-    """||S||_F = sqrt(sum_ij S_ij^2) over the last two dims, summed in fp32 (at least), (..., 1, 1)."""
+    """||S||_F = sqrt(sum_ij S_ij^2) over the last two dims, summed in fp32 (at least):
+    (..., 1, 1)."""
     return torch.linalg.vector_norm(S, dim=(-2, -1), keepdim=True, dtype=_sum_dtype(S))
 
 
@@ -76,7 +47,8 @@ def affinity(q, k, eps=1e-6):
 
     Normalised over the whole N x N matrix, not per row: A_hat >= 0 and ||A_hat||_F = 1 (or
     A_hat = 0 when every affinity is <= 0), so ||A_hat||_2 <= 1 and its spectral radius too. Row
-    sums vary, unlike softmax. Invariant to positive rescaling of q or k (up to eps). In S's dtype."""
+    sums vary, unlike softmax. Invariant to positive rescaling of q or k (up to eps). In S's
+    dtype."""
     _check_qkv(q, k)
     S = relu_scores(q, k)
     return (S / (frobenius_norm(S) + eps)).to(S.dtype)
@@ -106,9 +78,10 @@ def neumann_closed_form(A, x, gamma):
 
 
 def truncation_bound(x, gamma, hops):
-    """gamma^(K+1) / (1 - gamma) * ||x||_2 (K = hops), a bound on ||Y_inf - Y_K||_2 whenever ||A||_2 <= 1, as for
-    A_hat (||A_hat||_2 <= ||A_hat||_F <= 1): the tail is sum_{t>K} gamma^t A^t x and ||A^t x|| <= ||A||^t ||x||.
-    Attained when A x = x (e.g. A = 1 1^T / N, equal rows of x). ||.||_2: spectral norm of each (N, d) block."""
+    """gamma^(K+1) / (1 - gamma) * ||x||_2 (K = hops), a bound on ||Y_inf - Y_K||_2 whenever
+    ||A||_2 <= 1, as for A_hat (||A_hat||_2 <= ||A_hat||_F <= 1): the tail is
+    sum_{t>K} gamma^t A^t x and ||A^t x|| <= ||A||^t ||x||. Attained when A x = x (e.g.
+    A = 1 1^T / N, equal rows of x). ||.||_2: the spectral norm of each (N, d) block."""
     _check_gamma(gamma)
     _check_hops(hops)
     return gamma ** (hops + 1) / (1 - gamma) * torch.linalg.matrix_norm(x, ord=2, keepdim=True)
@@ -128,8 +101,9 @@ def pure_infsa(q, k, v, gamma, hops=3, eps=1e-6):
 def katz_centrality(A, gamma, direction="in"):
     """Katz centrality c = ((I - gamma A^T)^-1 - I) 1 = sum_{t>=1} gamma^t (A^T)^t 1.
 
-    direction='in': how much each token is attended, directly or through chains; 'out' uses A instead
-    of A^T: how much each token attends. Needs gamma < 1 / rho(A) (any gamma in (0, 1) for A_hat)."""
+    direction='in': how much each token is attended, directly or through chains; 'out' uses A
+    instead of A^T: how much each token attends. Needs gamma < 1 / rho(A) (any gamma in (0, 1) for
+    A_hat)."""
     if direction not in ("in", "out"):
         raise ValueError(f"direction must be 'in' or 'out'; got {direction!r}")
     if not isinstance(gamma, torch.Tensor) and gamma <= 0:
@@ -174,9 +148,10 @@ def absorbing_chain(A, gamma):
 
     M = gamma A (transient -> transient), absorption R_i = 1 - sum_j M_ij, fundamental matrix
     F = (I - M)^-1 = sum_{t>=0} M^t: F_ij is the expected number of visits to j of a walk started
-    at i before it is absorbed; (F - I) 1 is the out-Katz score, 1^T (F - I) the in-Katz. The reading
-    holds only when M is sub-stochastic (every R_i >= 0); Frobenius normalisation does not guarantee
-    it (row sums of A_hat above 1 occur), so `valid` says whether it holds. Returns Chain(M, R, F, valid)."""
+    at i before it is absorbed; (F - I) 1 is the out-Katz score, 1^T (F - I) the in-Katz. The
+    reading holds only when M is sub-stochastic (every R_i >= 0); Frobenius normalisation does not
+    guarantee it (row sums of A_hat above 1 occur), so `valid` says whether it holds.
+    Returns Chain(M, R, F, valid)."""
     _check_gamma(gamma)
     M = gamma * A
     R = 1 - M.sum(-1)
@@ -188,14 +163,15 @@ def absorbing_chain(A, gamma):
 def random_walk_visits(M, walks=20000, max_steps=1000, generator=None):
     """Monte-Carlo estimate of the fundamental matrix F = (I - M)^-1 of a valid chain, (N, N).
 
-    From each start i run `walks` walks: count the visit to the current state, then move to j with probability
-    M_ij or stop with probability R_i = 1 - sum_j M_ij. The mean counts estimate F_ij, inverting nothing."""
+    From each start i run `walks` walks: count the visit to the current state, then move to j with
+    probability M_ij or stop with probability R_i = 1 - sum_j M_ij. The mean counts estimate F_ij,
+    inverting nothing."""
     N = M.shape[-1]
     R = 1 - M.sum(-1)
     if (M < 0).any() or (R < -1e-12).any():
         raise ValueError("M must be a valid sub-stochastic chain (M >= 0, row sums <= 1); "
                          "check absorbing_chain(...).valid first")
-    T = torch.cat([M, R.clamp_min(0).unsqueeze(-1)], dim=-1).double()  # (N, N + 1); column N = absorbed
+    T = torch.cat([M, R.clamp_min(0).unsqueeze(-1)], dim=-1).double()  # (N, N + 1): N = absorbed
     state = torch.arange(N).repeat_interleave(walks)  # (N * walks,)
     start = state.clone()
     visits = torch.zeros(N, N, dtype=torch.float64)
@@ -213,7 +189,8 @@ def random_walk_visits(M, walks=20000, max_steps=1000, generator=None):
 
 
 def query_energy(q, eps=1e-6):
-    """w_t = ||q_t|| / sum_s ||q_s||: each token's share of the query energy, (..., N), fp32 (at least)."""
+    """w_t = ||q_t|| / sum_s ||q_s||: each token's share of the query energy, (..., N), in fp32
+    (at least)."""
     n = torch.linalg.vector_norm(q, dim=-1, dtype=_sum_dtype(q))
     return n / (n.sum(-1, keepdim=True) + eps)
 
@@ -228,26 +205,28 @@ def linear_infsa_scores(q, k, eps=1e-6):
     Cost O(N d_h); nothing N x N is built. The sums over tokens run in fp32 (at least)."""
     _check_qkv(q, k)
     w = query_energy(q, eps)  # (..., N)
-    qbar = (w.to(q.dtype).unsqueeze(-1) * q).sum(-2, dtype=_sum_dtype(q))  # sum_t w_t q_t: (..., d_h)
-    s = F.relu((k * qbar.to(k.dtype).unsqueeze(-2)).sum(-1, dtype=_sum_dtype(k)))  # k_j . qbar: (..., N)
+    qbar = (w.to(q.dtype).unsqueeze(-1) * q).sum(-2, dtype=_sum_dtype(q))  # sum_t w_t q_t: (.., d_h)
+    s = F.relu((k * qbar.to(k.dtype).unsqueeze(-2)).sum(-1, dtype=_sum_dtype(k)))  # k_j . qbar
     return s / (s.sum(-1, keepdim=True) + eps)
 
 
 def linear_infsa(q, k, v, gamma, eps=1e-6, expand=True):
-    """Linear-InfSA: o_i = gamma c for every token i,  c = sum_j a_j v_j,  a = linear_infsa_scores.
+    """Linear-InfSA: o_i = gamma context for every token i,  context = sum_j a_j v_j,
+    a = linear_infsa_scores.
 
     How it relates to the Neumann sum: if A_hat were rank one, A_hat = lam 1 a^T (every token
     attends like a, with a summing to 1), then A_hat^t = lam^t 1 a^T and the whole series is
-    gamma lam / (1 - gamma lam) 1 c^T with c = a^T V. This function returns gamma c, one hop of the
+    gamma lam / (1 - gamma lam) 1 context^T. This function returns gamma context, one hop of the
     rank-one operator 1 a^T, not that limit: gamma is a scale here, not a discount over hops.
     The output is the same vector for every token (rank one): tokens differ only through their
-    residual stream. State per head: qbar and c, both d_h-sized; time O(N d_h). expand=False
-    returns the (..., 1, d_v) context alone, which a model broadcasts instead of repeating it."""
+    residual stream. Time O(N d_h); beside q, k, v it holds the N scores a, never N x N; what it
+    passes on is qbar and the context, d_h numbers each. expand=False returns the (..., 1, d_v)
+    context alone, which a model broadcasts instead of repeating it."""
     _check_qkv(q, k, v)
     _check_gamma(gamma)
     a = linear_infsa_scores(q, k, eps)  # (..., N)
-    c = (a.to(v.dtype).unsqueeze(-1) * v).sum(-2, keepdim=True, dtype=_sum_dtype(v))  # sum_j a_j v_j: (..., 1, d_v)
-    o = _gamma_in_dtype_of(gamma, v) * c.to(v.dtype)
+    context = (a.to(v.dtype).unsqueeze(-1) * v).sum(-2, keepdim=True, dtype=_sum_dtype(v))
+    o = _gamma_in_dtype_of(gamma, v) * context.to(v.dtype)  # (..., 1, d_v)
     return o.expand(v.shape) if expand else o
 
 # -----------------------------------------------------------------------------
@@ -255,13 +234,14 @@ def linear_infsa(q, k, v, gamma, eps=1e-6, expand=True):
 
 
 def softmax_attention(q, k, v):
-    """softmax(q k^T / sqrt(d_h)) v through PyTorch's fused SDPA kernel (on GPUs it never builds N x N)."""
+    """softmax(q k^T / sqrt(d_h)) v through PyTorch's fused SDPA kernel (on GPUs never N x N)."""
     _check_qkv(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
 def softmax_weights(q, k):
-    """P = softmax(q k^T / sqrt(d_h)) over the last dim, (..., N, N): the attention map, rows sum to 1."""
+    """P = softmax(q k^T / sqrt(d_h)) over the last dim, (..., N, N): the attention map, whose rows
+    sum to 1."""
     _check_qkv(q, k)
     return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
 
@@ -272,3 +252,42 @@ def softmax_attention_materialized(q, k, v):
     _check_qkv(q, k, v)
     P = softmax_weights(q, k)
     return P @ v, P
+
+# -----------------------------------------------------------------------------
+# argument checks (a one-line error where a caller can go wrong) and the dtype rules,
+# used by every function above
+
+
+def _check_qkv(q, k, v=None):
+    """q, k (..., N, d_h), v (..., N, d_v), the same leading dims (matmul would broadcast others
+    silently)."""
+    ok = q.dim() >= 2 and q.shape[:-2] == k.shape[:-2] and q.shape[-1] == k.shape[-1]
+    if not ok or (v is not None and v.shape[:-1] != k.shape[:-1]):
+        raise ValueError(f"q, k, v must be (..., N, d_h), (..., N, d_h), (..., N, d_v) with the "
+                         f"same leading dims; got "
+                         f"{[tuple(t.shape) for t in (q, k, v) if t is not None]}")
+
+
+def _check_gamma(gamma):
+    """A Python number must lie in (0, 1). A tensor is not inspected (that would synchronise a
+    GPU on every call); the model's gamma = sigmoid(logit) lies in (0, 1) by construction."""
+    if not isinstance(gamma, torch.Tensor) and not 0.0 < gamma < 1.0:
+        raise ValueError(f"gamma must lie in (0, 1) for the Neumann series to converge; "
+                         f"got {gamma}")
+
+
+def _check_hops(hops):
+    if not isinstance(hops, int) or hops < 1:
+        raise ValueError(f"hops must be an integer >= 1 (the number of Neumann terms); "
+                         f"got {hops!r}")
+
+
+def _gamma_in_dtype_of(gamma, x):
+    """The rule for gamma in every formula here: gamma is applied in the dtype of the data x (a
+    tensor gamma, e.g. the model's fp32 sigmoid, is cast to it): bf16 data stays bf16."""
+    return gamma.to(x.dtype) if isinstance(gamma, torch.Tensor) else gamma
+
+
+def _sum_dtype(x):
+    """The dtype sums over tokens run in: fp32 for fp16 / bf16 / fp32 data, fp64 for fp64."""
+    return torch.promote_types(x.dtype, torch.float32)

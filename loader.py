@@ -4,9 +4,10 @@ shuffled per epoch, augmented in batched ops that compile into a few fused kerne
 
     loaders(cfg, device) -> (train, evaluate, test, classes, mean, std), from train.py's config
 
-Augmentations, in order (training only): random_crop_flip, random_policy (one of 13 ops per image), random_affine
-(rotation, zoom, shift), color_jitter, normalisation, random_erase; mix_pairs mixes pairs of images (mixup, CutMix)
-for train.py's loss.
+Augmentation is one named recipe of RECIPES (training only), applied in this order:
+random_crop_flip, random_policy (one of 13 ops per image), random_affine (rotation, zoom, shift),
+color_jitter, normalisation, random_erase; then mix_pairs mixes pairs of images and their labels
+(mixup, CutMix). Evaluation averages the logits over the views of EVAL_VIEWS.
 """
 import math
 
@@ -14,6 +15,20 @@ import torch
 import torch.nn.functional as F
 
 import data
+
+# The augmentation recipes: what each name turns on (anything left out is off).
+RECIPES = {
+    "none": {},
+    "basic": dict(pad=4, flip=True),  # random crop (zero padding 4) and horizontal flip
+    "light": dict(pad=4, flip=True, mixup=0.2),  # config/cifar.py
+    "strong": dict(pad=4, flip=True, rotate=15.0, zoom=0.15, jitter=0.3, erase=0.25,
+                   mixup=0.8, cutmix=1.0),  # config/cifar_long.py: for hundreds of epochs
+    "policy": dict(pad=4, flip=True, rotate=15.0, zoom=0.15, jitter=0.3, erase=0.25,
+                   mixup=0.8, cutmix=1.0, policy=True),  # strong + random_policy: cifar_10min.py
+}
+# The views whose logits evaluation averages: the image; and its mirror; and each of the two
+# moved 2 pixels down, up, right and left (10 views).
+EVAL_VIEWS = ("image", "flip", "flip_move")
 
 
 def normalize(x_uint8, mean, std):
@@ -48,7 +63,8 @@ def random_crop_flip(x, pad, u, flip=True):
         dy, dx = ((u[:, i] * (2 * pad + 1)).long().clamp(max=2 * pad) for i in range(2))
         iy = dy[:, None] + torch.arange(H, device=dev)  # (B, H)
         ix = dx[:, None] + torch.arange(W, device=dev)  # (B, W)
-        b, c = torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None]
+        b = torch.arange(B, device=dev)[:, None, None, None]
+        c = torch.arange(C, device=dev)[None, :, None, None]
         x = xp[b, c, iy[:, None, :, None], ix[:, None, None, :]]  # (B, C, H, W)
     if not flip:
         return x
@@ -56,22 +72,23 @@ def random_crop_flip(x, pad, u, flip=True):
 
 
 def _resample(x, theta):
-    """x (B, C, H, W) resampled bilinearly at the affine maps theta (B, 2, 3): output point p (in [-1, 1]
-    coordinates) takes the input at theta [p; 1]; borders reflect."""
+    """x (B, C, H, W) resampled bilinearly at the affine maps theta (B, 2, 3): output point p
+    (in [-1, 1] coordinates) takes the input at theta [p; 1]; borders reflect."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def random_affine(x, u, rotate=0.0, zoom=0.0, translate=0.0):
-    """Per-image rotation by U(-rotate, rotate) degrees, zoom by U(1 - zoom, 1 + zoom) and shift by
-    U(-translate, translate) of the image size, in one bilinear resample of a float (B, C, H, W)
-    batch; borders reflect. Output point p (in [-1, 1] coordinates) samples input R(theta) p / s + t.
-    u (B, 4): angle, zoom, shift x, shift y."""
+    """Per-image rotation by U(-rotate, rotate) degrees, zoom by U(1 - zoom, 1 + zoom) and shift
+    by U(-translate, translate) of the image size, in one bilinear resample of a float (B, C, H,
+    W) batch; borders reflect. Output point p (in [-1, 1] coordinates) samples input
+    R(theta) p / s + t. u (B, 4): angle, zoom, shift x, shift y."""
     th = _to_symmetric(u[:, 0]) * math.radians(rotate)
     s = 1 + _to_symmetric(u[:, 1]) * zoom
     t = _to_symmetric(u[:, 2:4]) * 2 * translate  # (B, 2); a shift of 1 image = 2 units
     cos, sin = th.cos() / s, th.sin() / s
-    return _resample(x, torch.stack([torch.stack([cos, -sin, t[:, 0]], -1), torch.stack([sin, cos, t[:, 1]], -1)], 1))
+    theta = [torch.stack([cos, -sin, t[:, 0]], -1), torch.stack([sin, cos, t[:, 1]], -1)]
+    return _resample(x, torch.stack(theta, 1))  # theta: (B, 2, 3)
 
 
 def color_jitter(x, u, strength=0.0):
@@ -87,32 +104,36 @@ def color_jitter(x, u, strength=0.0):
     return x.clamp(0, 1)
 
 
-POLICY = ("identity", "brightness", "contrast", "saturation", "sharpness", "posterize", "solarize", "autocontrast",
-          "rotate", "shear_x", "shear_y", "shift_x", "shift_y")
+POLICY = ("identity", "brightness", "contrast", "saturation", "sharpness", "posterize", "solarize",
+          "autocontrast", "rotate", "shear_x", "shear_y", "shift_x", "shift_y")
 
 
 def random_policy(x, u):
-    """TrivialAugment-style: one op of POLICY per image, chosen uniformly, at a magnitude m ~ U(-1, 1). Colour ops on
-    x float (B, C, H, W) in [0, 1]: brightness x f, contrast (x - mean) f + mean, saturation (x - grey) f + grey,
-    sharpness blur + f (x - blur) (blur: 3x3 mean), all with f = 1 + 0.9 m; posterize to 8 - round(4 |m|) bits;
-    solarize 1 - x where x > 1 - |m|; autocontrast (x - min) / (max - min) per channel. Geometric ops, one bilinear
-    resample with reflected borders: rotation by 30 m degrees, shear by 0.3 m, shift by 0.3 m of the image.
-    u (B, 2): the op, the magnitude."""
+    """TrivialAugment-style: one op of POLICY per image, chosen uniformly, at a magnitude
+    m ~ U(-1, 1). Colour ops on x float (B, C, H, W) in [0, 1]: brightness x f, contrast
+    (x - mean) f + mean, saturation (x - grey) f + grey, sharpness blur + f (x - blur) (blur: 3x3
+    mean), all with f = 1 + 0.9 m; posterize to 8 - round(4 |m|) bits; solarize 1 - x where
+    x > 1 - |m|; autocontrast (x - min) / (max - min) per channel. Geometric ops, one bilinear
+    resample with reflected borders: rotation by 30 m degrees, shear by 0.3 m, shift by 0.3 m of
+    the image. u (B, 2): the op, the magnitude."""
     op, m = (u[:, 0] * len(POLICY)).long().clamp(max=len(POLICY) - 1), _to_symmetric(u[:, 1])
     on = {name: op == i for i, name in enumerate(POLICY)}  # (B,) bool each
     a = m * math.radians(30) * on["rotate"]
-    sx, sy, tx, ty = (k * m * on[name] for k, name in ((0.3, "shear_x"), (0.3, "shear_y"), (0.6, "shift_x"),
-                                                        (0.6, "shift_y")))  # a shift of 1 image = 2 units
-    x = _resample(x, torch.stack([torch.stack([a.cos(), sx - a.sin(), tx], -1),
-                                  torch.stack([a.sin() + sy, a.cos(), ty], -1)], 1))  # theta: (B, 2, 3)
+    sx, sy = 0.3 * m * on["shear_x"], 0.3 * m * on["shear_y"]
+    tx, ty = 0.6 * m * on["shift_x"], 0.6 * m * on["shift_y"]  # a shift of 1 image = 2 units
+    theta = [torch.stack([a.cos(), sx - a.sin(), tx], -1),
+             torch.stack([a.sin() + sy, a.cos(), ty], -1)]
+    x = _resample(x, torch.stack(theta, 1))  # theta: (B, 2, 3)
     f, am = (1 + 0.9 * m)[:, None, None, None], m.abs()[:, None, None, None]
     mean, grey = x.mean((1, 2, 3), keepdim=True), x.mean(1, keepdim=True)
     blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
     step = 2 ** (4 * am).round() / 255  # posterize: keep 8 - round(4 |m|) bits of the 8-bit value
     lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
-    ops = {"brightness": x * f, "contrast": (x - mean) * f + mean, "saturation": (x - grey) * f + grey,
-           "sharpness": blur + f * (x - blur), "posterize": torch.floor(x / step + 1e-4) * step,
-           "solarize": torch.where(x > 1 - am, 1 - x, x), "autocontrast": (x - lo) / (hi - lo).clamp_min(1 / 255)}
+    ops = {"brightness": x * f, "contrast": (x - mean) * f + mean,
+           "saturation": (x - grey) * f + grey, "sharpness": blur + f * (x - blur),
+           "posterize": torch.floor(x / step + 1e-4) * step,
+           "solarize": torch.where(x > 1 - am, 1 - x, x),
+           "autocontrast": (x - lo) / (hi - lo).clamp_min(1 / 255)}
     for name, y in ops.items():
         x = torch.where(on[name][:, None, None, None], y, x)
     return x.clamp(0, 1)
@@ -135,40 +156,48 @@ def random_erase(x, u, p=0.0, area=(0.02, 0.25), max_aspect=3.0):
 
 
 def paste_box(x, other, lam):
-    """CutMix: copy a box of `other` into x, area (1 - lam) of the image, centre uniform, clipped at
-    the borders (the same box for the whole batch). Returns (mixed, lam of the area actually kept)."""
+    """CutMix: copy a box of `other` into x, area (1 - lam) of the image, centre uniform, clipped
+    at the borders (the same box for the whole batch). Returns (mixed, lam of the area kept)."""
     H, W = x.shape[-2:]
     h, w = round(H * math.sqrt(1 - lam)), round(W * math.sqrt(1 - lam))
     cy, cx = (int(torch.randint(0, n, ())) for n in (H, W))
-    y0, y1, x0, x1 = max(cy - h // 2, 0), min(cy + (h + 1) // 2, H), max(cx - w // 2, 0), min(cx + (w + 1) // 2, W)
+    y0, y1 = max(cy - h // 2, 0), min(cy + (h + 1) // 2, H)
+    x0, x1 = max(cx - w // 2, 0), min(cx + (w + 1) // 2, W)
     x = x.clone()
     x[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
     return x, 1 - (y1 - y0) * (x1 - x0) / (H * W)
 
 
-def mix_pairs(x, mixup, cutmix):
-    """(mixed x, perm, lam): each image mixed with its partner x[perm], lam ~ Beta(alpha, alpha) per batch.
-    mixup: lam x + (1 - lam) x[perm]; cutmix: paste_box; both > 0: one of the two per batch, at random."""
+def mix_pairs(x, y, n_classes, mixup=0.0, cutmix=0.0):
+    """(images, targets) of a training batch. With mixup or cutmix > 0 each image is mixed with its
+    partner x[perm], lam ~ Beta(alpha, alpha) a batch: mixup lam x + (1 - lam) x[perm], cutmix
+    paste_box (both > 0: one of the two a batch), and the target is lam onehot(y) + (1 - lam)
+    onehot(y[perm]). Cross-entropy is linear in its target, so the loss against it is
+    lam CE(y) + (1 - lam) CE(y[perm]): one loss, inside the compiled model."""
+    if not (mixup or cutmix):
+        return x, y
     use_cutmix = cutmix > 0 and (mixup == 0 or torch.rand(()) < 0.5)
     alpha = cutmix if use_cutmix else mixup
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     perm = torch.randperm(len(x), device=x.device)
     if use_cutmix:
-        mixed, lam = paste_box(x, x[perm], lam)  # lam: the area actually kept, after clipping at the borders
-        return mixed, perm, lam
-    return lam * x + (1 - lam) * x[perm], perm, lam
+        x, lam = paste_box(x, x[perm], lam)  # lam: the area kept, after clipping
+    else:
+        x = lam * x + (1 - lam) * x[perm]
+    onehot = F.one_hot(y, n_classes).float()  # (B, classes)
+    return x, lam * onehot + (1 - lam) * onehot[perm]
 
 
-def eval_views(x, flip=False, move=0):
-    """The views of a batch (B, C, H, W) whose logits evaluation averages: x; with move > 0 also x moved by `move`
-    pixels down, up, right and left, zeros (after normalisation, the mean colour) coming in; with flip, each mirrored."""
-    views = [x]
-    if move:
+def eval_views(x, views="image", move=2):
+    """The views of a batch (B, C, H, W) named by `views` (EVAL_VIEWS); a moved view takes zeros
+    (after normalisation, the mean colour) in from the edge it leaves."""
+    out = [x]
+    if views == "flip_move":
         H, W = x.shape[-2:]
-        xp = F.pad(x, (move,) * 4)  # (B, C, H + 2 move, W + 2 move): view (dy, dx) starts at (move - dy, move - dx)
-        views += [xp[..., move - dy:move - dy + H, move - dx:move - dx + W].contiguous()
-                  for dy, dx in ((move, 0), (-move, 0), (0, move), (0, -move))]
-    return views + [v.flip(-1) for v in views] if flip else views
+        xp = F.pad(x, (move,) * 4)  # (B, C, H + 2 move, W + 2 move)
+        out += [xp[..., move - dy:move - dy + H, move - dx:move - dx + W].contiguous()
+                for dy, dx in ((move, 0), (-move, 0), (0, move), (0, -move))]
+    return out if views == "image" else out + [v.flip(-1) for v in out]
 
 
 def epoch_order(n, seed, epoch):
@@ -190,101 +219,113 @@ class Files(torch.utils.data.Dataset):
 
 
 class Loader:
-    """Batches of images x with labels y (on the device): shuffled each epoch when training, augmented
-    (see augment), normalised to float. x is a uint8 tensor (n, 3, H, W) on the device, so that an
-    epoch is a few indexing ops and no worker processes; or Files, decoded every epoch by `workers`
-    processes and moved to the device batch by batch (image folders too large for memory).
+    """Batches of images x with labels y (on the device): shuffled each epoch when training,
+    augmented by a recipe of RECIPES (augment), normalised to float. x is a uint8 tensor (n, 3, H,
+    W) on the device, so that an epoch is a few indexing ops; or Files, decoded every epoch by
+    `workers` processes and moved to the device batch by batch (folders too large for memory).
     With world > 1 each global batch is split between ranks (this rank takes rows rank::world)."""
 
-    def __init__(self, x, y, batch_size, mean, std, train, workers=0, pad=4, flip=True, seed=0, rank=0, world=1,
-                 rotate=0.0, zoom=0.0, translate=0.0, jitter=0.0, erase=0.0, policy=False, compile=False):
-        self.x, self.y, self.bs, self.train, self.workers, self.pad, self.flip = x, y, batch_size, train, workers, pad, flip
-        self.affine, self.jitter, self.erase, self.policy = (rotate, zoom, translate), jitter, erase, policy
-        self.draws = [n for k, n in DRAWS.items() if policy or k != "policy"]
+    def __init__(self, x, y, batch_size, mean, std, train, recipe="none", seed=0, rank=0, world=1,
+                 workers=0, compile=False):
+        self.x, self.y, self.bs, self.train, self.workers = x, y, batch_size, train, workers
+        self.aug = {**dict(pad=0, flip=False, rotate=0.0, zoom=0.0, jitter=0.0, erase=0.0,
+                           policy=False, mixup=0.0, cutmix=0.0), **RECIPES[recipe]}
+        self.mixup, self.cutmix = self.aug["mixup"], self.aug["cutmix"]  # for mix_pairs
+        self.draws = [n for k, n in DRAWS.items() if self.aug["policy"] or k != "policy"]
         self.mean, self.std = mean.to(y.device), std.to(y.device)
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
-        self.start = 0  # batches of this epoch to skip: a run stopped mid-epoch resumes where it stopped
+        self.start = 0  # batches of this epoch to skip: a run stopped mid-epoch resumes there
         if train and len(y) < batch_size:
-            raise data.DataError(f"--batch_size {batch_size} is larger than the training set ({len(y)} images); lower it")
-        # compiled, the many small kernels of the pipeline become a few fused ones (eager, a GPU is launch-bound here)
+            raise data.DataError(f"--batch_size {batch_size} is larger than the training set "
+                                 f"({len(y)} images); lower it")
+        # compiled, the pipeline's many small kernels become a few (eager, a GPU waits on launches)
         self.transform = torch.compile(self.augment, dynamic=False) if compile else self.augment
 
     def __len__(self):
         return len(self.y) // self.bs if self.train else -(-len(self.y) // self.bs)
 
     def augment(self, xb, u=None):
-        """uint8 (B, C, H, W) -> normalised float (B, C, H, W); when training, augmented in this order:
-        crop + flip (pad, flip), random_policy (policy), random_affine (rotate, zoom, translate), color_jitter
-        (jitter), normalise, random_erase (erase = its probability), with the (B, sum(self.draws)) uniform draws u."""
+        """uint8 (B, C, H, W) -> normalised float (B, C, H, W); when training, augmented in the
+        module's order with the (B, sum(self.draws)) uniform draws u."""
         if not self.train:
             return normalize(xb, self.mean, self.std)
+        a = self.aug
         u_crop, u_affine, u_jitter, u_erase, *u_policy = u.split(self.draws, dim=1)
-        xb = random_crop_flip(xb, self.pad, u_crop, self.flip)
-        x = xb.float() / 255
-        if self.policy:
+        x = random_crop_flip(xb, a["pad"], u_crop, a["flip"]).float() / 255
+        if a["policy"]:
             x = random_policy(x, u_policy[0])
-        if any(self.affine):
-            x = random_affine(x, u_affine, *self.affine)
-        if self.jitter:
-            x = color_jitter(x, u_jitter, self.jitter)
+        if a["rotate"] or a["zoom"]:
+            x = random_affine(x, u_affine, a["rotate"], a["zoom"])
+        if a["jitter"]:
+            x = color_jitter(x, u_jitter, a["jitter"])
         x = standardize(x, self.mean, self.std)
-        return random_erase(x, u_erase, self.erase) if self.erase else x
+        return random_erase(x, u_erase, a["erase"]) if a["erase"] else x
 
     def __iter__(self):
-        dev, n = self.y.device, len(self.y)
+        dev, n, k = self.y.device, len(self.y), sum(self.draws)
         order = epoch_order(n, self.seed, self.epoch) if self.train else torch.arange(n)
-        idxs = [order[i * self.bs:(i + 1) * self.bs][self.rank::self.world] for i in range(len(self))]  # this rank's share
-        gen = torch.Generator(device=dev).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)  # the epoch's augmentation
-        draws = [torch.rand(len(i), sum(self.draws), generator=gen, device=dev) if self.train else None for i in idxs]
-        idxs, draws = idxs[self.start:], draws[self.start:]  # the skipped batches' draws are made all the same
+        idxs = [order[i * self.bs:(i + 1) * self.bs][self.rank::self.world]  # this rank's share
+                for i in range(len(self))]
+        gen = torch.Generator(device=dev)  # the epoch's augmentation draws
+        gen.manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)
+        draws = [torch.rand(len(i), k, generator=gen, device=dev) if self.train else None
+                 for i in idxs]
+        idxs, draws = idxs[self.start:], draws[self.start:]  # the skipped batches' draws are made
         if not idxs:  # stopped after the epoch's last batch: nothing of it is left
             return
         if isinstance(self.x, Files):
-            batches = torch.utils.data.DataLoader(self.x, batch_sampler=[i.tolist() for i in idxs], num_workers=self.workers,
+            batches = torch.utils.data.DataLoader(self.x, batch_sampler=[i.tolist() for i in idxs],
+                                                  num_workers=self.workers,
                                                   pin_memory=dev.type == "cuda")
             xs = (xb.to(dev, non_blocking=True) for xb in batches)
         else:
-            idxs = torch.cat(idxs).to(dev).split([len(i) for i in idxs])  # one copy per epoch, no sync per step
+            idxs = torch.cat(idxs).to(dev).split([len(i) for i in idxs])  # one copy, no sync a step
             xs = (self.x[i] for i in idxs)
         for xb, idx, u in zip(xs, idxs, draws):
             yield self.transform(xb, u), self.y[idx]
 
 
+def corrupted(batches, kind, seed):
+    """A test Loader's images under one of data.CORRUPTIONS, as a Loader of their own."""
+    x = data.corrupt(batches.x, kind, seed)
+    return Loader(x, batches.y, batches.bs, batches.mean, batches.std, False)
+
+
 def channel_stats(x):
-    """Per-channel mean and std of uint8 images (n, 3, H, W) on the [0, 1] scale (std at least 1/255)."""
+    """Per-channel mean and std of uint8 images (n, 3, H, W) on the [0, 1] scale (std >= 1/255)."""
     f = x.float() / 255
     return f.mean((0, 2, 3)), f.std((0, 2, 3)).clamp_min(1 / 255)
 
 
 def loaders(cfg, device, rank=0, world=1):
-    """The loaders of a run, from its config (train.py's keys): (train, evaluate, test, classes, mean, std).
-    `evaluate` is what training evaluates on: the validation split when cfg.val_split > 0 (a fixed
-    random subset of the training images, the same for every seed), else the test set; `test` is the
-    test set, evaluated once at the end when there is a validation split, else None."""
-    aug = dict(seed=cfg.seed, rank=rank, world=world, pad=cfg.crop_pad, flip=cfg.hflip, rotate=cfg.rotate,
-               zoom=cfg.zoom, translate=cfg.translate, jitter=cfg.jitter, erase=cfg.erase, policy=cfg.policy,
-               compile=cfg.compile and str(device).startswith("cuda"))
+    """The loaders of a run, from its config (train.py's keys): (train, evaluate, test, classes,
+    mean, std). `evaluate` is what training evaluates on: the validation split when cfg.val_split
+    > 0 (a fixed random subset of the training images, the same for every seed), else the test
+    set; `test` is the test set, evaluated once at the end when there is a validation split."""
+    aug = dict(recipe=cfg.augment, seed=cfg.seed, rank=rank, world=world,
+               compile=cfg.compile != "none" and str(device).startswith("cuda"))
     if cfg.stream:
-        if cfg.dataset != "folder":
-            raise data.DataError("--stream true reads image files: use it with --dataset folder")
         classes, files = data.folder_files(cfg.data_dir)
         tr, te = (Files(files[s][0], cfg.image_size) for s in ("train", "test"))
         y_tr, y_te = (torch.tensor(files[s][1], device=device) for s in ("train", "test"))
-        mean, std = channel_stats(torch.stack([tr[i] for i in range(0, len(tr), max(1, len(tr) // 512))]))
-        return (Loader(tr, y_tr, cfg.batch_size, mean, std, True, cfg.workers, **aug),
-                Loader(te, y_te, 500, mean, std, False, cfg.workers), None, classes, mean, std)
-    d = data.load(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.n_train, cfg.n_test)
+        sample = torch.stack([tr[i] for i in range(0, len(tr), max(1, len(tr) // 512))])
+        mean, std = channel_stats(sample)
+        return (Loader(tr, y_tr, cfg.batch_size, mean, std, True, workers=cfg.workers, **aug),
+                Loader(te, y_te, 500, mean, std, False, workers=cfg.workers), None, classes,
+                mean, std)
+    d = data.load(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.n_train, cfg.n_test)
     x_tr, y_tr, x_te, y_te = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
     if x_tr.shape[-1] != cfg.image_size:
-        raise data.DataError(f"{cfg.dataset} images are {x_tr.shape[-1]}px but --image_size is {cfg.image_size}; "
-                             f"pass --image_size {x_tr.shape[-1]}")
+        raise data.DataError(f"{cfg.dataset} images are {x_tr.shape[-1]}px but --image_size is "
+                             f"{cfg.image_size}; pass --image_size {x_tr.shape[-1]}")
     if cfg.val_split >= len(x_tr):
-        raise data.DataError(f"--val_split {cfg.val_split} leaves no training images (there are {len(x_tr)}); lower it")
+        raise data.DataError(f"--val_split {cfg.val_split} leaves no training images (there are "
+                             f"{len(x_tr)}); lower it")
     test = None
-    if cfg.val_split:
-        perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))  # files are often sorted by class
-        test = (x_te, y_te)
+    if cfg.val_split:  # files are often sorted by class: a random subset
+        perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))
         keep, held = perm[:-cfg.val_split], perm[-cfg.val_split:]
+        test = x_te, y_te
         x_tr, y_tr, x_te, y_te = x_tr[keep], y_tr[keep], x_tr[held], y_tr[held]
     mean, std = channel_stats(x_tr[:10000])
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))

@@ -6,9 +6,10 @@ A small Vision Transformer whose attention is one switch: softmax | pure | linea
 
 The three attentions (see infsa.py):
     softmax  softmax(q k^T / sqrt(d_h)) v, through PyTorch's fused SDPA kernel
-    pure     Pure-InfSA: sum_{t=1..K} gamma^t A_hat^t v, A_hat the Frobenius-normalised ReLU affinity
+    pure     Pure-InfSA: sum_{t=1..K} gamma^t A_hat^t v, A_hat the normalised ReLU affinity
     linear   Linear-InfSA: gamma * sum_j a_j v_j, the same context vector for every token
-gamma = sigmoid(logit), one learnable value per head, trained like any weight.
+gamma = sigmoid(logit), one learnable value per head (pure and linear; softmax has none), trained
+by the optimiser with the weights but without weight decay (train.py decays matrices alone).
 """
 import math
 from dataclasses import dataclass
@@ -26,20 +27,19 @@ ATTN_KINDS = ("softmax", "pure", "linear")
 @dataclass
 class ViTConfig:
     image_size: int = 32     # input images are image_size x image_size
-    patch_size: int = 4      # square patches on a stride of patch_size -> (image_size / patch_size)^2 tokens
-    patch_overlap: int = 0   # each patch reads patch_overlap more pixels on every side: (p + 2 o)^2 per channel
+    patch_size: int = 4      # square patches on a stride of patch_size: (image / patch)^2 tokens
+    patch_overlap: int = 0   # pixels each patch reads beyond its own on every side
     in_chans: int = 3
     n_classes: int = 10
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128        # width; head size d_h = n_embd / n_head
     mlp_ratio: float = 2.0   # MLP hidden width = mlp_ratio * n_embd
-    dropout: float = 0.0
     drop_path: float = 0.0   # stochastic depth: max per-block drop rate (linear in depth)
     attn: str = "linear"     # softmax | pure | linear
     hops: int = 3            # K, Neumann terms per layer (pure)
     gamma_init: float = 0.9  # initial discount gamma for every head (pure, linear)
-    init_std: float = 0.0    # Linear weights: 0 = Xavier-uniform, > 0 = N(0, init_std^2) cut at +-2 (ViT._init)
+    init_std: float = 0.0    # Linear weights: 0 = Xavier-uniform, > 0 = N(0, init_std^2)
     bias: bool = True
 
     def __post_init__(self):
@@ -48,7 +48,8 @@ class ViTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
+            raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size "
+                             f"({self.patch_size})")
         if not 0 < self.gamma_init < 1:
             raise ValueError(f"gamma_init must lie in (0, 1); got {self.gamma_init}")
         if self.hops < 1:
@@ -70,16 +71,18 @@ def paper_4l64h(attn="linear", image_size=224):
                      n_embd=1024, mlp_ratio=4.0, attn=attn)
 
 
-FUSED_MIN_TOKENS = 256  # from here on CUDA, relu_hop.py's kernels: a training step of attention 1.3x faster at 257 tokens
-# (d_h = 48), slower at 129 and 65 (0.8x, 0.64x), where the padded products stay (H200, bf16, RESULTS.md section 4)
+# From here on CUDA, relu_hop.py's kernels: attention's training step 1.3x faster at 257 tokens
+# (d_h = 48), slower at 129 and 65 (0.8x, 0.64x), where the padded products stay (RESULTS.md §4).
+FUSED_MIN_TOKENS = 256
 
 
 def pure_attention(q, k, v, gamma, hops, eps=1e-6):
-    """Pure-InfSA as the model runs it. On CUDA with N >= FUSED_MIN_TOKENS: relu_hop.pure_infsa_fused, each hop
-    one Triton kernel, O(N d) memory. Otherwise sum_t c^t S^t v with c = gamma / (||S||_F + eps), equal to
-    sum_t gamma^t A_hat^t v without forming A_hat (one pass over N x N less each way), on N padded with zero
-    tokens to a multiple of 8, which is exact (a zero query or key adds a zero row or column to S, so ||S||_F and
-    the real tokens' outputs are unchanged) and lets GPU bf16 matrix products take their aligned kernels."""
+    """Pure-InfSA as the model runs it. On CUDA with N >= FUSED_MIN_TOKENS:
+    relu_hop.pure_infsa_fused, each hop one Triton kernel, O(N d) memory. Otherwise
+    sum_t c^t S^t v with c = gamma / (||S||_F + eps), which is sum_t gamma^t A_hat^t v without
+    forming A_hat, on N padded with zero tokens to a multiple of 8: exact (a zero query or key
+    adds a zero row or column to S, so ||S||_F and the real tokens' outputs are unchanged), and
+    GPU bf16 matrix products take their aligned kernels."""
     N = q.shape[-2]
     if q.is_cuda and N >= FUSED_MIN_TOKENS:
         return relu_hop.pure_infsa_fused(q, k, v, gamma, hops, eps)
@@ -99,9 +102,9 @@ class Attention(nn.Module):
         self.cfg, self.n_head = cfg, cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        logit = math.log(cfg.gamma_init / (1 - cfg.gamma_init))
-        self.gamma_logit = nn.Parameter(torch.full((cfg.n_head,), logit))
-        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.attn != "softmax":  # softmax has no discount
+            logit = math.log(cfg.gamma_init / (1 - cfg.gamma_init))
+            self.gamma_logit = nn.Parameter(torch.full((cfg.n_head,), logit))
         self.keep_maps, self.maps = False, None
 
     def gamma(self):
@@ -112,22 +115,22 @@ class Attention(nn.Module):
         B, N, C = x.shape
         H, d = self.n_head, C // self.n_head
         q, k, v = self.qkv(x).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, N, d)
-        gamma = self.gamma().view(H, 1, 1)  # (H, 1, 1): broadcasts over (B, H, N, d)
         if self.keep_maps:
             self.maps = self._maps(q, k)
         if self.cfg.attn == "softmax":
             y = infsa.softmax_attention(q, k, v)  # (B, H, N, d)
         elif self.cfg.attn == "pure":
-            y = pure_attention(q, k, v, gamma, self.cfg.hops)  # (B, H, N, d)
-        else:  # the same context vector for every token: keep it once, (B, H, 1, d)
-            y = infsa.linear_infsa(q, k, v, gamma, expand=False)
+            y = pure_attention(q, k, v, self.gamma().view(H, 1, 1), self.cfg.hops)  # (B, H, N, d)
+        else:  # the same context vector for every token: kept once, (B, H, 1, d)
+            y = infsa.linear_infsa(q, k, v, self.gamma().view(H, 1, 1), expand=False)
         y = y.transpose(1, 2).reshape(B, y.shape[2], C)  # (B, N, C); linear: (B, 1, C)
-        return self.drop(self.proj(y))  # linear: (B, 1, C), which the residual add broadcasts to N tokens
+        return self.proj(y)  # linear: (B, 1, C), which the residual add broadcasts to N tokens
 
     @torch.no_grad()
     def _maps(self, q, k):
         """Per-head maps for pictures: softmax -> P (B,H,N,N) and its CLS row (B,H,N);
-        pure -> A_hat (B,H,N,N) and its Katz in-centrality (B,H,N); linear -> scores a (B,H,N)."""
+        pure -> A_hat (B,H,N,N), its Katz in-centrality (B,H,N) and gamma (H,);
+        linear -> scores a (B,H,N)."""
         q, k = q.float(), k.float()
         if self.cfg.attn == "softmax":
             P = infsa.softmax_weights(q, k)
@@ -135,7 +138,8 @@ class Attention(nn.Module):
         if self.cfg.attn == "pure":
             A = infsa.affinity(q, k)
             gamma = self.gamma().double().view(-1, 1, 1)  # (H, 1, 1): each head's own gamma
-            return {"A": A, "katz": infsa.katz_centrality(A.double(), gamma).float(), "gamma": gamma.flatten().float()}
+            katz = infsa.katz_centrality(A.double(), gamma).float()
+            return {"A": A, "katz": katz, "gamma": gamma.flatten().float()}
         return {"a": infsa.linear_infsa_scores(q, k)}
 
 
@@ -145,10 +149,9 @@ class MLP(nn.Module):
         hidden = int(cfg.mlp_ratio * cfg.n_embd)
         self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        return self.proj(F.gelu(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -177,22 +180,22 @@ class ViT(nn.Module):
         self.patch = nn.Linear(cfg.in_chans * cfg.window ** 2, cfg.n_embd)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
         self.pos = nn.Parameter(torch.randn(1, cfg.n_tokens, cfg.n_embd) * 0.02)
-        self.drop = nn.Dropout(cfg.dropout)
-        drop_rates = [cfg.drop_path * i / max(cfg.n_layer - 1, 1) for i in range(cfg.n_layer)]  # 0 .. drop_path
+        drop_rates = [cfg.drop_path * i / max(cfg.n_layer - 1, 1) for i in range(cfg.n_layer)]
         self.blocks = nn.ModuleList([Block(cfg, rate) for rate in drop_rates])
         if cfg.attn == "pure" and relu_hop.AVAILABLE:
-            relu_hop.ops()  # Pure-InfSA's GPU kernel registered now, before torch.compile traces the model
+            relu_hop.ops()  # the GPU kernel registered before torch.compile traces the model
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.n_classes)
-        for part in (self.blocks, self.head):  # the patch embedding keeps PyTorch's default U(+-1/sqrt(fan_in))
+        for part in (self.blocks, self.head):  # the patch embedding keeps PyTorch's default init
             part.apply(lambda m: self._init(m, cfg.init_std))
         if verbose:
-            print(f"ViT ({cfg.attn}): {self.num_params() / 1e6:.2f}M parameters, {cfg.n_tokens} tokens")
+            print(f"ViT ({cfg.attn}): {self.num_params() / 1e6:.2f}M parameters, "
+                  f"{cfg.n_tokens} tokens")
 
     @staticmethod
     def _init(m, std):
-        """std = 0: Xavier-uniform, which scales with width (0.02, ViT/GPT practice at width >= 768, is several times
-        too small below width 128). std > 0: nn.init.trunc_normal_, N(0, std^2) cut at +-2 (100 std at std 0.02)."""
+        """std = 0: Xavier-uniform, which scales with width (0.02, ViT/GPT practice at width >= 768,
+        is several times too small below width 128). std > 0: N(0, std^2) cut at +-2."""
         if isinstance(m, nn.Linear):
             if std > 0:
                 nn.init.trunc_normal_(m.weight, std=std)
@@ -205,25 +208,24 @@ class ViT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def embed(self, images):
-        """Patch embedding: every p x p patch, widened by o = patch_overlap pixels on each side (zeros past the
-        edge), flattened in (channel, row, column) order, through one Linear: (B, c, H, W) -> (B, h*w, C).
-        The same as a convolution of kernel p + 2o, stride p and padding o, as a matrix product."""
+        """Patch embedding: every p x p patch, widened by o = patch_overlap pixels on each side
+        (zeros past the edge), flattened in (channel, row, column) order, through one Linear:
+        (B, c, H, W) -> (B, h*w, C). A convolution of kernel p + 2o, stride p and padding o."""
         B, c, H, W = images.shape
         p, o = self.cfg.patch_size, self.cfg.patch_overlap
-        if o:  # (B, c (p+2o)^2, h*w) -> (B, h*w, c (p+2o)^2); o = 0 takes the cheaper reshape below
-            return self.patch(F.unfold(images, self.cfg.window, padding=o, stride=p).transpose(1, 2))
+        if o:  # (B, c (p+2o)^2, h*w) -> (B, h*w, c (p+2o)^2); o = 0 takes the cheaper reshape
+            return self.patch(F.unfold(images, self.cfg.window, padding=o, stride=p).mT)
         x = images.view(B, c, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, c, p, p)
         return self.patch(x.reshape(B, (H // p) * (W // p), c * p * p))  # (B, h*w, C)
 
     def forward(self, images, targets=None, label_smoothing=0.0):
         x = self.embed(images)  # (B, h*w, C)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos  # (B, N, C)
-        x = self.drop(x)
         for block in self.blocks:
             x = block(x)
         logits = self.head(self.ln_f(x[:, 0]))  # (B, n_classes), from CLS
         loss = None
-        if targets is not None:  # (B,) class indices, or (B, n_classes) probabilities (a mixed batch's)
+        if targets is not None:  # (B,) class indices, or (B, n_classes) probabilities (mixed)
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
         return logits, loss
 
@@ -242,7 +244,9 @@ class ViT(nn.Module):
                 m.keep_maps, m.maps = False, None
 
     def gammas(self):
-        """Learned gamma per layer and head, (n_layer, n_head)."""
+        """Learned gamma per layer and head, (n_layer, n_head); None for softmax."""
+        if self.cfg.attn == "softmax":
+            return None
         return torch.stack([b.attn.gamma().detach() for b in self.blocks])
 
     def flops_per_image(self, training=False):
@@ -252,7 +256,8 @@ class ViT(nn.Module):
         qbar, the scores, the context). Training = 3x forward."""
         c = self.cfg
         N, d, L = c.n_tokens, c.n_embd, c.n_layer
-        attn = {"softmax": 4 * N * N * d, "pure": (2 + 2 * c.hops) * N * N * d, "linear": 6 * N * d}[c.attn]
+        attn = {"softmax": 4 * N * N * d, "pure": (2 + 2 * c.hops) * N * N * d,
+                "linear": 6 * N * d}[c.attn]
         proj = 2 * d * d * (1 if c.attn == "linear" else N)
         layer = 6 * N * d * d + proj + 4 * c.mlp_ratio * N * d * d + attn
         embed = 2 * (N - 1) * c.in_chans * c.window ** 2 * d

@@ -28,9 +28,10 @@ def test_a_config_file_that_fails_names_the_file_the_line_and_the_error(tmp_path
 
 
 def test_imports_in_a_config_file_are_not_options(tmp_path):
-    (tmp_path / "x.py").write_text("import math\nlr = math.sqrt(4) * 1e-3\n")
+    (tmp_path / "x.py").write_text("import math\nfrom math import pi\nlr = math.sqrt(4) * 1e-3\n"
+                                   "epochs = int(pi)\n")
     cfg, given = configure([str(tmp_path / "x.py")], DEFAULTS)
-    assert cfg["lr"] == 2e-3 and given == {"lr"}
+    assert cfg["lr"] == 2e-3 and cfg["epochs"] == 3 and given == {"lr", "epochs"}
 
 
 @pytest.mark.parametrize("value, words", [("inf", "--lr must be finite and at least 0; got inf"),

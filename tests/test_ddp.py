@@ -13,9 +13,9 @@ import loader
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--n_train", "256", "--n_test", "64", "--batch_size", "64", "--n_layer", "2", "--n_head", "2",
-        "--n_embd", "16", "--epochs", "2", "--min_steps", "0", "--log_every", "1", "--device", "cpu", "--hflip", "false",
-        "--crop_pad", "0"]
+TINY = ["--n_train", "256", "--n_test", "64", "--batch_size", "64", "--n_layer", "2", "--n_head",
+        "2", "--n_embd", "16", "--epochs", "2", "--log_every", "1", "--device", "cpu", "--augment",
+        "none"]
 
 
 def free_port():
@@ -67,7 +67,7 @@ def test_streaming_loader_gives_the_resident_batches(tmp_path):
     y = torch.tensor(labels)
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
     for rank in (0, 1):
-        kw = dict(seed=3, rank=rank, world=2, pad=2)
+        kw = dict(recipe="basic", seed=3, rank=rank, world=2)
         res = loader.Loader(x, y, 4, mean, std, True, **kw)
         st = loader.Loader(loader.Files(paths, 8), y, 4, mean, std, True, workers=2, **kw)
         res.epoch = st.epoch = 1
@@ -86,11 +86,11 @@ def test_stream_run_end_to_end(tmp_path, capsys):
             for i in range(n):
                 colour = (255, 0, 0) if c == "a" else (0, 0, 255)
                 Image.new("RGB", (12, 12), colour).save(tmp_path / split / c / f"{i}.png")
-    argv = ["--dataset", "folder", "--data_dir", str(tmp_path), "--stream", "true", "--image_size", "8", "--patch_size", "4",
-            "--batch_size", "16", "--n_embd", "16", "--n_head", "2", "--n_layer", "1", "--epochs", "2", "--min_steps", "0",
-            "--workers", "2", "--device", "cpu"]
+    argv = ["--dataset", "folder", "--data_dir", str(tmp_path), "--stream", "true", "--image_size",
+            "8", "--batch_size", "16", "--n_embd", "16", "--n_head", "2", "--n_layer", "1",
+            "--epochs", "2", "--workers", "2", "--device", "cpu"]
     train.main(argv + ["--out_dir", str(tmp_path / "o")])
-    assert "done: final test acc" in capsys.readouterr().out and not list(tmp_path.glob("cache*"))
+    assert "done: test acc" in capsys.readouterr().out and not list(tmp_path.glob("cache*"))
     (tmp_path / "train" / "b" / "3.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit) as e:
         train.main(argv + ["--out_dir", str(tmp_path / "o2")])

@@ -7,21 +7,26 @@ import torch
 import torch.nn.functional as F
 
 import loader
-import train
 from model import ViT, ViTConfig
 
 
-def test_mixed_loss_weighs_the_two_labels_by_lam():
-    """train.mixed_loss on mixed pairs is lam CE(y) + (1 - lam) CE(y of the partner), recomputed from the same draw."""
-    model = ViT(ViTConfig(attn="softmax", image_size=16, n_layer=1, n_head=2, n_embd=16), verbose=False).eval()
+def test_mixed_targets_weigh_the_two_labels_by_lam():
+    """The loss against mix_pairs's targets is lam CE(y) + (1 - lam) CE(y of the partner),
+    recomputed from the same draw of partners and lam."""
+    model = ViT(ViTConfig(attn="softmax", image_size=16, n_layer=1, n_head=2, n_embd=16),
+                verbose=False).eval()
     x, y = torch.randn(8, 3, 16, 16), torch.arange(8)
     for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0)):
         torch.manual_seed(0)
-        loss = train.mixed_loss(model, x, y, mixup, cutmix, 0.1)[1].item()
+        loss = model(*loader.mix_pairs(x, y, 10, mixup, cutmix), 0.1)[1].item()
         torch.manual_seed(0)
-        xm, perm, lam = loader.mix_pairs(x, mixup, cutmix)
+        use_cutmix = cutmix > 0
+        lam = float(torch.distributions.Beta(0.8 + 0.2 * use_cutmix, 0.8 + 0.2 * use_cutmix).sample())
+        perm = torch.randperm(8)
+        xm, lam = loader.paste_box(x, x[perm], lam) if use_cutmix else (lam * x + (1 - lam) * x[perm], lam)
         ce = lambda t: F.cross_entropy(model(xm)[0], t, label_smoothing=0.1).item()  # noqa: E731
         assert 0.05 < lam < 0.95 and loss == pytest.approx(lam * ce(y) + (1 - lam) * ce(y[perm]), rel=1e-5)
+    assert loader.mix_pairs(x, y, 10) == (x, y)
 
 
 def test_paste_box_keeps_the_reported_area():
@@ -53,7 +58,7 @@ def test_random_crop_is_a_shifted_window_and_flip_mirrors():
 def test_loader_epochs_cover_the_data_once():
     x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 4, 4).contiguous()
     y = torch.arange(10)
-    ld = loader.Loader(x, y, 3, torch.zeros(3), torch.ones(3) / 255, train=True, pad=0)
+    ld = loader.Loader(x, y, 3, torch.zeros(3), torch.ones(3) / 255, train=True)
     seen = torch.cat([yb for _, yb in ld])
     assert len(ld) == 3 and len(seen) == 9 and len(set(seen.tolist())) == 9
     for xb, yb in loader.Loader(x, y, 4, torch.zeros(3), torch.ones(3) / 255, train=False):
@@ -115,9 +120,8 @@ def test_compiled_augmentation_equals_the_eager_one():
     train.py runs it; without one, compiled for the CPU."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=dev)
-    kw = dict(rotate=15.0, zoom=0.15, translate=0.1, jitter=0.3, erase=0.5, policy=True)
-    ld = loader.Loader(x, torch.arange(64, device=dev) % 10, 32, torch.full((3,), 0.5), torch.full((3,), 0.25), True,
-                       **kw, compile=True)  # the Loader moves mean and std to the labels' device
+    ld = loader.Loader(x, torch.arange(64, device=dev) % 10, 32, torch.full((3,), 0.5),
+                       torch.full((3,), 0.25), True, "policy", compile=True)  # mean, std moved
     u = torch.rand(32, sum(loader.DRAWS.values()), generator=torch.Generator().manual_seed(1)).to(dev)
     eager = ld.augment(x[:32], u)
     torch.testing.assert_close(ld.transform(x[:32], u), eager, atol=1e-4, rtol=0)

@@ -1,12 +1,6 @@
-"""model.py: the attention switch computes what infsa.py says, gamma trains, counts are right. Also train.py's
-evaluation views and timing and runtime.py's Ctrl-C, which share the clock fixture here."""
+"""model.py: the attention switch computes what infsa.py says, gamma trains, counts are right;
+and train.evaluate's views of each image."""
 import contextlib
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +10,6 @@ import data
 import infsa
 import loader
 import model
-import runtime
 import train
 from model import ViT, ViTConfig, paper_4l64h
 
@@ -45,7 +38,7 @@ def test_attention_module_matches_infsa(attn):
     B, N, C, H = 3, 17, 16, 2
     q, k, v = (x @ m.qkv.weight.T + m.qkv.bias).split(C, dim=-1)
     q, k, v = (t.reshape(B, N, H, C // H).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
-    gamma = torch.sigmoid(m.gamma_logit).view(H, 1, 1)
+    gamma = torch.sigmoid(m.gamma_logit).view(H, 1, 1) if attn != "softmax" else None
     ref = {"softmax": lambda: infsa.softmax_attention_materialized(q, k, v)[0],
            "pure": lambda: infsa.neumann_series(infsa.affinity(q, k), v, gamma, 2),
            "linear": lambda: infsa.linear_infsa(q, k, v, gamma)}[attn]()
@@ -68,10 +61,10 @@ def test_forward_loss_and_gamma_gradients(attn):
     assert logits.shape == (4, 10) and torch.isfinite(loss)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, y))
     loss.backward()
-    grad = m.blocks[0].attn.gamma_logit.grad
-    if attn == "softmax":
-        assert grad is None  # softmax ignores gamma
+    if attn == "softmax":  # softmax has no gamma: no parameter, nothing in a checkpoint
+        assert not any("gamma" in n for n, _ in m.named_parameters()) and m.gammas() is None
     else:
+        grad = m.blocks[0].attn.gamma_logit.grad
         assert torch.isfinite(grad).all() and (grad.abs() > 0).all()
 
 
@@ -137,48 +130,26 @@ def test_bad_config_is_a_clear_error():
         ViTConfig(n_embd=100, n_head=3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_grad_accum_adds_micro_batches_under_cuda_graphs():
-    """compile_mode reduce-overhead replays recorded CUDA graphs; backward must still add each micro-batch's gradient
-    into the flat buffer (runtime.flat_grads): two halves, compiled and replayed, give the whole batch's gradient."""
-    m = tiny("softmax").cuda()
-    flat = runtime.flat_grads(list(m.parameters()))
-    x, y = torch.randn(64, 3, 16, 16, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
-    compiled = torch.compile(m, mode="reduce-overhead")
-    for _ in range(3):  # a warm-up, a recording, then replays
-        flat.zero_()
-        for xm, ym in zip(x.chunk(2), y.chunk(2)):
-            torch.compiler.cudagraph_mark_step_begin()
-            (compiled(xm, ym)[1] / 2).backward()
-    got = flat.clone()
-    flat.zero_()
-    (m(x[32:], y[32:])[1] / 2).backward()  # what replays that overwrote the gradient would leave: the last half's
-    half = flat.clone()
-    flat.zero_()
-    m(x, y)[1].backward()  # eager, the whole batch at once
-    err = lambda g: ((g - flat).norm() / flat.norm()).item()  # noqa: E731
-    assert err(got) < 5e-3 and err(half) > 0.1, (err(got), err(half))
-
-
-def test_flip_eval_averages_the_logits_of_each_image_and_its_mirror():
-    """train.evaluate(flip=True) against the logits averaged image by image: its accuracy and mean loss; the
-    result is the same for the mirrored set, and differs from plain evaluation."""
+def test_flip_averages_the_logits_of_each_image_and_its_mirror():
+    """train.evaluate(views="flip") against the logits averaged image by image: its accuracy and
+    mean loss; the result is the same for the mirrored set, and differs from plain evaluation."""
     m, ctx = tiny("softmax").eval(), contextlib.nullcontext()
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 10, (24,), generator=g)
     batches = [(x[:16], y[:16]), (x[16:], y[16:])]
     mean_logits = torch.cat([(m(x[i:i + 1])[0] + m(x[i:i + 1].flip(-1))[0]) / 2 for i in range(24)])
-    acc, loss = train.evaluate(m, batches, ctx, flip=True)
+    acc, loss = train.evaluate(m, batches, ctx, "flip")
     assert acc == pytest.approx((mean_logits.argmax(-1) == y).float().mean().item())
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(mean_logits, y).item(), rel=1e-5)
-    mirrored = train.evaluate(m, [(b.flip(-1), t) for b, t in batches], ctx, flip=True)
+    mirrored = train.evaluate(m, [(b.flip(-1), t) for b, t in batches], ctx, "flip")
     assert mirrored[1] == pytest.approx(loss, rel=1e-5)
     assert train.evaluate(m, batches, ctx)[1] != pytest.approx(loss, rel=1e-3)
 
 
-def test_move_eval_averages_over_the_image_moved_four_ways():
-    """train.evaluate(move=2) against the logits of 5 views built pixel by pixel (the image, and moved 2 pixels
-    down, up, right, left with zeros coming in), each with its mirror (flip=True): accuracy and mean loss."""
+def test_flip_move_averages_over_the_image_moved_four_ways():
+    """train.evaluate(views="flip_move") against the logits of 5 views built pixel by pixel (the
+    image, and moved 2 pixels down, up, right, left with zeros coming in), each with its mirror:
+    accuracy and mean loss."""
     m, ctx = tiny("softmax").eval(), contextlib.nullcontext()
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(12, 3, 16, 16, generator=g), torch.randint(0, 10, (12,), generator=g)
@@ -192,108 +163,26 @@ def test_move_eval_averages_over_the_image_moved_four_ways():
         return out
     views = [moved(x, dy, dx) for dy, dx in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))]
     mean_logits = sum(m(v)[0] + m(v.flip(-1))[0] for v in views) / 10
-    acc, loss = train.evaluate(m, [(x[:8], y[:8]), (x[8:], y[8:])], ctx, flip=True, move=2)
+    acc, loss = train.evaluate(m, [(x[:8], y[:8]), (x[8:], y[8:])], ctx, "flip_move")
     assert acc == pytest.approx((mean_logits.argmax(-1) == y).float().mean().item())
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(mean_logits, y).item(), rel=1e-5)
-    assert train.evaluate(m, [(x, y)], ctx, flip=True)[1] != pytest.approx(loss, rel=1e-3)
+    assert train.evaluate(m, [(x, y)], ctx, "flip")[1] != pytest.approx(loss, rel=1e-3)
 
 
-def test_a_finished_run_resumed_with_other_evaluation_options_is_evaluated_again(tmp_path):
-    """--init_from resume after the last step trains nothing and evaluates the test set with the new options:
-    the summary's test accuracy is the checkpoint's weights evaluated so, recomputed here."""
-    args = ["--n_train", "512", "--n_test", "256", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--epochs", "3",
-            "--min_steps", "0", "--device", "cpu", "--out_dir", str(tmp_path)]
+def test_a_finished_run_resumed_with_other_evaluation_views_is_evaluated_again(tmp_path):
+    """--init_from resume after the last step trains nothing and evaluates the test set with the
+    new views: the summary's test accuracy is the checkpoint's weights evaluated so, recomputed
+    here."""
+    args = ["--n_train", "512", "--n_test", "256", "--n_layer", "1", "--n_embd", "16", "--n_head",
+            "2", "--epochs", "3", "--device", "cpu", "--out_dir", str(tmp_path)]
     first = train.main(args)
-    again = train.main(["--init_from", "resume", "--out_dir", str(tmp_path), "--flip_eval", "true", "--move_eval", "1"])
+    again = train.main(["--init_from", "resume", "--out_dir", str(tmp_path), "--eval_views",
+                        "flip_move"])
     c = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     m = ViT(ViTConfig(**c["model_args"]), verbose=False)
     m.load_state_dict(c["model"])
-    d = data.load("shapes", n_train=512, n_test=256, seed=1337)
-    want = train.evaluate(m, [(loader.normalize(d["x_test"], c["mean"], c["std"]), d["y_test"])], contextlib.nullcontext(),
-                          flip=True, move=1)[0]
+    d = data.load("shapes", n_train=512, n_test=256)
+    x = loader.normalize(d["x_test"], c["mean"], c["std"])
+    want = train.evaluate(m, [(x, d["y_test"])], contextlib.nullcontext(), "flip_move")[0]
     assert again["steps"] == first["steps"] and again["best_acc"] == first["best_acc"]
     assert again["test_acc"] == pytest.approx(want) and first["test_acc"] != pytest.approx(want)
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    """time.time() plus every clock.jump(seconds) so far: a slow sync or evaluation without the wait."""
-    offset, now = [0.0], time.time
-    monkeypatch.setattr(time, "time", lambda: now() + offset[0])
-    return SimpleNamespace(jump=lambda s: offset.__setitem__(0, offset[0] + s))
-
-
-def test_a_log_interval_is_timed_to_the_end_of_its_wait_for_the_steps(clock, monkeypatch):
-    """On a GPU the host queues steps ahead and waits for them at the interval's one sync (stats.cpu()): with
-    a clock that jumps 100 s inside that wait, the interval's time, and so timed_s and img/s, must hold it."""
-    cpu = torch.Tensor.cpu
-    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: (clock.jump(100), cpu(t))[1])
-    run = SimpleNamespace(world=1, first_step=0, out="out", log=[], cfg=SimpleNamespace(batch_size=10),
-                          opt=SimpleNamespace(param_groups=[{"lr": 1e-3}]), progress=dict(step=4, timed_s=0.0, seen=0))
-    train.log_interval(run, 0, [torch.tensor([1.0, 0.5])] * 2, time.time(), SimpleNamespace(set_postfix=dict))
-    assert 100 <= run.progress["timed_s"] < 101 and run.progress["seen"] == 20
-    assert 20 / 101 < run.log[-1]["img_s"] <= 20 / 100
-
-
-def test_wall_s_counts_validation_and_leaves_out_the_test_set(tmp_path, clock, monkeypatch):
-    """With a clock that jumps 1000 s in every evaluation: two validation passes count in wall_s (they are part
-    of a run that holds out a split); two test passes, the last epoch's included, do not."""
-    evaluate = train.evaluate
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (clock.jump(1000), evaluate(*a, **k))[1])
-    args = ["--n_train", "192", "--n_test", "64", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--epochs", "2",
-            "--min_steps", "0", "--device", "cpu"]
-    on_test = train.main(args + ["--out_dir", str(tmp_path / "test")])
-    on_val = train.main(args + ["--val_split", "64", "--out_dir", str(tmp_path / "val")])
-    assert on_test["wall_s"] < 100 and 2000 <= on_val["wall_s"] < 2100
-
-
-def test_a_second_ctrl_c_within_a_second_is_the_same_press(clock):
-    """`timeout -s INT` signals a process and then its group: two SIGINTs at once stop the run at its next log
-    interval with a checkpoint, as one does; one more, over a second after the first, quits at once."""
-    with runtime.stop_on_ctrl_c() as stop:
-        signal.raise_signal(signal.SIGINT)
-        signal.raise_signal(signal.SIGINT)
-        assert stop(1, "cpu")
-        clock.jump(1.5)
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
-
-
-def test_stop_takes_sigint_back_from_a_library_that_replaced_the_handler():
-    """Compiling kernels installs Triton's own C-level SIGINT handler in Python's place; stop() installs ours again.
-    The library is played by libc's signal(SIGINT, SIG_DFL): without the reinstall the SIGINT kills the child."""
-    code = ("import ctypes, signal, runtime\n"
-            "with runtime.stop_on_ctrl_c() as stop:\n"
-            "    ctypes.CDLL(None).signal(signal.SIGINT, int(signal.SIG_DFL))\n"
-            "    print(stop(1, 'cpu'))\n"
-            "    signal.raise_signal(signal.SIGINT)\n"
-            "    print(stop(1, 'cpu'))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       cwd=str(Path(__file__).resolve().parents[1]))
-    assert (r.returncode, r.stdout.split()) == (0, ["False", "True"]), r.stderr
-
-
-def test_a_ctrl_c_after_training_ends_in_one_line_though_timeout_sends_two(monkeypatch):
-    """A Ctrl-C outside the training loop (here: the final evaluation) exits 130 with one line. `timeout -s INT`
-    sends a second SIGINT moments later; arriving while that line is written, it must not end in a traceback."""
-    class Stderr(list):
-        def write(self, s):
-            signal.raise_signal(signal.SIGINT)  # the second SIGINT, in the middle of the message
-            self.append(s)
-
-        def flush(self):
-            pass
-
-    def final_evaluation(argv):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "train", final_evaluation)
-    monkeypatch.setattr(sys, "stderr", Stderr())
-    try:
-        train.main([])
-    except (SystemExit, KeyboardInterrupt) as e:
-        ended = e
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    assert isinstance(ended, SystemExit) and ended.code == 130, repr(ended)
-    assert "".join(sys.stderr).startswith("interrupted; what this run had written is as it was")
