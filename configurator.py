@@ -1,13 +1,9 @@
 """
 One command line for every script: plain config globals, overridden left to right by config
-files and --key value / --key=value.
+files (Python whose top-level assignments are options; what they import is not) and --key value
+or --key=value. -h prints the script's docstring and every key with its default.
 
     python train.py config/cifar.py --attn pure --lr=5e-4
-
-A script lists its config as globals with defaults (a default's type is the type its key takes)
-and calls configure(argv, config_defaults(globals())). A config file is Python whose top-level
-assignments are options: `epochs = 75` in config/cifar.py is the same as --epochs 75; what it
-imports is not. -h prints the script's docstring and every key with its default.
 """
 import ast
 import math
@@ -29,27 +25,25 @@ def config_defaults(scope):
 
 
 def parse_value(key, value, default):
-    """A command-line string as the type of the default ('true' / 'false' for booleans)."""
-    if isinstance(default, bool):
-        if value.lower() in ("1", "true", "yes", "0", "false", "no"):
-            return value.lower() in ("1", "true", "yes")
-        die(f"--{key} takes true or false; got {value!r}")
+    """A command-line string as the default's type ('true' / 'false' for booleans)."""
     try:
+        if isinstance(default, bool):
+            return dict(true=True, yes=True, false=False, no=False)[value.lower()]
         return type(default)(value)
-    except ValueError:
-        die(f"--{key} takes a {type(default).__name__}; got {value!r}")
+    except (KeyError, ValueError):
+        kind = "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
+        die(f"--{key} takes {kind}; got {value!r}")
 
 
 def read_config_file(path):
-    """[(key, value)] of a config file's top-level assignments, run as Python; any failure is one
-    line naming the file, the line and the error."""
+    """[(key, value)] of a config file's top-level assignments; a failure is one line naming the
+    file, the line and the error."""
     if not os.path.isfile(path):
         die(f"config file {path} not found")
     scope = {}
     try:
         with open(path) as f:
-            code = f.read()
-        tree = ast.parse(code, path)
+            tree = ast.parse(f.read(), path)
         exec(compile(tree, path, "exec"), scope)
     except Exception as e:
         frames = [t.lineno for t in traceback.extract_tb(e.__traceback__) if t.filename == path]
@@ -64,9 +58,9 @@ def read_config_file(path):
 
 
 def configure(argv, defaults, doc="", allowed=None):
-    """defaults updated by argv, left to right: config files (*.py) and --key value / --key=value;
-    then checked against `allowed`, {key: a tuple of choices, or a number range (low, high), high
-    excluded}; every other number finite and at least 0. Returns (config, the keys argv set)."""
+    """defaults updated by argv, left to right; then checked against `allowed`, {key: a tuple of
+    choices, or a number range (low, high), high excluded}; any other number finite and >= 0.
+    Returns (config, the keys argv set)."""
     allowed = allowed or {}
     choices = {k: v for k, v in allowed.items() if isinstance(v[0], str)}
     if {"-h", "--help"} & set(argv):
@@ -81,32 +75,29 @@ def configure(argv, defaults, doc="", allowed=None):
         elif a.startswith("--") and ("=" in a or args):
             k, v = a[2:].split("=", 1) if "=" in a else (a[2:], args.pop(0))
             pairs, where = [(k, parse_value(k, v, defaults[k]) if k in defaults else v)], ""
-        elif a.startswith("--"):
-            die(f"{a} needs a value (see -h)")
         else:
-            die(f"unexpected argument {a!r}; options look like --attn linear")
+            die(f"{a} needs a value (see -h)" if a.startswith("--") else
+                f"unexpected argument {a!r}; options look like --attn linear")
         for k, v in pairs:
             if k not in defaults:
                 die(f"unknown option --{k}{where}; valid options: {', '.join(defaults)}")
-            if type(v) is not type(defaults[k]) and not (type(v) is int and type(defaults[k]) is float):
+            if type(v) is not type(defaults[k]) and (type(v), type(defaults[k])) != (int, float):
                 die(f"--{k} takes a {type(defaults[k]).__name__}; got {v!r}{where}")
             cfg[k] = type(defaults[k])(v)
             given.add(k)
     for k, v in cfg.items():
         if k in choices and v not in choices[k]:
             die(f"--{k} must be one of {' | '.join(choices[k])}; got {v!r}")
-        if type(v) not in (int, float):
-            continue
-        low, high = allowed.get(k, (0, math.inf))
-        if not (math.isfinite(v) and low <= v < high):
-            die(f"--{k} must be " + ("finite and " if v == math.inf else "")
-                + (f"in [{low}, {high})" if math.isfinite(high) else f"at least {low}") + f"; got {v}")
+        low, high = (0, math.inf) if k in choices else allowed.get(k, (0, math.inf))
+        if type(v) in (int, float) and not (math.isfinite(v) and low <= v < high):
+            within = f"in [{low}, {high})" if math.isfinite(high) else f"at least {low}"
+            die(f"--{k} must be {'finite and ' * (v == math.inf)}{within}; got {v}")
     return cfg, given
 
 
 def resumed(run, config, given, fixed, where):
-    """A resumed run's config: its own (`run`), with the options this command line set (`given`)
-    applied and printed; an option in `fixed` cannot change."""
+    """A resumed run's config: its own (`run`) with the keys this command line set (`given`)
+    applied and printed; a key in `fixed` cannot change."""
     for k in sorted(given):
         if config[k] != run[k] and k in fixed:
             die(f"the run in {where} has {k}={run[k]!r}; a resumed run cannot change it (drop "
@@ -120,6 +111,5 @@ def refuse_unused(config, defaults, rules):
     """rules: (when, keys, why). Where when(config) holds, those keys do nothing: each set away
     from its default is refused."""
     for when, keys, why in rules:
-        for k in keys:
-            if config[k] != defaults[k] and when(config):
-                die(f"--{k} {config[k]} does nothing here ({why}); drop --{k}")
+        for k in (k for k in keys if config[k] != defaults[k] and when(config)):
+            die(f"--{k} {config[k]} does nothing here ({why}); drop --{k}")

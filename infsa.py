@@ -6,20 +6,17 @@ edge weights are query-key affinities A_hat. Pure-InfSA sums K such steps with a
 
     Y = sum_{t=1..K} gamma^t A_hat^t V   ->   ((I - gamma A_hat)^-1 - I) V   as K -> inf,
 
-a Neumann series whose limit is built from the resolvent (I - gamma A_hat)^-1 of the graph: the
-operator of Katz centrality and, where gamma A_hat is sub-stochastic (every row sum <= 1), the
-fundamental matrix of an absorbing Markov chain. The sum starts at t = 1: the t = 0 term would add
-each token's own value v_i. In the model the residual stream x + Attn(x) carries each token's own
-state past attention, which plays a like part; that is an analogy, not an identity (the t = 0
-term would add W_o v_i with v_i = W_v LN(x_i); the residual adds x_i itself).
-Linear-InfSA scores each token once against one pooled query instead of building the N x N
-matrix, and gives every token the same context vector gamma sum_j a_j v_j: O(N d_h) time, and
-beside q, k, v it holds N scores per head, never N x N.
+a Neumann series whose limit holds the resolvent (I - gamma A_hat)^-1: the operator of Katz
+centrality and, where gamma A_hat is sub-stochastic (row sums <= 1), the fundamental matrix of an
+absorbing Markov chain. The sum starts at t = 1. The residual stream x + Attn(x) carries each
+token's own state past attention, a like part to the t = 0 term by analogy only (that term would
+add W_o v_i, v_i = W_v LN(x_i); the residual adds x_i). Linear-InfSA scores each token once
+against one pooled query and gives every token the same vector gamma sum_j a_j v_j: O(N d_h)
+time, N scores a head beside q, k, v, never N x N.
 
-Tensors are (..., N, d_h): any leading batch / head dims; every function states its formula in its
-docstring. Reading order: affinity -> neumann_series -> neumann_closed_form -> pure_infsa -> the
-centrality and Markov views -> linear_infsa -> softmax baselines. relu_hop.py holds pure_infsa's
-GPU fast path (never N x N).
+Tensors are (..., N, d_h), any leading dims. Reading order: affinity, neumann_series,
+neumann_closed_form, pure_infsa, the centrality and Markov views, linear_infsa, softmax.
+relu_hop.py holds pure_infsa's GPU fast path.
 """
 import math
 from collections import namedtuple
@@ -254,40 +251,35 @@ def softmax_attention_materialized(q, k, v):
     return P @ v, P
 
 # -----------------------------------------------------------------------------
-# argument checks (a one-line error where a caller can go wrong) and the dtype rules,
-# used by every function above
+# argument checks (one line where a caller can go wrong) and the dtype rules of the above
 
 
 def _check_qkv(q, k, v=None):
-    """q, k (..., N, d_h), v (..., N, d_v), the same leading dims (matmul would broadcast others
-    silently)."""
+    """q, k (..., N, d_h), v (..., N, d_v) with the same leading dims (matmul would broadcast)."""
     ok = q.dim() >= 2 and q.shape[:-2] == k.shape[:-2] and q.shape[-1] == k.shape[-1]
     if not ok or (v is not None and v.shape[:-1] != k.shape[:-1]):
+        shapes = [tuple(t.shape) for t in (q, k, v) if t is not None]
         raise ValueError(f"q, k, v must be (..., N, d_h), (..., N, d_h), (..., N, d_v) with the "
-                         f"same leading dims; got "
-                         f"{[tuple(t.shape) for t in (q, k, v) if t is not None]}")
+                         f"same leading dims; got {shapes}")
 
 
 def _check_gamma(gamma):
-    """A Python number must lie in (0, 1). A tensor is not inspected (that would synchronise a
-    GPU on every call); the model's gamma = sigmoid(logit) lies in (0, 1) by construction."""
+    """A number must lie in (0, 1); a tensor is not read (that would sync a GPU every call): the
+    model's sigmoid lies in (0, 1)."""
     if not isinstance(gamma, torch.Tensor) and not 0.0 < gamma < 1.0:
-        raise ValueError(f"gamma must lie in (0, 1) for the Neumann series to converge; "
-                         f"got {gamma}")
+        raise ValueError(f"gamma must lie in (0, 1) for the Neumann series to converge; got {gamma}")
 
 
 def _check_hops(hops):
     if not isinstance(hops, int) or hops < 1:
-        raise ValueError(f"hops must be an integer >= 1 (the number of Neumann terms); "
-                         f"got {hops!r}")
+        raise ValueError(f"hops must be an integer >= 1 (the number of Neumann terms); got {hops!r}")
 
 
 def _gamma_in_dtype_of(gamma, x):
-    """The rule for gamma in every formula here: gamma is applied in the dtype of the data x (a
-    tensor gamma, e.g. the model's fp32 sigmoid, is cast to it): bf16 data stays bf16."""
+    """gamma in x's dtype (a tensor gamma, the model's fp32 sigmoid, is cast): bf16 stays bf16."""
     return gamma.to(x.dtype) if isinstance(gamma, torch.Tensor) else gamma
 
 
 def _sum_dtype(x):
-    """The dtype sums over tokens run in: fp32 for fp16 / bf16 / fp32 data, fp64 for fp64."""
+    """Sums over tokens run in fp32 for fp16 / bf16 / fp32 data, fp64 for fp64."""
     return torch.promote_types(x.dtype, torch.float32)

@@ -1,13 +1,6 @@
 """
-Batches on the device: images held there as uint8 (or decoded from files by worker processes),
-shuffled per epoch, augmented in batched ops that compile into a few fused kernels, normalised.
-
-    loaders(cfg, device) -> (train, evaluate, test, classes, mean, std), from train.py's config
-
-Augmentation is one named recipe of RECIPES (training only), applied in this order:
-random_crop_flip, random_policy (one of 13 ops per image), random_affine (rotation, zoom, shift),
-color_jitter, normalisation, random_erase; then mix_pairs mixes pairs of images and their labels
-(mixup, CutMix). Evaluation averages the logits over the views of EVAL_VIEWS.
+Batches on the device, shuffled per epoch; training batches augmented by a recipe of RECIPES:
+random_crop_flip, random_policy, random_affine, color_jitter, normalize, random_erase, mix_pairs.
 """
 import math
 
@@ -16,92 +9,64 @@ import torch.nn.functional as F
 
 import data
 
-# The augmentation recipes: what each name turns on (anything left out is off).
-RECIPES = {
-    "none": {},
-    "basic": dict(pad=4, flip=True),  # random crop (zero padding 4) and horizontal flip
+OFF = dict(pad=0, flip=False, rotate=0.0, zoom=0.0, jitter=0.0, erase=0.0, policy=False, mixup=0.0,
+           cutmix=0.0)
+STRONG = dict(pad=4, flip=True, rotate=15.0, zoom=0.15, jitter=0.3, erase=0.25, mixup=0.8,
+              cutmix=1.0)
+RECIPES = {  # what each recipe turns on (the rest is OFF), and the config file that uses it
+    "none": {}, "basic": dict(pad=4, flip=True),  # a crop of 4 px of zero padding, a mirror
     "light": dict(pad=4, flip=True, mixup=0.2),  # config/cifar.py
-    "strong": dict(pad=4, flip=True, rotate=15.0, zoom=0.15, jitter=0.3, erase=0.25,
-                   mixup=0.8, cutmix=1.0),  # config/cifar_long.py: for hundreds of epochs
-    "policy": dict(pad=4, flip=True, rotate=15.0, zoom=0.15, jitter=0.3, erase=0.25,
-                   mixup=0.8, cutmix=1.0, policy=True),  # strong + random_policy: cifar_10min.py
-}
-# The views whose logits evaluation averages: the image; and its mirror; and each of the two
-# moved 2 pixels down, up, right and left (10 views).
-EVAL_VIEWS = ("image", "flip", "flip_move")
-
-
-def normalize(x_uint8, mean, std):
-    """uint8 (B, 3, H, W) -> float (x / 255 - mean) / std."""
-    return standardize(x_uint8.float() / 255, mean, std)
-
-
-def standardize(x, mean, std):
-    """Float images on the [0, 1] scale (B, 3, H, W) -> (x - mean) / std, per channel."""
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-
-
-# Every augmentation below is a deterministic function of the images and a (B, k) tensor u of
-# U(0, 1) draws, k = DRAWS[name]. The loader draws all of a batch's randomness in one call and
-# can then compile the whole pipeline into a few fused kernels (a generator cannot be compiled).
-# The policy's come last and only when it is on, so that runs without it keep their draws.
+    "strong": STRONG,  # config/cifar_long.py
+    "policy": dict(STRONG, policy=True)}  # config/cifar_10min.py
+EVAL_VIEWS = ("image", "flip", "flip_move")  # eval_views
+# An augmentation is a function of the images and u (B, k) of U(0, 1) draws, k = DRAWS[name]; a
+# batch's are drawn at once, in this order (so the pipeline compiles), the policy's only if on.
 DRAWS = {"crop_flip": 3, "affine": 4, "jitter": 3, "erase": 5, "policy": 2}
 
 
-def _to_symmetric(u):
-    """U(0, 1) -> U(-1, 1)."""
-    return 2 * u - 1
+def normalize(x, mean, std):
+    """(x - mean) / std per channel of images (B, 3, H, W) on the [0, 1] scale; uint8 x / 255."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 def random_crop_flip(x, pad, u, flip=True):
-    """Per-image random crop (zero padding `pad`) and horizontal flip of a (B, C, H, W) batch.
-    u (B, 3): vertical offset, horizontal offset (each uniform over 0..2 pad), flip if u < 0.5."""
+    """Per image of x (B, C, H, W), the crop at offsets dy, dx = floor((2 pad + 1) u) of x padded
+    by `pad` zeros, mirrored if flip and u < 0.5. u (B, 3): dy, dx, flip."""
     B, C, H, W = x.shape
-    dev = x.device
     if pad:
-        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+        windows = F.pad(x, (pad,) * 4).unfold(2, H, 1).unfold(3, W, 1)  # (B, C, dy, dx, H, W)
         dy, dx = ((u[:, i] * (2 * pad + 1)).long().clamp(max=2 * pad) for i in range(2))
-        iy = dy[:, None] + torch.arange(H, device=dev)  # (B, H)
-        ix = dx[:, None] + torch.arange(W, device=dev)  # (B, W)
-        b = torch.arange(B, device=dev)[:, None, None, None]
-        c = torch.arange(C, device=dev)[None, :, None, None]
-        x = xp[b, c, iy[:, None, :, None], ix[:, None, None, :]]  # (B, C, H, W)
-    if not flip:
-        return x
-    return torch.where((u[:, 2] < 0.5)[:, None, None, None], x.flip(-1), x)
+        x = windows[torch.arange(B, device=x.device), :, dy, dx]  # (B, C, H, W)
+    return torch.where((u[:, 2] < 0.5)[:, None, None, None], x.flip(-1), x) if flip else x
 
 
-def _resample(x, theta):
-    """x (B, C, H, W) resampled bilinearly at the affine maps theta (B, 2, 3): output point p
-    (in [-1, 1] coordinates) takes the input at theta [p; 1]; borders reflect."""
+def _resample(x, *theta):
+    """x (B, C, H, W) at theta [p; 1] for each output point p in [-1, 1]^2, bilinear, borders
+    reflect; theta (B, 2, 3) given as its six entries (B,) row by row."""
+    theta = torch.stack(theta, -1).view(-1, 2, 3)  # (B, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def random_affine(x, u, rotate=0.0, zoom=0.0, translate=0.0):
-    """Per-image rotation by U(-rotate, rotate) degrees, zoom by U(1 - zoom, 1 + zoom) and shift
-    by U(-translate, translate) of the image size, in one bilinear resample of a float (B, C, H,
-    W) batch; borders reflect. Output point p (in [-1, 1] coordinates) samples input
-    R(theta) p / s + t. u (B, 4): angle, zoom, shift x, shift y."""
-    th = _to_symmetric(u[:, 0]) * math.radians(rotate)
-    s = 1 + _to_symmetric(u[:, 1]) * zoom
-    t = _to_symmetric(u[:, 2:4]) * 2 * translate  # (B, 2); a shift of 1 image = 2 units
-    cos, sin = th.cos() / s, th.sin() / s
-    theta = [torch.stack([cos, -sin, t[:, 0]], -1), torch.stack([sin, cos, t[:, 1]], -1)]
-    return _resample(x, torch.stack(theta, 1))  # theta: (B, 2, 3)
+def random_affine(x, u, rotate=0.0, zoom=0.0):
+    """Rotation and zoom of each image of x float (B, C, H, W): output p takes input R(a) p / s
+    (_resample), a = rotate (2 u - 1) degrees, s = 1 + zoom (2 u - 1). u (B, 4): a, s (2 unused)."""
+    th = (2 * u[:, 0] - 1) * math.radians(rotate)
+    s = 1 + (2 * u[:, 1] - 1) * zoom
+    cos, sin, t = th.cos() / s, th.sin() / s, torch.zeros_like(s)
+    return _resample(x, cos, -sin, t, sin, cos, t)
 
 
 def color_jitter(x, u, strength=0.0):
-    """Brightness x*b, contrast (x - m)*c + m (m: image mean), saturation (x - g)*s + g (g: the grey
-    level of each pixel), with b, c, s ~ U(1 - strength, 1 + strength) per image; x float in [0, 1].
-    u (B, 3): b, c, s."""
-    f = (1 + strength * _to_symmetric(u))[:, :, None, None, None]  # (B, 3, 1, 1, 1)
+    """Brightness x b, contrast (x - m) c + m (m: image mean), saturation (x - g) s + g (g: pixel
+    grey), b, c, s = 1 + strength (2 u - 1) per image; x float in [0, 1]. u (B, 3): b, c, s."""
+    f = (1 + strength * (2 * u - 1))[:, :, None, None, None]  # (B, 3, 1, 1, 1)
     x = x * f[:, 0]
     m = x.mean((1, 2, 3), keepdim=True)
     x = (x - m) * f[:, 1] + m
     grey = x.mean(1, keepdim=True)
-    x = (x - grey) * f[:, 2] + grey
-    return x.clamp(0, 1)
+    return ((x - grey) * f[:, 2] + grey).clamp(0, 1)
 
 
 POLICY = ("identity", "brightness", "contrast", "saturation", "sharpness", "posterize", "solarize",
@@ -110,24 +75,21 @@ POLICY = ("identity", "brightness", "contrast", "saturation", "sharpness", "post
 
 def random_policy(x, u):
     """TrivialAugment-style: one op of POLICY per image, chosen uniformly, at a magnitude
-    m ~ U(-1, 1). Colour ops on x float (B, C, H, W) in [0, 1]: brightness x f, contrast
+    m = 2 u - 1. Colour ops on x float (B, C, H, W) in [0, 1]: brightness x f, contrast
     (x - mean) f + mean, saturation (x - grey) f + grey, sharpness blur + f (x - blur) (blur: 3x3
     mean), all with f = 1 + 0.9 m; posterize to 8 - round(4 |m|) bits; solarize 1 - x where
-    x > 1 - |m|; autocontrast (x - min) / (max - min) per channel. Geometric ops, one bilinear
-    resample with reflected borders: rotation by 30 m degrees, shear by 0.3 m, shift by 0.3 m of
-    the image. u (B, 2): the op, the magnitude."""
-    op, m = (u[:, 0] * len(POLICY)).long().clamp(max=len(POLICY) - 1), _to_symmetric(u[:, 1])
+    x > 1 - |m|; autocontrast (x - min) / (max - min) per channel. Geometric ops (_resample):
+    rotation by 30 m degrees, shear by 0.3 m, shift by 0.3 m of the image. u (B, 2): op, m."""
+    op, m = (u[:, 0] * len(POLICY)).long().clamp(max=len(POLICY) - 1), 2 * u[:, 1] - 1
     on = {name: op == i for i, name in enumerate(POLICY)}  # (B,) bool each
     a = m * math.radians(30) * on["rotate"]
     sx, sy = 0.3 * m * on["shear_x"], 0.3 * m * on["shear_y"]
     tx, ty = 0.6 * m * on["shift_x"], 0.6 * m * on["shift_y"]  # a shift of 1 image = 2 units
-    theta = [torch.stack([a.cos(), sx - a.sin(), tx], -1),
-             torch.stack([a.sin() + sy, a.cos(), ty], -1)]
-    x = _resample(x, torch.stack(theta, 1))  # theta: (B, 2, 3)
+    x = _resample(x, a.cos(), sx - a.sin(), tx, a.sin() + sy, a.cos(), ty)
     f, am = (1 + 0.9 * m)[:, None, None, None], m.abs()[:, None, None, None]
     mean, grey = x.mean((1, 2, 3), keepdim=True), x.mean(1, keepdim=True)
     blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    step = 2 ** (4 * am).round() / 255  # posterize: keep 8 - round(4 |m|) bits of the 8-bit value
+    step = 2 ** (4 * am).round() / 255
     lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
     ops = {"brightness": x * f, "contrast": (x - mean) * f + mean,
            "saturation": (x - grey) * f + grey, "sharpness": blur + f * (x - blur),
@@ -140,12 +102,12 @@ def random_policy(x, u):
 
 
 def random_erase(x, u, p=0.0, area=(0.02, 0.25), max_aspect=3.0):
-    """With probability p per image, set one rectangle to 0 (after normalisation: the mean colour).
-    Its area is U(area) of the image, its aspect ratio log-uniform in [1/max_aspect, max_aspect].
-    u (B, 5): area, aspect, top, left, whether to erase."""
+    """With probability p per image, a rectangle set to 0 (normalised: the mean colour), of area
+    U(area) of the image, aspect log-uniform in [1/max_aspect, max_aspect], placed uniformly.
+    u (B, 5): area, aspect, top, left, whether."""
     B, _, H, W = x.shape
     a = (area[0] + (area[1] - area[0]) * u[:, 0]) * H * W
-    r = torch.exp(_to_symmetric(u[:, 1]) * math.log(max_aspect))
+    r = torch.exp((2 * u[:, 1] - 1) * math.log(max_aspect))
     h, w = (a * r).sqrt().clamp(max=H), (a / r).sqrt().clamp(max=W)
     y0, x0, hit = u[:, 2] * (H - h), u[:, 3] * (W - w), u[:, 4] < p
     ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
@@ -156,8 +118,8 @@ def random_erase(x, u, p=0.0, area=(0.02, 0.25), max_aspect=3.0):
 
 
 def paste_box(x, other, lam):
-    """CutMix: copy a box of `other` into x, area (1 - lam) of the image, centre uniform, clipped
-    at the borders (the same box for the whole batch). Returns (mixed, lam of the area kept)."""
+    """CutMix: (x with a box of `other` pasted, the area kept); the box's area is 1 - lam, centre
+    uniform, clipped at the borders, the same for the whole batch."""
     H, W = x.shape[-2:]
     h, w = round(H * math.sqrt(1 - lam)), round(W * math.sqrt(1 - lam))
     cy, cx = (int(torch.randint(0, n, ())) for n in (H, W))
@@ -169,11 +131,9 @@ def paste_box(x, other, lam):
 
 
 def mix_pairs(x, y, n_classes, mixup=0.0, cutmix=0.0):
-    """(images, targets) of a training batch. With mixup or cutmix > 0 each image is mixed with its
-    partner x[perm], lam ~ Beta(alpha, alpha) a batch: mixup lam x + (1 - lam) x[perm], cutmix
-    paste_box (both > 0: one of the two a batch), and the target is lam onehot(y) + (1 - lam)
-    onehot(y[perm]). Cross-entropy is linear in its target, so the loss against it is
-    lam CE(y) + (1 - lam) CE(y[perm]): one loss, inside the compiled model."""
+    """(images, targets): each image mixed with x[perm], lam ~ Beta(alpha, alpha) a batch, by
+    mixup lam x + (1 - lam) x[perm] or cutmix paste_box (a coin when both > 0); the target
+    lam onehot(y) + (1 - lam) onehot(y[perm]) makes the loss lam CE(y) + (1 - lam) CE(y[perm])."""
     if not (mixup or cutmix):
         return x, y
     use_cutmix = cutmix > 0 and (mixup == 0 or torch.rand(()) < 0.5)
@@ -189,8 +149,8 @@ def mix_pairs(x, y, n_classes, mixup=0.0, cutmix=0.0):
 
 
 def eval_views(x, views="image", move=2):
-    """The views of a batch (B, C, H, W) named by `views` (EVAL_VIEWS); a moved view takes zeros
-    (after normalisation, the mean colour) in from the edge it leaves."""
+    """[x] for "image"; + its mirror for "flip"; + x moved `move` px down, up, right and left
+    (zeros, normalised the mean colour, come in) and their mirrors for "flip_move"."""
     out = [x]
     if views == "flip_move":
         H, W = x.shape[-2:]
@@ -198,11 +158,6 @@ def eval_views(x, views="image", move=2):
         out += [xp[..., move - dy:move - dy + H, move - dx:move - dx + W].contiguous()
                 for dy, dx in ((move, 0), (-move, 0), (0, move), (0, -move))]
     return out if views == "image" else out + [v.flip(-1) for v in out]
-
-
-def epoch_order(n, seed, epoch):
-    """The shuffled order of epoch `epoch`: the same on every rank and after a resume."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 class Files(torch.utils.data.Dataset):
@@ -219,37 +174,31 @@ class Files(torch.utils.data.Dataset):
 
 
 class Loader:
-    """Batches of images x with labels y (on the device): shuffled each epoch when training,
-    augmented by a recipe of RECIPES (augment), normalised to float. x is a uint8 tensor (n, 3, H,
-    W) on the device, so that an epoch is a few indexing ops; or Files, decoded every epoch by
-    `workers` processes and moved to the device batch by batch (folders too large for memory).
-    With world > 1 each global batch is split between ranks (this rank takes rows rank::world)."""
+    """Batches (x normalised, y) on y's device from uint8 x (n, 3, H, W) there or Files (decoded by
+    `workers` processes); training: shuffled, augmented, this rank's rows rank::world of each batch
+    from the batch `start` of the epoch on."""
 
     def __init__(self, x, y, batch_size, mean, std, train, recipe="none", seed=0, rank=0, world=1,
                  workers=0, compile=False):
-        self.x, self.y, self.bs, self.train, self.workers = x, y, batch_size, train, workers
-        self.aug = {**dict(pad=0, flip=False, rotate=0.0, zoom=0.0, jitter=0.0, erase=0.0,
-                           policy=False, mixup=0.0, cutmix=0.0), **RECIPES[recipe]}
-        self.mixup, self.cutmix = self.aug["mixup"], self.aug["cutmix"]  # for mix_pairs
-        self.draws = [n for k, n in DRAWS.items() if self.aug["policy"] or k != "policy"]
-        self.mean, self.std = mean.to(y.device), std.to(y.device)
-        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
-        self.start = 0  # batches of this epoch to skip: a run stopped mid-epoch resumes there
         if train and len(y) < batch_size:
             raise data.DataError(f"--batch_size {batch_size} is larger than the training set "
                                  f"({len(y)} images); lower it")
-        # compiled, the pipeline's many small kernels become a few (eager, a GPU waits on launches)
+        self.x, self.y, self.bs, self.train, self.workers = x, y, batch_size, train, workers
+        self.mean, self.std = mean.to(y.device), std.to(y.device)
+        self.seed, self.rank, self.world = seed, rank, world
+        self.aug, self.epoch, self.start = {**OFF, **RECIPES[recipe]}, 0, 0
+        self.mixup, self.cutmix = self.aug["mixup"], self.aug["cutmix"]  # for mix_pairs
+        self.draws = [n for k, n in DRAWS.items() if self.aug["policy"] or k != "policy"]
         self.transform = torch.compile(self.augment, dynamic=False) if compile else self.augment
 
     def __len__(self):
         return len(self.y) // self.bs if self.train else -(-len(self.y) // self.bs)
 
     def augment(self, xb, u=None):
-        """uint8 (B, C, H, W) -> normalised float (B, C, H, W); when training, augmented in the
-        module's order with the (B, sum(self.draws)) uniform draws u."""
+        """uint8 (B, C, H, W) -> normalised float; training: augmented in order with draws u."""
+        a = self.aug
         if not self.train:
             return normalize(xb, self.mean, self.std)
-        a = self.aug
         u_crop, u_affine, u_jitter, u_erase, *u_policy = u.split(self.draws, dim=1)
         x = random_crop_flip(xb, a["pad"], u_crop, a["flip"]).float() / 255
         if a["policy"]:
@@ -258,31 +207,29 @@ class Loader:
             x = random_affine(x, u_affine, a["rotate"], a["zoom"])
         if a["jitter"]:
             x = color_jitter(x, u_jitter, a["jitter"])
-        x = standardize(x, self.mean, self.std)
+        x = normalize(x, self.mean, self.std)
         return random_erase(x, u_erase, a["erase"]) if a["erase"] else x
 
     def __iter__(self):
-        dev, n, k = self.y.device, len(self.y), sum(self.draws)
-        order = epoch_order(n, self.seed, self.epoch) if self.train else torch.arange(n)
-        idxs = [order[i * self.bs:(i + 1) * self.bs][self.rank::self.world]  # this rank's share
-                for i in range(len(self))]
-        gen = torch.Generator(device=dev)  # the epoch's augmentation draws
-        gen.manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)
-        draws = [torch.rand(len(i), k, generator=gen, device=dev) if self.train else None
-                 for i in idxs]
-        idxs, draws = idxs[self.start:], draws[self.start:]  # the skipped batches' draws are made
-        if not idxs:  # stopped after the epoch's last batch: nothing of it is left
+        dev, n = self.y.device, len(self.y)  # the epoch's order: the same on every rank
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(
+            self.seed * 100_003 + self.epoch)) if self.train else torch.arange(n)
+        idxs = [order[i * self.bs:][:self.bs][self.rank::self.world] for i in range(len(self))]
+        gen = torch.Generator(dev).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)
+        draws = [torch.rand(len(i), sum(self.draws), generator=gen, device=dev)
+                 if self.train else None for i in idxs][self.start:]  # all drawn, skipped or not
+        idxs = idxs[self.start:]
+        if not idxs:  # stopped after the epoch's last batch
             return
         if isinstance(self.x, Files):
-            batches = torch.utils.data.DataLoader(self.x, batch_sampler=[i.tolist() for i in idxs],
-                                                  num_workers=self.workers,
-                                                  pin_memory=dev.type == "cuda")
-            xs = (xb.to(dev, non_blocking=True) for xb in batches)
+            xs = torch.utils.data.DataLoader(self.x, batch_sampler=[i.tolist() for i in idxs],
+                                             num_workers=self.workers,
+                                             pin_memory=dev.type == "cuda")
         else:
-            idxs = torch.cat(idxs).to(dev).split([len(i) for i in idxs])  # one copy, no sync a step
+            idxs = torch.cat(idxs).to(dev).split([len(i) for i in idxs])  # one copy, no syncs
             xs = (self.x[i] for i in idxs)
         for xb, idx, u in zip(xs, idxs, draws):
-            yield self.transform(xb, u), self.y[idx]
+            yield self.transform(xb.to(dev, non_blocking=True), u), self.y[idx]
 
 
 def corrupted(batches, kind, seed):
@@ -292,44 +239,41 @@ def corrupted(batches, kind, seed):
 
 
 def channel_stats(x):
-    """Per-channel mean and std of uint8 images (n, 3, H, W) on the [0, 1] scale (std >= 1/255)."""
+    """Per-channel mean and std (>= 1/255) of uint8 images (n, 3, H, W) on the [0, 1] scale."""
     f = x.float() / 255
     return f.mean((0, 2, 3)), f.std((0, 2, 3)).clamp_min(1 / 255)
 
 
 def loaders(cfg, device, rank=0, world=1):
-    """The loaders of a run, from its config (train.py's keys): (train, evaluate, test, classes,
-    mean, std). `evaluate` is what training evaluates on: the validation split when cfg.val_split
-    > 0 (a fixed random subset of the training images, the same for every seed), else the test
-    set; `test` is the test set, evaluated once at the end when there is a validation split."""
+    """(train, evaluate, test, classes, mean, std) for train.py's cfg; evaluate is cfg.val_split
+    training images (a fixed random subset) and test the test set, or evaluate the test set."""
     aug = dict(recipe=cfg.augment, seed=cfg.seed, rank=rank, world=world,
                compile=cfg.compile != "none" and str(device).startswith("cuda"))
+    test, bs, kw = None, 1000, {}
     if cfg.stream:
         classes, files = data.folder_files(cfg.data_dir)
-        tr, te = (Files(files[s][0], cfg.image_size) for s in ("train", "test"))
-        y_tr, y_te = (torch.tensor(files[s][1], device=device) for s in ("train", "test"))
-        sample = torch.stack([tr[i] for i in range(0, len(tr), max(1, len(tr) // 512))])
-        mean, std = channel_stats(sample)
-        return (Loader(tr, y_tr, cfg.batch_size, mean, std, True, workers=cfg.workers, **aug),
-                Loader(te, y_te, 500, mean, std, False, workers=cfg.workers), None, classes,
-                mean, std)
-    d = data.load(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.n_train, cfg.n_test)
-    x_tr, y_tr, x_te, y_te = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
-    if x_tr.shape[-1] != cfg.image_size:
-        raise data.DataError(f"{cfg.dataset} images are {x_tr.shape[-1]}px but --image_size is "
-                             f"{cfg.image_size}; pass --image_size {x_tr.shape[-1]}")
-    if cfg.val_split >= len(x_tr):
-        raise data.DataError(f"--val_split {cfg.val_split} leaves no training images (there are "
-                             f"{len(x_tr)}); lower it")
-    test = None
-    if cfg.val_split:  # files are often sorted by class: a random subset
-        perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))
-        keep, held = perm[:-cfg.val_split], perm[-cfg.val_split:]
-        test = x_te, y_te
-        x_tr, y_tr, x_te, y_te = x_tr[keep], y_tr[keep], x_tr[held], y_tr[held]
-    mean, std = channel_stats(x_tr[:10000])
-    x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
-    if test is not None:
-        test = Loader(test[0].to(device), test[1].to(device), 1000, mean, std, False)
-    return (Loader(x_tr, y_tr, cfg.batch_size, mean, std, True, **aug),
-            Loader(x_te, y_te, 1000, mean, std, False), test, d["classes"], mean, std)
+        (x_tr, y_tr), (x_te, y_te) = ((Files(p, cfg.image_size), torch.tensor(y))
+                                      for p, y in files.values())
+        step = max(1, len(x_tr) // 512)  # the statistics of 512 images
+        mean, std = channel_stats(torch.stack([x_tr[i] for i in range(0, len(x_tr), step)]))
+        bs, kw = 500, dict(workers=cfg.workers)
+    else:
+        d = data.load(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.n_train, cfg.n_test)
+        x_tr, y_tr, x_te, y_te, _, classes = d.values()
+        if x_tr.shape[-1] != cfg.image_size:
+            raise data.DataError(f"{cfg.dataset} images are {x_tr.shape[-1]}px but --image_size "
+                                 f"is {cfg.image_size}; pass --image_size {x_tr.shape[-1]}")
+        if cfg.val_split >= len(x_tr):
+            raise data.DataError(f"--val_split {cfg.val_split} leaves no training images (there "
+                                 f"are {len(x_tr)}); lower it")
+        if cfg.val_split:  # files are often sorted by class: a random subset
+            perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))
+            keep, held = perm[:-cfg.val_split], perm[-cfg.val_split:]
+            test = x_te, y_te
+            x_tr, y_tr, x_te, y_te = x_tr[keep], y_tr[keep], x_tr[held], y_tr[held]
+        mean, std = channel_stats(x_tr[:10000])
+        x_tr, x_te = x_tr.to(device), x_te.to(device)
+        if test:
+            test = Loader(test[0].to(device), test[1].to(device), bs, mean, std, False)
+    return (Loader(x_tr, y_tr.to(device), cfg.batch_size, mean, std, True, **kw, **aug),
+            Loader(x_te, y_te.to(device), bs, mean, std, False, **kw), test, classes, mean, std)

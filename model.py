@@ -4,12 +4,11 @@ A small Vision Transformer whose attention is one switch: softmax | pure | linea
     ViT: patch embedding (a Linear on flattened patches) -> [CLS] + tokens + learned positions
          -> n_layer pre-LN blocks (x + Attn(LN(x)), x + MLP(LN(x))) -> LN -> linear head on CLS
 
-The three attentions (see infsa.py):
     softmax  softmax(q k^T / sqrt(d_h)) v, through PyTorch's fused SDPA kernel
     pure     Pure-InfSA: sum_{t=1..K} gamma^t A_hat^t v, A_hat the normalised ReLU affinity
     linear   Linear-InfSA: gamma * sum_j a_j v_j, the same context vector for every token
-gamma = sigmoid(logit), one learnable value per head (pure and linear; softmax has none), trained
-by the optimiser with the weights but without weight decay (train.py decays matrices alone).
+gamma = sigmoid(logit), one learnable value per head (softmax has none), trained with the
+weights but without weight decay (train.py decays the weight matrices alone).
 """
 import math
 from dataclasses import dataclass
@@ -40,7 +39,6 @@ class ViTConfig:
     hops: int = 3            # K, Neumann terms per layer (pure)
     gamma_init: float = 0.9  # initial discount gamma for every head (pure, linear)
     init_std: float = 0.0    # Linear weights: 0 = Xavier-uniform, > 0 = N(0, init_std^2)
-    bias: bool = True
 
     def __post_init__(self):
         if self.attn not in ATTN_KINDS:
@@ -77,31 +75,28 @@ FUSED_MIN_TOKENS = 256
 
 
 def pure_attention(q, k, v, gamma, hops, eps=1e-6):
-    """Pure-InfSA as the model runs it. On CUDA with N >= FUSED_MIN_TOKENS:
-    relu_hop.pure_infsa_fused, each hop one Triton kernel, O(N d) memory. Otherwise
-    sum_t c^t S^t v with c = gamma / (||S||_F + eps), which is sum_t gamma^t A_hat^t v without
-    forming A_hat, on N padded with zero tokens to a multiple of 8: exact (a zero query or key
-    adds a zero row or column to S, so ||S||_F and the real tokens' outputs are unchanged), and
-    GPU bf16 matrix products take their aligned kernels."""
+    """Pure-InfSA as the model runs it: on CUDA from FUSED_MIN_TOKENS, relu_hop.pure_infsa_fused
+    (O(N d) memory); else sum_t (gamma / (||S||_F + eps))^t S^t v, the same sum without forming
+    A_hat, on N padded with zero tokens to a multiple of 8: exact (a zero query or key adds a
+    zero row or column to S), and bf16 matrix products take their aligned kernels."""
     N = q.shape[-2]
     if q.is_cuda and N >= FUSED_MIN_TOKENS:
         return relu_hop.pure_infsa_fused(q, k, v, gamma, hops, eps)
     q, k, v = (F.pad(t, (0, 0, 0, -N % 8)) for t in (q, k, v))  # each (B, H, 8 * ceil(N / 8), d)
     S = infsa.relu_scores(q, k)
-    c = gamma / (infsa.frobenius_norm(S) + eps)  # (B, H, 1, 1): gamma A_hat = c S
-    return infsa.neumann_series(S, v, c, hops)[..., :N, :]
+    gamma_over_norm = gamma / (infsa.frobenius_norm(S) + eps)  # (B, H, 1, 1): gamma A_hat = it S
+    return infsa.neumann_series(S, v, gamma_over_norm, hops)[..., :N, :]
 
 
 class Attention(nn.Module):
-    """Multi-head attention with fused qkv; cfg.attn picks the mixing rule.
-    Set `self.keep_maps = True` to store per-head maps in `self.maps` on the next forward
-    (ViT.attention_maps does this); training never pays for them."""
+    """Multi-head attention with fused qkv; cfg.attn picks the mixing rule. With keep_maps, the
+    next forward stores per-head maps in `maps` (ViT.attention_maps); training never pays."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.n_head = cfg, cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         if cfg.attn != "softmax":  # softmax has no discount
             logit = math.log(cfg.gamma_init / (1 - cfg.gamma_init))
             self.gamma_logit = nn.Parameter(torch.full((cfg.n_head,), logit))
@@ -147,8 +142,8 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         hidden = int(cfg.mlp_ratio * cfg.n_embd)
-        self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.fc = nn.Linear(cfg.n_embd, hidden)
+        self.proj = nn.Linear(hidden, cfg.n_embd)
 
     def forward(self, x):
         return self.proj(F.gelu(self.fc(x)))
@@ -194,18 +189,27 @@ class ViT(nn.Module):
 
     @staticmethod
     def _init(m, std):
-        """std = 0: Xavier-uniform, which scales with width (0.02, ViT/GPT practice at width >= 768,
-        is several times too small below width 128). std > 0: N(0, std^2) cut at +-2."""
+        """std = 0: Xavier-uniform, which scales with width (0.02, ViT/GPT practice at width >=
+        768, is several times too small below 128); std > 0: N(0, std^2) cut at +-2; biases 0."""
         if isinstance(m, nn.Linear):
             if std > 0:
                 nn.init.trunc_normal_(m.weight, std=std)
             else:
                 nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            nn.init.zeros_(m.bias)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    def optimizer(self, lr, weight_decay, fused=False):
+        """AdamW, betas (0.9, 0.99), with weight decay on the weight matrices alone: not on
+        biases, LayerNorms, positions, CLS or gamma."""
+        groups = ([], [])
+        for n, p in self.named_parameters():
+            groups[p.dim() >= 2 and n not in ("cls", "pos")].append(p)
+        return torch.optim.AdamW([dict(params=groups[True], weight_decay=weight_decay),
+                                  dict(params=groups[False], weight_decay=0.0)],
+                                 lr=lr, betas=(0.9, 0.99), fused=fused)
 
     def embed(self, images):
         """Patch embedding: every p x p patch, widened by o = patch_overlap pixels on each side
@@ -231,8 +235,8 @@ class ViT(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, images):
-        """Run one forward pass and return (logits, [maps of layer 0, 1, ...]); see Attention._maps.
-        Token 0 is CLS; tokens 1.. are patches in row-major order."""
+        """One forward pass: (logits, [each layer's Attention._maps]). Token 0 is CLS; tokens 1..
+        are the patches in row-major order."""
         mods = [b.attn for b in self.blocks]
         for m in mods:
             m.keep_maps = True

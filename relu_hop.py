@@ -1,21 +1,19 @@
 """
 One Pure-InfSA hop as a fused GPU kernel, and Pure-InfSA built from it: never an N x N matrix.
 
-    S = scale q k^T (scale = 1 / sqrt(d_h)),   o_i = sum_j ReLU(s_ij) z_j,   s2_i = sum_j ReLU(s_ij)^2
+    S = scale q k^T (scale = 1 / sqrt(d_h)),  o_i = sum_j ReLU(s_ij) z_j,  s2_i = sum_j ReLU(s_ij)^2
 
-A program takes a tile of BM queries of one head and streams the keys and values past it in tiles of BN: per tile
-one product q k^T, a ReLU, one product ReLU(S) z, accumulated in fp32. ReLU attention needs none of FlashAttention's
-machinery (no running maximum, no exp, no rescaling): ReLU(S) z is a plain sum over key tiles. ReLU is positively
-homogeneous, ReLU(scale r) = scale ReLU(r), so the kernels score r = q k^T and apply scale once to each (N, d)
-accumulator instead of once to each of the N^2 scores. The backward pass recomputes S tile by tile the same way:
+A program holds BM queries of one head and streams keys and values past them in tiles of BN: per
+tile q k^T, a ReLU and ReLU(S) z, summed in fp32. ReLU needs none of FlashAttention's running
+maximum or rescaling, and ReLU(scale r) = scale ReLU(r): scale is applied once, to the sums. The
+backward pass recomputes S tile by tile, in one kernel over key tiles and one over query tiles:
 
-    dS_ij = [s_ij > 0] (dO_i . z_j + 2 ds2_i s_ij),   dq = scale dS k,   dk = scale dS^T q,   dz = ReLU(S)^T dO
+    dS_ij = [s_ij > 0] (dO_i . z_j + 2 ds2_i s_ij),  dq = scale dS k,  dk = scale dS^T q,
+    dz = ReLU(S)^T dO
 
-one kernel over key tiles (dk, dz) and one over query tiles (dq), so that no output tile has two writers.
-ops() registers relu_hop as a torch.library.triton_op with its backward, so torch.compile traces through it (CUDA graphs
-too). Triton is imported only where it is installed (CI has none); on the CPU the kernels run under Triton's
-interpreter (TRITON_INTERPRET=1 set before this import), which tests/test_relu_hop.py uses at tiny sizes.
-pure_infsa_fused builds Pure-InfSA from relu_hop in plain torch: autograd does the norm, gamma and the sum.
+ops() registers the hop as a torch.library.triton_op with its backward, which torch.compile
+traces (CUDA graphs too). Without a GPU the kernels run under Triton's interpreter
+(TRITON_INTERPRET=1 before this import).
 """
 import math
 import os
@@ -28,56 +26,57 @@ import infsa
 try:
     import triton
     import triton.language as tl
-except ImportError:  # no Triton: everything still imports; pure_infsa_fused refuses with a clear error
-    triton, tl = None, SimpleNamespace(constexpr=None)  # tl.constexpr only annotates the kernels' arguments
+except ImportError:  # pure_infsa_fused refuses; tl.constexpr only annotates arguments
+    triton, tl = None, SimpleNamespace(constexpr=None)
 
 # where the kernels can run: a GPU, or Triton's interpreter
-AVAILABLE = triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-# (BM queries, BN keys, warps, pipeline stages) per kernel: the fastest of 7-9 tried on an H200 at d_h = 16
-# (bf16, 64 heads, 16,385 tokens: forward 381, backward over keys 222, over queries 347 TFLOP/s)
+AVAILABLE = triton is not None and (torch.cuda.is_available()
+                                    or os.environ.get("TRITON_INTERPRET") == "1")
+# (BM queries, BN keys, warps, pipeline stages) per kernel: the fastest of 7-9 tried on an H200
+# at d_h = 16 (bf16, 64 heads, 16,385 tokens: forward 381, backward 222 and 347 TFLOP/s)
 CONFIG = {"fwd": (128, 64, 4, 3), "bwd_kz": (32, 128, 4, 3), "bwd_q": (128, 64, 4, 3)}
 
 
 def _jit(fn):
-    """triton.jit where Triton is installed; without it the kernels stay plain functions that nothing calls. Triton
-    compiles a kernel again for each new kind of integer argument (1, a multiple of 16, other); the head count and the
-    token count gain nothing from that, so only the strides are specialised on (their multiples of 16 allow wide loads)."""
+    """triton.jit where Triton is installed, specialised on the strides only: the head and token
+    counts would compile again for each kind of integer (1, a multiple of 16, other)."""
     return triton.jit(fn, do_not_specialize=["H", "N"]) if triton is not None else fn
 
 
 @_jit
 def _rows(P, r, cols, stride, N, D):
-    """The tile P[r, cols] of an (N, D) matrix with row stride `stride` (columns contiguous): rows past N and columns
-    past D read as 0, which is what zero-padding the matrix to the kernels' widths would give, without the copy.
-    D is a constexpr, so the compiler sees the column mask is constant over runs of 16 columns and keeps wide loads."""
-    return tl.load(P + r[:, None] * stride + cols[None, :], mask=(r[:, None] < N) & (cols[None, :] < D), other=0.0)
+    """The tile P[r, cols] of an (N, D) matrix of row stride `stride`; rows past N and columns
+    past D read as 0, as zero-padding would give."""
+    mask = (r[:, None] < N) & (cols[None, :] < D)
+    return tl.load(P + r[:, None] * stride + cols[None, :], mask=mask, other=0.0)
 
 
 @_jit
 def _put(P, r, cols, stride, N, D, value):
-    """Store value into the tile P[r, cols] of an (N, D) matrix, as _rows reads it: rows past N, columns past D skipped."""
-    tl.store(P + r[:, None] * stride + cols[None, :], value, mask=(r[:, None] < N) & (cols[None, :] < D))
+    """Store value into the tile P[r, cols]; rows past N, columns past D skipped."""
+    mask = (r[:, None] < N) & (cols[None, :] < D)
+    tl.store(P + r[:, None] * stride + cols[None, :], value, mask=mask)
 
 
 @_jit
-def _hop_fwd(Q, K, Z, O, S2, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl.constexpr, DVR: tl.constexpr,
-             DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_S2: tl.constexpr,
-             PREC: tl.constexpr):
-    """o_i = scale sum_j ReLU(r_ij) z_j and s2_i = scale^2 sum_j ReLU(r_ij)^2, r = q k^T, for BM queries of one head."""
-    bh = tl.program_id(1).to(tl.int64)  # b H + h; int64 because offsets pass 2^31 at a few 100k tokens
+def _hop_fwd(Q, K, Z, O, S2, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl.constexpr,
+             DVR: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
+             BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
+    """o_i = scale sum_j ReLU(r_ij) z_j and s2_i = scale^2 sum_j ReLU(r_ij)^2, r = q k^T, for BM
+    queries of one head."""
+    bh = tl.program_id(1).to(tl.int64)  # b H + h; int64: offsets pass 2^31 at 100k's of tokens
     b, h = bh // H, bh % H
     i = tl.program_id(0) * BM + tl.arange(0, BM)  # this tile's queries
     dk, dv = tl.arange(0, DK), tl.arange(0, DV)
-    Q, K, Z = Q + b * sb + h * sh, K + b * sb + h * sh, Z + b * zb + h * zh  # q, k share strides; z has its own
+    Q, K, Z = Q + b * sb + h * sh, K + b * sb + h * sh, Z + b * zb + h * zh  # q, k share strides
     q = _rows(Q, i, dk, sn, N, D)  # (BM, DK)
     o = tl.zeros((BM, DV), tl.float32)
     s2 = tl.zeros((BM,), tl.float32)
     for start in range(0, N, BN):
         j = start + tl.arange(0, BN)
-        # keys past N load as 0, so their scores are 0 and ReLU drops them: S needs no mask
-        k = _rows(K, j, dk, sn, N, D)  # (BN, DK)
+        k = _rows(K, j, dk, sn, N, D)  # (BN, DK); keys past N are 0, so ReLU drops their scores
         z = _rows(Z, j, dv, zn, N, DVR)  # (BN, DV)
-        p = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)  # ReLU(q k^T): (BM, BN), fp32
+        p = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)  # ReLU(q k^T), fp32
         if WITH_S2:  # the norm needs it once, in the first hop
             s2 += tl.sum(p * p, 1)
         o = tl.dot(p.to(z.dtype), z, o, input_precision=PREC)  # o += ReLU(r) z, in fp32
@@ -87,10 +86,10 @@ def _hop_fwd(Q, K, Z, O, S2, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl.constexp
 
 
 @_jit
-def _hop_bwd_kz(Q, K, Z, DO, DS2, DKo, DZo, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl.constexpr, DVR: tl.constexpr,
-                DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_S2: tl.constexpr,
-                PREC: tl.constexpr):
-    """dk_j = scale sum_i dS_ij q_i and dz_j = sum_i ReLU(s_ij) dO_i for BN keys of one head, over every query tile."""
+def _hop_bwd_kz(Q, K, Z, DO, DS2, DKo, DZo, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl.constexpr,
+                DVR: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
+    """dk_j = scale sum_i dS_ij q_i and dz_j = sum_i ReLU(s_ij) dO_i for BN keys of one head."""
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     j = tl.program_id(0) * BN + tl.arange(0, BN)  # this tile's keys
@@ -106,7 +105,7 @@ def _hop_bwd_kz(Q, K, Z, DO, DS2, DKo, DZo, sb, sh, sn, zb, zh, zn, H, N, scale,
         q = _rows(Q, i, dk, sn, N, D)  # (BM, DK)
         do = _rows(DO, i, dv, DVR, N, DVR)  # (BM, DV)
         rT = tl.dot(k, tl.trans(q), input_precision=PREC)  # r^T = k q^T, recomputed: (BN, BM)
-        gz = tl.dot(tl.maximum(rT, 0.0).to(do.dtype), do, gz, input_precision=PREC)  # dz += ReLU(r)^T dO
+        gz = tl.dot(tl.maximum(rT, 0.0).to(do.dtype), do, gz, input_precision=PREC)  # ReLU(r)^T dO
         gT = tl.dot(z, tl.trans(do), input_precision=PREC)  # z_j . dO_i: (BN, BM)
         if WITH_S2:  # + 2 ds2_i s_ij, with s = scale r
             gT += (2 * scale * tl.load(DS2 + i, mask=i < N, other=0.0))[None, :] * rT
@@ -117,9 +116,9 @@ def _hop_bwd_kz(Q, K, Z, DO, DS2, DKo, DZo, sb, sh, sn, zb, zh, zn, H, N, scale,
 
 
 @_jit
-def _hop_bwd_q(Q, K, Z, DO, DS2, DQo, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl.constexpr, DVR: tl.constexpr,
-               DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_S2: tl.constexpr,
-               PREC: tl.constexpr):
+def _hop_bwd_q(Q, K, Z, DO, DS2, DQo, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl.constexpr,
+               DVR: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, WITH_S2: tl.constexpr, PREC: tl.constexpr):
     """dq_i = scale sum_j dS_ij k_j for BM queries of one head, over every key tile."""
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -146,10 +145,14 @@ def _hop_bwd_q(Q, K, Z, DO, DS2, DQo, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl
 # the custom ops: what torch.compile and autograd see
 
 
+def _width(d):
+    """The kernels' width for a head size d: the next power of two, at least 16 (tl.dot's)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
 def _launch(kernel, cfg, over, tensors, scale, with_s2):
-    """kernel[grid](*tensors, strides, ..., scale, ...) with CONFIG[cfg]; one program per (tile of `over`: "q" or "k",
-    head); tensors (q, k, z, *rest) as _kernel_layout gives them, 4-d (B, H, N, d), the rest contiguous.
-    The tile a program owns holds its fp32 accumulators in registers: wider heads get proportionally fewer rows."""
+    """kernel over a grid of (tiles of `over`, "q" or "k"; heads) with CONFIG[cfg]; tensors (q, k,
+    z, *rest), (B, H, N, d). Registers hold a tile's fp32 sums: wider heads get fewer rows."""
     BM, BN, warps, stages = CONFIG[cfg]
     q, k, z = tensors[:3]
     B, H, N, d = q.shape
@@ -157,16 +160,17 @@ def _launch(kernel, cfg, over, tensors, scale, with_s2):
     rows = lambda r: max(16, r * 16 // max(DK, DV))  # noqa: E731 (r rows at d = 16)
     BM, BN = (rows(BM), BN) if over == "q" else (BM, rows(BN))
     grid = (triton.cdiv(N, BM if over == "q" else BN), B * H)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # ieee: fp32 products exact to fp32, not TF32's 10 bits
-    # wrap_triton lets torch.compile see the kernel; Triton's interpreter makes plain functions, which it refuses (torch 2.11)
-    run = torch.library.wrap_triton(kernel) if isinstance(kernel, triton.runtime.JITFunction) else kernel
-    run[grid](*tensors, *q.stride()[:3], *z.stride()[:3], H, N, scale, D=d, DVR=z.shape[-1], DK=DK, DV=DV, BM=BM, BN=BN,
-              WITH_S2=with_s2, PREC=prec, num_warps=warps, num_stages=stages)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # ieee: fp32 products exact to fp32
+    # wrap_triton lets torch.compile see the kernel; the interpreter's plain functions it refuses
+    jit = isinstance(kernel, triton.runtime.JITFunction)
+    run = torch.library.wrap_triton(kernel) if jit else kernel
+    run[grid](*tensors, *q.stride()[:3], *z.stride()[:3], H, N, scale, D=d, DVR=z.shape[-1], DK=DK,
+              DV=DV, BM=BM, BN=BN, WITH_S2=with_s2, PREC=prec, num_warps=warps, num_stages=stages)
 
 
 def _kernel_layout(q, k, z):
-    """q, k, z as the kernels read them: unit stride along d, and one set of strides for q and k. The model's q, k, v
-    are strided views of one qkv tensor, which already are: the kernels read them in place, with no copy."""
+    """q, k, z with unit stride along d, q and k with one set of strides: the model's q, k, v
+    (views of one qkv tensor) already are, and are read in place."""
     q, k, z = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, z))
     return (q, k, z) if q.stride() == k.stride() else (q.contiguous(), k.contiguous(), z)
 
@@ -175,17 +179,16 @@ _ops = {}  # the registered custom op, filled by ops() on first use
 
 
 def ops():
-    """The custom op infsa::relu_hop (a triton_op with its backward registered, so torch.compile sees it), registered
-    on first use: registering imports torch's compiler, seconds that a process which never runs the kernels need not
-    spend. model.ViT registers it when it is built, before torch.compile traces the model."""
+    """The custom op infsa::relu_hop with its backward, registered on first use (it imports
+    torch's compiler); model.ViT registers it before torch.compile traces the model."""
     if _ops:
         return _ops["relu_hop"]
 
     @torch.library.triton_op("infsa::relu_hop", mutates_args=())
     def relu_hop(q: torch.Tensor, k: torch.Tensor, z: torch.Tensor, scale: float, with_s2: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(o, s2) for q, k (B, H, N, d), z (B, H, N, dv): o = ReLU(scale q k^T) z (B, H, N, dv), summed in fp32 and
-        returned in z's dtype, and, when with_s2, s2 = the row sums of ReLU(scale q k^T)^2 (B, H, N) in fp32 (else 0)."""
+        """(o, s2) for q, k (B, H, N, d), z (B, H, N, dv): o = ReLU(scale q k^T) z, summed in fp32,
+        in z's dtype; with_s2: s2 = the row sums of ReLU(scale q k^T)^2 (B, H, N), fp32 (else 0)."""
         q, k, z = _kernel_layout(q, k, z)
         o = z.new_empty(z.shape)
         s2 = q.new_zeros(q.shape[:3], dtype=torch.float32)
@@ -193,9 +196,10 @@ def ops():
         return o, s2
 
     @torch.library.triton_op("infsa::relu_hop_backward", mutates_args=())
-    def relu_hop_backward(q: torch.Tensor, k: torch.Tensor, z: torch.Tensor, do: torch.Tensor, ds2: torch.Tensor,
-                          scale: float, with_s2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dq, dk, dz) of relu_hop, given dO (B, H, N, dv) and ds2 (B, H, N), in the dtypes of q, k, z."""
+    def relu_hop_backward(q: torch.Tensor, k: torch.Tensor, z: torch.Tensor, do: torch.Tensor,
+                          ds2: torch.Tensor, scale: float, with_s2: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dq, dk, dz) of relu_hop, given dO (B, H, N, dv) and ds2 (B, H, N)."""
         q, k, z = _kernel_layout(q, k, z)
         do, ds2 = do.to(z.dtype).contiguous(), ds2.float().contiguous()  # products in z's dtype
         dq, dk, dz = q.new_empty(q.shape), k.new_empty(k.shape), z.new_empty(z.shape)
@@ -210,50 +214,44 @@ def ops():
     def _backward(ctx, do, ds2):
         q, k, z = ctx.saved_tensors
         ds2 = torch.zeros(q.shape[:3], device=q.device) if ds2 is None else ds2
-        dq, dk, dz = relu_hop_backward(q, k, z, do, ds2, ctx.scale, ctx.with_s2)
-        return dq, dk, dz, None, None
+        return *relu_hop_backward(q, k, z, do, ds2, ctx.scale, ctx.with_s2), None, None
 
     relu_hop.register_autograd(_backward, setup_context=_setup_context)
     _ops["relu_hop"] = relu_hop
     return relu_hop
 
-
 # -----------------------------------------------------------------------------
 # Pure-InfSA from fused hops
 
 
-def _width(d):
-    """The kernels' width for a head size d: the next power of two, at least 16 (tl.dot's smallest)."""
-    return max(16, 1 << (d - 1).bit_length())
-
-
 def pure_infsa_fused(q, k, v, gamma, hops=3, eps=1e-6):
-    """infsa.pure_infsa by fused hops: Y = sum_{t=1..hops} z_t,  z_0 = v,  z_t = gamma A_hat z_{t-1}, with
+    """infsa.pure_infsa by fused hops: Y = sum_{t=1..hops} z_t, z_0 = v, z_t = gamma A_hat z_{t-1},
 
-        A_hat z = ReLU(S) z / (||ReLU(S)||_F + eps),   ||ReLU(S)||_F^2 = sum_i s2_i  (from the first hop),
+        A_hat z = ReLU(S) z / (||ReLU(S)||_F + eps),   ||ReLU(S)||_F^2 = sum_i s2_i (first hop),
 
-    each ReLU(S) z one relu_hop call: O(N d) memory, S recomputed tile by tile in every hop. q, k (..., N, d_h),
-    v (..., N, d_v), fp32 / bf16 / fp16 on a device Triton runs on; gamma a float or a tensor broadcastable
-    against (..., 1, 1) (one per head), which receives its gradient; gamma / (||ReLU(S)||_F + eps) is computed in
-    fp32, then applied to each hop in the data's dtype (as in infsa). The kernels read q, k, v where they lie (strided
-    views such as the model's take no copy); head sizes that are not a power of two >= 16 load as zero-padded columns
-    (exact: they add nothing to q . k, and o's extra columns are never stored)."""
+    each ReLU(S) z one relu_hop call: O(N d) memory. q, k, v fp32 / bf16 / fp16; gamma a float or
+    a tensor against (..., 1, 1), which gets its gradient; gamma / (||ReLU(S)||_F + eps) in fp32,
+    applied in the data's dtype (as in infsa). A head size that is not a power of two >= 16 loads
+    as zero-padded columns (exact: they add nothing to q . k)."""
     if not AVAILABLE:
-        raise RuntimeError("relu_hop needs Triton and a GPU (or Triton's interpreter, TRITON_INTERPRET=1); "
-                           "infsa.pure_infsa computes the same sum")
+        raise RuntimeError("relu_hop needs Triton and a GPU (or Triton's interpreter, "
+                           "TRITON_INTERPRET=1); infsa.pure_infsa computes the same sum")
     infsa._check_qkv(q, k, v)
     infsa._check_gamma(gamma)
     infsa._check_hops(hops)
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"relu_hop runs fp32, bf16 or fp16, one dtype for q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
+    dtypes = {q.dtype, k.dtype, v.dtype}
+    if len(dtypes) > 1 or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"relu_hop runs fp32, bf16 or fp16, one dtype for q, k, v; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
     *lead, N, d = q.shape
-    four_d = lambda t: t.reshape(-1, *([1] + list(t.shape))[-3:])  # noqa: E731 (..., N, d) -> (B, H, N, d): a view for 4-d
-    q, k, z, y, a, hop = four_d(q), four_d(k), v, 0, None, ops()
+    four_d = lambda t: t.reshape(-1, *([1] + list(t.shape))[-3:])  # noqa: E731 (..., N, d) -> 4-d
+    q, k, z, y, hop = four_d(q), four_d(k), v, 0, ops()
     for t in range(hops):
         o, s2 = hop(q, k, four_d(z), 1 / math.sqrt(d), t == 0)  # (B, H, N, d_v), (B, H, N)
-        if t == 0:  # gamma / (||ReLU(S)||_F + eps); the clamp keeps sqrt's gradient finite when S = 0
-            norm = s2.view(*lead, N).sum(-1).clamp_min(1e-30).sqrt()[..., None, None]  # (..., 1, 1)
-            a = (gamma.float() if isinstance(gamma, torch.Tensor) else gamma) / (norm + eps)
-        z = a.to(o.dtype) * o.view(v.shape)  # z_t = gamma A_hat z_{t-1}, scaled in the data's dtype as in infsa
+        if t == 0:  # the clamp keeps sqrt's gradient finite when S = 0
+            norm = s2.view(*lead, N).sum(-1).clamp_min(1e-30).sqrt()[..., None, None]  # (.., 1, 1)
+            g = gamma.float() if isinstance(gamma, torch.Tensor) else gamma
+            gamma_over_norm = g / (norm + eps)
+        z = gamma_over_norm.to(o.dtype) * o.view(v.shape)  # z_t = gamma A_hat z_{t-1}
         y = z if t == 0 else y + z  # (..., N, d_v)
     return y

@@ -1,14 +1,7 @@
 """
-The system around a run, apart from training itself:
-
-    write_atomic   the one writer of every file the project makes
-    setup_device   the device; under torchrun one process per GPU (NCCL) or per CPU process (gloo)
-    precision      autocast in bf16 or fp16 (fp16 with a gradient scaler), or fp32
-    flat_grads     every gradient in one buffer: data parallel is one all-reduce per step
-    run_folder     one run per folder, never replaced unasked
-    save_checkpoint / load_checkpoint / rng_states / restore_rng    a checkpoint is data; a resume is exact
-    Timer          a run's time and speed, over all its commands
-    Stop           SIGINT and SIGTERM stop a run at its next log interval, with a checkpoint
+The system around a run, apart from training itself: the one writer of files (write_atomic),
+devices and torchrun processes, precision, one gradient buffer for data parallel, one run per
+folder, checkpoints that are data and resume exactly, the run's clock, and stop signals.
 """
 import contextlib
 import fcntl
@@ -32,11 +25,9 @@ class WriteError(Exception):
 
 
 def write_atomic(path, write, binary=False):
-    """write(f) into a new temporary file beside path (its folder made if need be), flushed to
-    disk, then renamed over path. A crash leaves the old file or the new one, never half of one;
-    the temporary file is created exclusively and the rename replaces a link at path, so nothing
-    is written through a link; two writers of one path each rename a whole file. Raises
-    WriteError naming path."""
+    """write(f) into a new temporary file beside path, flushed to disk, renamed over path. A crash
+    leaves the old file or the new, never half of one; nothing is written through a link (the
+    rename replaces a link at path); two writers each rename a whole file."""
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -53,15 +44,14 @@ def write_atomic(path, write, binary=False):
 
 
 def setup_device(name):
-    """(device, rank, world): under torchrun, one process per GPU (NCCL) or per CPU process (gloo)."""
+    """(device, rank, world): under torchrun one process per GPU (NCCL) or CPU process (gloo)."""
     if name == "auto":
-        mps = torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else ("mps" if mps else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         torch.empty(0, device=name)
     except (RuntimeError, AssertionError) as e:
-        die(f"--device {name} is not usable here ({str(e).splitlines()[0][:80]}); "
-            f"use auto, cpu, cuda, cuda:N or mps")
+        die(f"--device {name} is not usable here ({str(e).splitlines()[0][:80]}); use auto, "
+            f"cpu, cuda or cuda:N")
     if "RANK" not in os.environ:
         return name, 0, 1
     if not torch.distributed.is_initialized():
@@ -73,24 +63,23 @@ def setup_device(name):
 
 
 def precision(dev, dtype):
-    """(dtype, autocast context, gradient scaler) for --dtype. auto: bf16 on a GPU that has it,
-    fp16 on one that has not, fp32 on a CPU. The scaler is on for fp16 alone: it multiplies the
-    loss so that small fp16 gradients do not flush to zero, divides it out before the update,
-    and skips a step whose gradients overflowed (then lowers the scale)."""
+    """(dtype, autocast, scaler) for --dtype; auto: bf16 on a GPU that has it, else fp16; fp32 on
+    a CPU. The scaler works for fp16 alone: it multiplies the loss so that small gradients do not
+    flush to zero, divides it out before the update, and skips a step whose gradients overflowed
+    (then lowers the scale)."""
     kind = torch.device(dev).type
-    if dtype == "auto":
-        bf16 = kind == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if bf16 else "float16" if kind == "cuda" else "float32"
-    ctx = contextlib.nullcontext()
-    if dtype != "float32":
-        ctx = torch.autocast(kind, dtype=getattr(torch, dtype))
-    return dtype, ctx, torch.amp.GradScaler(kind, enabled=dtype == "float16")
+    if dtype == "auto" and kind == "cuda":
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dtype in ("auto", "float32"):
+        return "float32", contextlib.nullcontext(), torch.amp.GradScaler(kind, enabled=False)
+    return dtype, torch.autocast(kind, getattr(torch, dtype)), torch.amp.GradScaler(
+        kind, enabled=dtype == "float16")
 
 
 def flat_grads(params):
-    """Gradients in one flat fp32 buffer (each p.grad a view into it), zeroed in place between
-    steps: data parallel is one all-reduce of it per step, outside the compiled step. DDP's hooks
-    run inside backward and turn off the CUDA graphs this small, launch-bound model needs."""
+    """Gradients in one fp32 buffer (each p.grad a view into it): data parallel is one all-reduce
+    of it a step, outside the compiled step. DDP's hooks would run inside backward and turn off
+    the CUDA graphs this small model needs."""
     flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
     i = 0
     for p in params:
@@ -101,10 +90,8 @@ def flat_grads(params):
 
 @contextlib.contextmanager
 def run_folder(out, master, replace):
-    """One run per folder at a time: an exclusive lock on the folder itself, which the system
-    drops when the process ends however it ends. Unless `replace` (a resume, or --overwrite), a
-    folder that holds any file of a run is refused. Every file a run writes goes through
-    write_atomic."""
+    """One run per folder at a time: a lock on the folder itself, which the system drops when the
+    process ends, however it ends. Unless `replace`, a folder holding a run's file is refused."""
     if not master:
         yield
         return
@@ -128,12 +115,12 @@ def run_folder(out, master, replace):
 
 
 def load_checkpoint(path):
-    """A checkpoint is data: tensors, numbers, strings, lists and dicts (torch.load weights_only)."""
+    """A checkpoint is data: tensors, numbers, strings, lists, dicts (torch.load weights_only)."""
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}; train first (python train.py) or point --out_dir at a run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or objects that only code could rebuild
+    except Exception as e:  # truncated, not a torch file, or objects that only code could build
         why = str(e).strip().splitlines()[-1][:80] if "weights_only" in str(e) else type(e).__name__
         die(f"{path} is not a readable checkpoint ({why}); delete it or pick another --out_dir")
     if not isinstance(ckpt, dict) or not {"model", "model_args", "config", "progress"} <= set(ckpt):
@@ -142,9 +129,8 @@ def load_checkpoint(path):
 
 
 def save_checkpoint(out, model, state):
-    """ckpt.pt (the weights and `state`) and log.jsonl (state["log"]), each written atomically, only
-    when the weights are finite: a diverged run never replaces a good checkpoint. A summary.json
-    from before goes: it describes a finished run, and this one is not."""
+    """ckpt.pt and log.jsonl, when the weights are finite: a diverged run never replaces a good
+    checkpoint. A summary.json goes: it describes a finished run."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         die(f"the weights are not finite after step {state['progress']['step']}; stopped, "
             f"{out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr")
@@ -155,15 +141,14 @@ def save_checkpoint(out, model, state):
 
 
 def write_log(out, log):
-    """log.jsonl, one record a line: it always describes the checkpoint beside it, or the finished run."""
     lines = [json.dumps(r) + "\n" for r in log]
     write_atomic(os.path.join(out, "log.jsonl"), lambda f: f.writelines(lines))
 
 
 def rng_states(dev, world):
-    """Every random state a rank draws from (the CPU's; its CUDA device's), of every rank, by rank."""
-    cuda = torch.cuda.get_rng_state(dev) if dev.startswith("cuda") else None
-    mine = dict(cpu=torch.get_rng_state(), cuda=cuda)
+    """Every random state each rank draws from: the CPU's, its GPU's."""
+    mine = dict(cpu=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state(dev) if dev.startswith("cuda") else None)
     states = [mine] * world
     if world > 1:
         torch.distributed.all_gather_object(states, mine)
@@ -179,54 +164,45 @@ def restore_rng(states, dev, rank, world):
 
 
 class Timer:
-    """A run's time, kept in its progress over all its commands: wall_s, the time of training
-    (steps, compile, validation; a pass over the test set left out), and img/s over log intervals,
-    each command's first (the compile) left out."""
+    """A run's clock, kept in its progress over all its commands: wall_s, the time of training
+    (steps, compile, validation; not a pass over the test set), and img/s over log intervals,
+    each command's first (its compile) left out."""
 
     def __init__(self, progress):
-        self.p, self.start, self.t0, self.first = progress, time.time() - progress["wall_s"], 0, True
+        self.p, self.first = progress, True
+        self.start = self.t0 = time.time() - progress.wall_s
 
     def restart(self):
-        """An interval starts: the next lap times from here."""
         self.t0 = time.time()
 
     def lap(self, images):
-        """img/s of the interval since restart() or the last lap. Call it after the host has
-        waited for the interval's steps: a GPU runs them after the host has queued them."""
-        now = time.time()
-        dt, self.t0 = now - self.t0, now
+        """img/s since restart() or the last lap; called after the host has waited for the
+        interval's steps (a GPU runs them after the host queued them)."""
+        dt, self.t0 = time.time() - self.t0, time.time()
         if not self.first:
-            self.p["timed_s"] += dt
-            self.p["timed_images"] += images
+            self.p.timed_s += dt
+            self.p.timed_images += images
         self.first = False
         return images / dt
 
-    def wall_s(self):
-        return time.time() - self.start
-
     @contextlib.contextmanager
     def not_training(self):
-        """Time that wall_s leaves out."""
         t = time.time()
         yield
         self.start += time.time() - t
 
+    def wall_s(self):
+        return time.time() - self.start
+
     def img_s(self):
-        return self.p["timed_images"] / self.p["timed_s"] if self.p["timed_s"] else None
-
-
-def resume_command(out, world):
-    """The command that continues the run in `out`, quoted for a shell."""
-    launch = ["python"] if world == 1 else ["torchrun", "--standalone", f"--nproc_per_node={world}"]
-    return shlex.join(launch + ["train.py", "--init_from", "resume", "--out_dir", out])
+        return self.p.timed_images / self.p.timed_s if self.p.timed_s else None
 
 
 class Stop:
-    """SIGINT (Ctrl-C) and SIGTERM (kill, timeout, containers, schedulers), handled alike. While the
-    training loop runs (`graceful`), the first asks it to stop at its next log interval, a point
-    all ranks agree on, with a checkpoint. Otherwise, or again over a second later, it raises
-    KeyboardInterrupt. One within the second is the same: timeout signals a process and then its
-    group, and torchrun forwards what it receives."""
+    """SIGINT (Ctrl-C) and SIGTERM (kill, timeout, schedulers), alike. While the training loop
+    runs (`graceful`), the first asks it to stop at its next log interval, a point all ranks agree
+    on, with a checkpoint; otherwise, or again over a second later, KeyboardInterrupt. One within
+    the second is the same: timeout signals a process and its group; torchrun forwards signals."""
 
     def __init__(self):
         self.graceful, self.at, self.signum = False, None, signal.SIGINT
@@ -246,8 +222,8 @@ class Stop:
             raise KeyboardInterrupt
 
     def requested(self, world, dev):
-        """Whether a stop was asked for on any rank. It installs the handler again first: compiling
-        kernels can put Triton's own SIGINT handler in Python's place."""
+        """Whether any rank was asked to stop. The handler goes in again first: compiling kernels
+        can put Triton's own SIGINT handler in Python's place."""
         self.install()
         flag = torch.tensor([float(self.at is not None)], device=dev)
         if world > 1:
@@ -255,8 +231,8 @@ class Stop:
         return bool(flag.item())
 
     def exit(self, msg):
-        """msg on stderr, exit status 128 + the signal. Further signals are ignored first, so that a
-        second one cannot cut the message short with a traceback."""
+        """msg, exit status 128 + the signal; further signals are ignored: one could cut the
+        message short with a traceback."""
         for s in self.previous:
             signal.signal(s, signal.SIG_IGN)
         print(msg, file=sys.stderr)
@@ -265,3 +241,9 @@ class Stop:
     def restore(self):
         for s, h in self.previous.items():
             signal.signal(s, h)
+
+
+def resume_command(out, world):
+    """The command that continues the run in `out`, quoted for a shell."""
+    launch = ["python"] if world == 1 else ["torchrun", "--standalone", f"--nproc_per_node={world}"]
+    return shlex.join(launch + ["train.py", "--init_from", "resume", "--out_dir", out])

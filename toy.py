@@ -1,92 +1,130 @@
 """
-A five-token graph where multi-hop propagation finds what one hop misses (the paper's Figure 3 idea).
+Five tokens, two graphs: where InfSA's later hops change which token leads, and where they fade.
 
-    python toy.py                            # toy.png here
-    python toy.py --gamma 0.3 --out_dir /tmp  # a small discount: Katz comes back to the one-hop ranking
-
-Five tokens: 1 and 2 attend to 0, and a chain 0 -> 3 -> 4 leads on. One hop, gamma 1^T A (the t = 1
-term), ranks token 0 first. The whole Neumann sum, Katz in-centrality sum_{t>=1} gamma^t 1^T A^t =
-((I - gamma A^T)^-1 - I) 1, ranks token 4 first at gamma = 0.9: what flows into 0 flows on to 3, then 4.
-The absorbing chain gamma A reads the same quantity as expected visits, 1^T (I - gamma A)^-1 = 1 + Katz in
-(the 1: each token's own start), so random walks on it, which count visits and invert nothing, check Katz.
+    python toy.py --out_dir assets            # assets/toy.png, then CAPTION with its numbers
+    python toy.py --gamma 0.3 --out_dir /tmp  # a small discount: token 0 leads on every graph
 """
-import math
 import os
 import sys
 from types import SimpleNamespace
 
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
 import infsa
+import runtime
 from configurator import config_defaults, configure, die
 
-# -----------------------------------------------------------------------------
-out_dir = "."               # where toy.png goes
-gamma = 0.9                 # the discount, in (0, 1)
-walks = 4000                # Monte-Carlo walks from every token
-# -----------------------------------------------------------------------------
+out_dir = "."
+gamma = 0.9
+walks = 4000  # random walks from every token
 DEFAULTS = config_defaults(globals())
+KS, BACK, GAMMAS = range(1, 7), 0.5, torch.linspace(0.001, 0.999, 999).tolist()
+CAPTION = (
+    "Tokens 1 and 2 attend to token 0, which attends to 3, then 4 (graph A). A token's score is "
+    "the weight of its value in all outputs: a column sum of Σ_{{t≤K}} γᵗÂᵗ (γ = {g}), with Â = "
+    "A/‖A‖_F as in the model, so each edge carries γ/{A.F:.0f}. On A token 0 leads at every K "
+    "({A.inf[0]:.2f}): later hops lift tokens 3 and 4 to {A.inf[3]:.2f} and {A.inf[4]:.2f} and "
+    "stop, as the chain ends (they tie with it only at γ = 1). An edge back from 4 to 3 (weight "
+    "{BACK}, graph B) gives token 3 more weight and a loop 3 → 4 → 3 that keeps handing it back: "
+    "token 3 leads from K = {B.k} ({B.inf[3]:.2f} to {B.inf[0]:.2f} at K = ∞, where it leads for "
+    "every γ above {B.g:.2f}). Unnormalised Katz on the raw A, not what the model computes, puts "
+    "token {raw.top} first for every γ above {raw.g:.2f}. Rings: random walks on the chain γÂ, "
+    "which invert nothing.")
 
 
-def toy_graph():
-    """A (5, 5) float64, A_ij = 1 when token i attends to token j: tokens 1 and 2 attend to token 0,
-    and a chain 0 -> 3 -> 4 leads on. Token 4 attends to nothing: a walk that reaches it is absorbed there."""
-    A = torch.zeros(5, 5, dtype=torch.float64)
-    for i, j in [(1, 0), (2, 0), (0, 3), (3, 4)]:
-        A[i, j] = 1.0
-    return A
+def graph(back=0.0):
+    """S (5, 5), S_ij = how much token i attends to j: graph A, and 4 -> 3 weighing `back` (B)."""
+    S = torch.zeros(5, 5, dtype=torch.float64)
+    S[[1, 2, 0, 3, 4], [0, 0, 3, 4, 3]] = torch.tensor([1, 1, 1, 1, back], dtype=S.dtype)
+    return S
 
 
-def toy_scores(gamma=0.9, walks=4000, seed=0):
-    """On the toy graph A: one hop gamma 1^T A, Katz in-centrality sum_{t>=1} gamma^t 1^T A^t, and its
-    Monte-Carlo estimate 1^T V - 1, V_ij the mean visits to j of `walks` walks from i on the chain gamma A.
-    Returns (A, one hop, Katz, Katz by random walks)."""
-    A = toy_graph()
-    M = infsa.absorbing_chain(A, gamma).M
-    visits = infsa.random_walk_visits(M, walks=walks, generator=torch.Generator().manual_seed(seed))
-    return A, gamma * A.sum(0), infsa.katz_centrality(A, gamma), visits.sum(0) - 1
+def lead(c):
+    """Token 0's lead c_0 / max_{j>0} c_j: below 1 once another token scores more; 1 at 0/0."""
+    return float(c[0] / c[1:].max()) if c.any() else 1.0
 
 
-def draw(path, gamma, A, one_hop, katz, katz_walks):
-    """The graph (node colour: Katz in-centrality) beside the one-hop and the Neumann-sum scores, on one
-    scale; orange: ranked first. Sized to read at a README's width (about 800 px)."""
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), width_ratios=[1.2, 1, 1], layout="constrained")
-    ax, pos = axes[0], {1: (0, 1), 2: (0, -1), 0: (1, 0), 3: (2, 0), 4: (3, 0)}
-    for i, j in A.nonzero().tolist():
-        ax.annotate("", pos[j], pos[i], arrowprops=dict(arrowstyle="-|>", lw=1.8, shrinkA=16, shrinkB=16))
-    for t, (px, py) in pos.items():
-        ax.scatter(px, py, s=800, c=[katz[t].item()], cmap="viridis", vmin=0, vmax=katz.max().item(), edgecolors="k")
-        ax.text(px, py, str(t), ha="center", va="center", fontsize=13, color="w" if katz[t] < 0.6 * katz.max() else "k")
-    ax.set(xlim=(-0.4, 3.4), ylim=(-1.4, 1.4))
-    ax.set_title("arrow i → j: token i attends to j\n(Aᵢⱼ = 1; colour: Katz in)", fontsize=11)
-    ax.axis("off")
-    for a, v, title in ((axes[1], one_hop, "one hop (K = 1): γ 1ᵀA"),
-                        (axes[2], katz, "Neumann sum over t ≥ 1: Σ γᵗ 1ᵀAᵗ\n(Katz in; dots: random walks)")):
-        bars = a.bar(range(5), v.numpy(), color=["C1" if t == int(v.argmax()) else "C0" for t in range(5)])
-        a.bar_label(bars, fmt="%.2f", padding=7, fontsize=10)
-        a.set(xticks=range(5), xlabel="token", ylim=(0, 1.18 * katz.max().item()))
-        a.set_title(title, fontsize=11)
-    axes[2].plot(range(5), katz_walks.numpy(), "k.", ms=9)
-    fig.suptitle(f"γ = {gamma}: one hop ranks token {int(one_hop.argmax())} first, "
-                 f"the sum over all hops ranks token {int(katz.argmax())} first (orange)", fontsize=12)
-    fig.savefig(path, dpi=160)
-    plt.close(fig)
-    print(f"wrote {path}")
+def walk_scores(A, gamma, walks):
+    """Katz in without an inverse: 1^T V - 1, V_ij the mean visits to j of walks from i on the
+    absorbing chain gamma A; None where that reading fails (a row of gamma A sums above 1)."""
+    chain, gen = infsa.absorbing_chain(A, gamma), torch.Generator().manual_seed(0)
+    if chain.valid:
+        return infsa.random_walk_visits(chain.M, walks, generator=gen).sum(0) - 1
+
+
+def view(S, gamma, walks, norm=True):
+    """A = S / ||S||_F as in the model (S if not norm); scores c_K = sum_{t<=K} gamma^t 1^T A^t
+    (len(KS), 5); Katz in c_inf = ((I - gamma A^T)^-1 - I) 1; walks; token 0's lead at GAMMAS;
+    g, k: the first gamma, K where the lead is below 1."""
+    if not S.any():
+        raise ValueError("an all-zero S has no ||S||_F to normalise by, and no scores")
+    F = float(infsa.frobenius_norm(S))
+    A = S / F if norm else S
+    one = torch.ones(5, 1, dtype=A.dtype)
+    cK = torch.stack([infsa.neumann_series(A.T, one, gamma, K)[:, 0] for K in KS])
+    inf = infsa.katz_centrality(A, gamma)
+    leads = [lead(infsa.katz_centrality(A, g)) for g in GAMMAS]
+    return SimpleNamespace(F=F, A=A, cK=cK, inf=inf, top=int(inf.argmax()), leads=leads,
+                           g=next((g for g, x in zip(GAMMAS, leads) if x < 1), None),
+                           k=next((K for K, c in zip(KS, cK) if lead(c) < 1), None),
+                           rho=float(torch.linalg.eigvals(A).abs().max()),
+                           walk=walk_scores(A, gamma, walks))
+
+
+def draw(A, B, raw, gamma):
+    """The graphs; each token's score against K on A and on B; token 0's lead against gamma."""
+    fig, ((ag, aA), (aB, al)) = plt.subplots(2, 2, figsize=(9, 6.8), layout="constrained")
+    pos, col = [(1, 0), (0, 1), (0, -1), (2, 0), (3, 0)], "C3 0.55 0.55 C0 C2".split()
+    for i, j in graph(BACK).nonzero().tolist():
+        back = i == 4  # B's edge, orange
+        ag.annotate("", pos[j], pos[i], arrowprops=dict(
+            arrowstyle="-|>", lw=2, shrinkA=15, shrinkB=15, color="C1" if back else "k",
+            connectionstyle=f"arc3,rad={0.6 * back}"))
+    for i, p in enumerate(pos):
+        ag.text(*p, i, ha="center", va="center", size=14, c="w",
+                bbox=dict(boxstyle="circle", fc=col[i]))
+    ag.set(xlim=(-0.3, 3.3), ylim=(-1.3, 1.3), title="i → j: token i attends to j\nA: black "
+           f"(‖A‖_F = {A.F:.0f}); B: A + orange ({BACK})")
+    ag.axis("off")
+    for a, n, v in ((aA, "A", A), (aB, "B", B)):
+        for j in (1, 4, 3, 0):  # (token 2 scores as token 1)
+            a.plot([*KS, 7.5], [*v.cK[:, j], v.inf[j]], "o-", c=col[j])
+        if v.walk is not None:
+            a.plot([7.5] * 5, v.walk, "ko", mfc="none", ms=11)
+        who = f"token {v.top} first from K = {v.k}" if v.k else "token 0 first at every K"
+        a.set(xticks=[*KS, 7.5], xticklabels=[*KS, "∞"], ylabel="score", ylim=(-0.05, 1.4),
+              title=f"{n}: ρ(Â) = {v.rho:.2f}, {who}", xlabel="hops K; ○: random walks"
+              if v.walk is not None else "hops K; no walks: a row of γÂ sums above 1")
+    for v, c, s in ((A, "k-", "A"), (B, "C1-", "B"),
+                    (raw, "k--", "raw A: unnormalised Katz,\nnot what the model computes")):
+        al.plot(GAMMAS, v.leads, c, label=s)
+    al.axhline(1, c="k", lw=0.5)
+    al.set(xlabel="γ", ylim=(0, 2.1), title="token 0's lead at K = ∞: c₀ / max_{j>0} c_j")
+    al.legend()
+    fig.suptitle(rf"score $c_j = \Sigma_i (\Sigma_{{t=1}}^K \gamma^t\hat A^t)_{{ij}}$, "
+                 rf"$\gamma = {gamma}$")
+    return fig
 
 
 def main(argv):
-    opt = SimpleNamespace(**configure(argv, DEFAULTS, __doc__, dict(walks=(1, math.inf)))[0])
-    if not 0 < opt.gamma < 1:
-        die(f"--gamma must lie in (0, 1) for the Neumann series to converge; got {opt.gamma}")
-    scores = toy_scores(opt.gamma, opt.walks)
-    os.makedirs(opt.out_dir, exist_ok=True)
-    draw(os.path.join(opt.out_dir, "toy.png"), opt.gamma, *scores)
-    for name, v in zip(("one hop", "Katz in", "Katz (walks)"), scores[1:]):
-        print(f"{name:>12}: " + "  ".join(f"{t}:{v[t]:.2f}" for t in range(5)) + f"  -> token {int(v.argmax())} first")
-    return scores
+    opt = configure(argv, DEFAULTS, __doc__, dict(walks=(1, float("inf"))))[0]
+    g, out = opt["gamma"], opt["out_dir"]
+    if not 0 < g < 1:
+        die(f"--gamma must lie in (0, 1); got {g}")
+    if not out or os.path.isfile(out):
+        die(f"--out_dir must name a folder; got {out!r}")
+    A, B, raw = (view(graph(b), g, opt["walks"], n) for b, n in ((0, 1), (BACK, 1), (0, 0)))
+    fig, path = draw(A, B, raw, g), os.path.join(out, "toy.png")
+    try:
+        os.makedirs(out, exist_ok=True)
+        runtime.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    except (OSError, runtime.WriteError) as e:
+        die(f"{e}; pick another --out_dir")
+    plt.close(fig)
+    text = CAPTION.format(g=g, A=A, B=B, raw=raw, BACK=BACK) if g == gamma else ""
+    print(f"wrote {path}\n{text}")
+    return A, B, raw, text
 
 
 if __name__ == "__main__":

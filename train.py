@@ -1,24 +1,21 @@
 """
 Train a small ViT with softmax, Pure-InfSA or Linear-InfSA attention.
 
-    python train.py --attn linear                            # built-in dataset, CPU or GPU, minutes
+    python train.py --attn linear                            # built-in dataset, CPU or GPU
     python train.py config/cifar.py --attn pure              # a config file, then overrides
     python train.py --init_from resume --out_dir out/pure    # continue a run from its checkpoint
     torchrun --standalone --nproc_per_node=2 train.py config/cifar.py   # two GPUs
 
-Every global of the config block can be set with --key value, --key=value or a config file of
-Python assignments (config/*.py), applied left to right; python train.py -h lists them all.
-main() reads top to bottom: the config, the data, the model and optimiser, the training loop,
-the final evaluation and summary.
+The config block's globals are set by --key value, --key=value or config files (config/*.py),
+left to right; -h lists them. train() reads top to bottom: config, data, model and optimiser,
+the training loop, the final evaluation and summary.
 """
 import contextlib
 import dataclasses
 import json
 import math
 import os
-import shlex
 import sys
-import time
 from types import SimpleNamespace
 
 import torch
@@ -33,12 +30,12 @@ from model import ATTN_KINDS, ViT, ViTConfig
 
 # -----------------------------------------------------------------------------
 # config: the built-in dataset, sized to train on a 2-core CPU in a few minutes
-out_dir = ""                # checkpoint, log.jsonl, summary.json; "" = out/<attn>
+out_dir = ""                # ckpt.pt, log.jsonl, summary.json go here; "" = out/<attn>
 init_from = "scratch"       # scratch | resume (out_dir/ckpt.pt, with the run's own config)
-overwrite = False           # let a new run replace the run already in out_dir
-eval_every = 1              # evaluate (and checkpoint) every N epochs; 0 = only at the end
+overwrite = False           # let a new run replace the run in out_dir
+eval_every = 1              # evaluate (and checkpoint) every N epochs; 0 = at the end alone
 ckpt_every = 0              # also checkpoint every N epochs without evaluating; 0 = off
-log_every = 20              # steps between log records and progress-bar updates
+log_every = 20              # steps between log records
 # data
 dataset = "shapes"          # shapes (built in) | cifar10 | folder
 data_dir = "data"           # where cifar10 / folder data lives
@@ -64,7 +61,7 @@ gamma_init = 0.9            # pure, linear: the initial gamma of every head
 init_std = 0.0              # Linear weights: 0 = Xavier-uniform, > 0 = N(0, init_std^2)
 drop_path = 0.0             # stochastic depth rate of the last block
 # optimisation
-epochs = 10                 # passes over the training set
+epochs = 10
 batch_size = 64             # global batch per optimizer step, over all GPUs
 lr = 2e-3                   # peak learning rate (AdamW)
 min_lr = 1e-5               # cosine floor
@@ -73,7 +70,7 @@ weight_decay = 0.05         # on weight matrices; not on biases, norms, position
 grad_clip = 1.0             # 0 = no clipping
 label_smoothing = 0.1
 # system
-device = "auto"             # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
+device = "auto"             # auto (cuda, else cpu) | cpu | cuda | cuda:1
 dtype = "auto"              # auto | bfloat16 | float16 | float32 (runtime.precision)
 compile = "default"         # none | default | reduce-overhead (CUDA graphs) | max-autotune; CUDA
 seed = 1337
@@ -99,25 +96,25 @@ UNUSED = [(lambda c: c["stream"], ("val_split", "eval_shift"),
           (lambda c: c["attn"] == "softmax", ("gamma_init",), "softmax attention has no gamma"),
           (lambda c: c["init_from"] == "resume", ("overwrite",), "a resumed run replaces nothing"),
           (lambda c: not c["device"].startswith("cuda"), ("compile",), "compiling is for CUDA")]
-# what a resumed run cannot change: the weights' shapes, the data and its split, the precision
 MODEL_KEYS = [f.name for f in dataclasses.fields(ViTConfig) if f.name in DEFAULTS]
-RESUME_FIXED = ("attn", "image_size", "patch_size", "patch_overlap", "n_layer", "n_head",
-                "n_embd", "mlp_ratio", "hops", "dataset", "data_dir", "n_train", "n_test",
-                "val_split", "seed", "dtype")
+# what a resumed run cannot change: the model, the data and its split, the precision
+RESUME_FIXED = MODEL_KEYS + ["dataset", "data_dir", "n_train", "n_test", "val_split", "seed",
+                             "dtype"]
 
 
 def configure_run(argv):
     """(cfg, checkpoint or None): the command line over the defaults, or over a resumed run's own
-    config; data_dir stored resolved; every rule checked before anything is written."""
+    config; data_dir resolved; every rule checked before anything is written."""
     config, given = configure(argv, DEFAULTS, __doc__, ALLOWED)
     config["out_dir"] = config["out_dir"] or os.path.join("out", config["attn"])
-    if "data_dir" in given:  # resolved: a resume from another folder finds the same data
+    if "data_dir" in given:  # a resume from another folder finds the same data
         config["data_dir"] = os.path.abspath(config["data_dir"])
     ckpt = None
     if config["init_from"] == "resume":
         ckpt = runtime.load_checkpoint(os.path.join(config["out_dir"], "ckpt.pt"))
         run = {**DEFAULTS, **ckpt["config"], "init_from": "resume", "overwrite": False}
-        config = resumed(run, config, given - {"out_dir"}, RESUME_FIXED, config["out_dir"])
+        out = config["out_dir"]  # where the run is now, wherever it was made
+        config = {**resumed(run, config, given - {"out_dir"}, RESUME_FIXED, out), "out_dir": out}
     refuse_unused({**config, "device": runtime.setup_device(config["device"])[0]}, DEFAULTS,
                   UNUSED)
     try:
@@ -155,7 +152,7 @@ def evaluate(model, batches, ctx, views="image"):
 
 
 def main(argv):
-    """train(), with its ends: one line for what the user or the disk got wrong, and for a stop."""
+    """train(), with one line for what the user or the disk got wrong, and for a stop."""
     stop = runtime.Stop()
     try:
         return train(argv, stop)
@@ -179,50 +176,43 @@ def train(argv, stop):
     cfg.dtype, ctx, scaler = runtime.precision(dev, cfg.dtype)  # the run's precision, recorded
     # ---- data
     train_data, eval_data, test_data, classes, mean, std = loader.loaders(cfg, dev, rank, world)
-    seen = dict(classes=list(classes), train_images=len(train_data.y),
-                eval_images=len(eval_data.y))
+    seen = dict(classes=list(classes), train_images=len(train_data.y), eval_images=len(eval_data.y))
     if ckpt and ckpt["data"] != seen:  # a renamed class would permute the labels
-        die(f"the data changed since the run in {out} started (it had {ckpt['data']}, now "
-            f"{seen}); restore it, or start a new run in another --out_dir")
+        die(f"the data changed since the run in {out} started: it had {ckpt['data']}, now {seen}")
     if cfg.batch_size % world:
         die(f"--batch_size {cfg.batch_size} must be divisible by the {world} processes")
     per_epoch = len(train_data)
     total = cfg.epochs * per_epoch
-    # ---- the model and the optimiser; from a checkpoint, everything a run had
+    # ---- the model and the optimiser; from a checkpoint, all that the run had
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model = ViT(ViTConfig(**model_args, n_classes=len(classes)), verbose=master).to(dev)
-    params = dict(model.named_parameters())
-    matrices = [p for n, p in params.items() if p.dim() >= 2 and n not in ("cls", "pos")]
-    others = [p for p in params.values() if not any(p is m for m in matrices)]
-    opt = torch.optim.AdamW([dict(params=matrices, weight_decay=cfg.weight_decay),
-                             dict(params=others, weight_decay=0.0)],
-                            lr=cfg.lr, betas=(0.9, 0.99), fused=dev.startswith("cuda"))
-    flat = runtime.flat_grads(list(params.values()))
-    progress = dict(step=0, epoch=0, batch=0, acc=math.nan, best_acc=0.0, wall_s=0.0,
-                    timed_s=0.0, timed_images=0, resumed_at=[])
+    opt = model.optimizer(cfg.lr, cfg.weight_decay, fused=dev.startswith("cuda"))
+    flat = runtime.flat_grads(list(model.parameters()))
+    progress = SimpleNamespace(step=0, epoch=0, batch=0, acc=math.nan, best_acc=0.0, wall_s=0.0,
+                               timed_s=0.0, timed_images=0, resumed_at=[])
     log = []
     torch.manual_seed(cfg.seed + rank)  # per-rank randomness: mixing, stochastic depth
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        progress, log = {**progress, **ckpt["progress"]}, ckpt["log"]
+        progress, log = SimpleNamespace(**{**vars(progress), **ckpt["progress"]}), ckpt["log"]
         runtime.restore_rng(ckpt["rng"], dev, rank, world)
-        done = progress["epoch"] + progress["batch"] / per_epoch
-        if done > cfg.epochs:
-            die(f"the run in {out} has trained {done:g} epochs; --epochs must be at least that")
+        if progress.epoch + progress.batch / per_epoch > cfg.epochs:
+            die(f"the run in {out} has trained {progress.epoch + progress.batch / per_epoch:g} "
+                f"epochs; --epochs must be at least that")
     compiled = model
     if dev.startswith("cuda") and cfg.compile != "none":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         compiled = torch.compile(model, mode=cfg.compile)
-    first_step, timer = progress["step"], runtime.Timer(progress)
+    first_step, timer = progress.step, runtime.Timer(progress)
 
     def checkpoint():
-        progress["wall_s"] = timer.wall_s()
+        progress.wall_s = timer.wall_s()
         state = dict(model=model.state_dict(), optimizer=opt.state_dict(), config=vars(cfg),
-                     scaler=scaler.state_dict(), progress=progress, log=log, data=seen,
-                     rng=runtime.rng_states(dev, world), mean=mean, std=std, model_args=model_args)
+                     scaler=scaler.state_dict(), progress=vars(progress), log=log, data=seen,
+                     mean=mean, std=std, rng=runtime.rng_states(dev, world), model_args=model_args)
         if master:
             runtime.save_checkpoint(out, model, state)
 
@@ -231,15 +221,15 @@ def train(argv, stop):
     if master:
         print(f"training {cfg.epochs} epochs x {per_epoch} steps of {cfg.batch_size} images "
               f"({cfg.dtype}); evaluating on {split}; writing to {out}")
-    bar = tqdm(total=total, initial=progress["epoch"] * per_epoch + progress["batch"],
-               desc=cfg.attn, dynamic_ncols=True, disable=None if master else True)
+    bar = tqdm(total=total, initial=progress.epoch * per_epoch + progress.batch, desc=cfg.attn,
+               dynamic_ncols=True, disable=None if master else True)
     with runtime.run_folder(out, master, replace=bool(ckpt) or cfg.overwrite):
         stop.graceful = True
-        for epoch in range(progress["epoch"], cfg.epochs):
-            train_data.epoch, train_data.start = epoch, progress["batch"]  # resumes mid-epoch
+        for epoch in range(progress.epoch, cfg.epochs):
+            train_data.epoch, train_data.start = epoch, progress.batch  # a resume mid-epoch
             timer.restart()
             pending = []  # each step's loss and accuracy, on the device until the next log
-            for b, (x, y) in enumerate(train_data, start=progress["batch"]):
+            for b, (x, y) in enumerate(train_data, start=progress.batch):
                 for group in opt.param_groups:  # by place in the epochs, whatever the batch size
                     group["lr"] = lr_at(epoch * per_epoch + b, total, cfg)
                 if cfg.compile == "reduce-overhead":
@@ -260,37 +250,37 @@ def train(argv, stop):
                 flat.zero_()
                 pending.append(torch.stack([loss.detach().float(),
                                             (logits.argmax(-1) == y).float().mean()]))
-                progress["step"], progress["batch"] = progress["step"] + 1, b + 1
+                progress.step, progress.batch = progress.step + 1, b + 1
                 bar.update(1)
-                if progress["step"] % cfg.log_every and b + 1 < per_epoch:
+                if progress.step % cfg.log_every and b + 1 < per_epoch:
                     continue
-                loss_, acc = log_means(pending, world, progress["step"], out)  # one host sync
-                log.append(dict(step=progress["step"], epoch=epoch, loss=loss_, acc=acc,
+                mean_loss, acc = log_means(pending, world, progress.step, out)  # one host sync
+                log.append(dict(step=progress.step, epoch=epoch, loss=mean_loss, acc=acc,
                                 lr=opt.param_groups[0]["lr"],
                                 img_s=timer.lap(len(pending) * cfg.batch_size)))
-                bar.set_postfix(loss=f"{loss_:.3f}", img_s=f"{log[-1]['img_s']:.0f}")
+                bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{log[-1]['img_s']:.0f}")
                 pending = []
                 if stop.requested(world, dev):
                     checkpoint()
                     bar.close()
-                    stop.exit(f"stopped at step {progress['step']}; {out}/ckpt.pt continues it "
+                    stop.exit(f"stopped at step {progress.step}; {out}/ckpt.pt continues it "
                               f"exactly: {runtime.resume_command(out, world)}")
-            progress["epoch"], progress["batch"] = epoch + 1, 0
+            progress.epoch, progress.batch = epoch + 1, 0
             due = lambda n: n > 0 and (epoch + 1) % n == 0  # noqa: E731 -- epochs n, 2n, ...
             if master and (epoch + 1 == cfg.epochs or due(cfg.eval_every)):
                 with timer.not_training() if split == "test" else contextlib.nullcontext():
-                    progress["acc"], loss_ = evaluate(compiled, eval_data, ctx, cfg.eval_views)
-                progress["best_acc"] = max(progress["best_acc"], progress["acc"])
-                log.append({"step": progress["step"], "epoch": epoch,
-                            f"{split}_acc": progress["acc"], f"{split}_loss": loss_})
-                bar.write(f"epoch {epoch + 1}/{cfg.epochs}: {split} acc {progress['acc']:.4f}, "
-                          f"{split} loss {loss_:.4f}")
-                if not math.isfinite(loss_):
-                    die(f"the {split} loss is {loss_} after step {progress['step']}; stopped, "
+                    progress.acc, eval_loss = evaluate(compiled, eval_data, ctx, cfg.eval_views)
+                progress.best_acc = max(progress.best_acc, progress.acc)
+                log.append({"step": progress.step, "epoch": epoch, f"{split}_acc": progress.acc,
+                            f"{split}_loss": eval_loss})
+                bar.write(f"epoch {epoch + 1}/{cfg.epochs}: {split} acc {progress.acc:.4f}, "
+                          f"{split} loss {eval_loss:.4f}")
+                if not math.isfinite(eval_loss):
+                    die(f"the {split} loss is {eval_loss} after step {progress.step}; stopped, "
                         f"{out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr")
             if epoch + 1 == cfg.epochs or due(cfg.eval_every) or due(cfg.ckpt_every):
                 if epoch + 1 == cfg.epochs and first_step:  # a resumed command trained to the end
-                    progress["resumed_at"] = progress["resumed_at"] + [first_step]
+                    progress.resumed_at = progress.resumed_at + [first_step]
                 checkpoint()  # the last epoch always saves: its wall_s is final
         stop.graceful = False
         bar.close()
@@ -300,33 +290,29 @@ def train(argv, stop):
         if not master:
             return None
         # ---- the final evaluation and summary
-        acc = progress["acc"]  # when training evaluated on the test set, its last evaluation ...
-        if test_data is not None or progress["step"] == first_step:  # ... if this command trained
-            test_data = eval_data if test_data is None else test_data
+        test_data, acc = eval_data if test_data is None else test_data, progress.acc
+        if split == "val" or progress.step == first_step:  # else the last evaluation was on test
             acc = evaluate(compiled, test_data, ctx, cfg.eval_views)[0]
-            log.append(dict(step=progress["step"], epoch=cfg.epochs - 1, test_acc=acc))
-        test_data = eval_data if test_data is None else test_data
+            log.append(dict(step=progress.step, epoch=cfg.epochs - 1, test_acc=acc))
         shift = {kind: evaluate(compiled, loader.corrupted(test_data, kind, cfg.seed), ctx,
                                 cfg.eval_views)[0] for kind in cfg.eval_shift * data.CORRUPTIONS}
         if shift:
             shift["mean"] = sum(shift.values()) / len(shift)
             print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
         gammas = model.gammas()
-        best = "best_val_acc" if split == "val" else "best_acc"
-        summary = {"attn": cfg.attn, "dataset": cfg.dataset, "dtype": cfg.dtype,
-                   "steps": progress["step"], "epochs": cfg.epochs, "params": model.num_params(),
-                   **({"val_acc": progress["acc"]} if split == "val" else {}),
-                   best: progress["best_acc"], "test_acc": acc, "shift": shift,
-                   "img_s": timer.img_s(), "wall_s": progress["wall_s"],
-                   "resumed_at": progress["resumed_at"], "device": dev, "world": world,
-                   "compile": cfg.compile,
-                   "gamma_mean": None if gammas is None else gammas.mean().item()}
+        summary = dict(attn=cfg.attn, dataset=cfg.dataset, dtype=cfg.dtype, steps=progress.step,
+                       epochs=cfg.epochs, params=model.num_params(), test_acc=acc, shift=shift,
+                       img_s=timer.img_s(), wall_s=progress.wall_s, resumed_at=progress.resumed_at,
+                       device=dev, world=world, compile=cfg.compile,
+                       gamma_mean=None if gammas is None else gammas.mean().item(),
+                       **({"val_acc": progress.acc, "best_val_acc": progress.best_acc}
+                          if split == "val" else {"best_acc": progress.best_acc}))
         runtime.write_log(out, log)
         runtime.write_atomic(os.path.join(out, "summary.json"),
                              lambda f: json.dump(summary, f, indent=1))
         print(f"done: test acc {100 * acc:.2f}% (best {split} acc during training "
-              f"{100 * progress['best_acc']:.2f}%) | {timer.img_s() or 0:,.0f} img/s | "
-              f"{progress['wall_s'] / 60:.1f} min of training | {out}/ckpt.pt")
+              f"{100 * progress.best_acc:.2f}%) | {timer.img_s() or 0:,.0f} img/s | "
+              f"{progress.wall_s / 60:.1f} min of training | {out}/ckpt.pt")
         return summary
 
 

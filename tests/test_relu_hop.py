@@ -2,6 +2,7 @@
 are not a multiple of the tile, rows with no positive score, head sizes padded to the kernels' widths, and the
 compiled op. On a GPU the kernels run compiled; on the CPU under Triton's interpreter at tiny sizes."""
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -82,6 +83,37 @@ def test_compiled_forward_and_backward_equal_eager_on_gpu():
         outs.append([y, *torch.autograd.grad(y.float().square().sum(), (q, k, v, g))])
     for a, b in zip(*outs):
         assert rel(a, b) < 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_pure_model_trains_through_the_kernel_under_cuda_graphs(dtype):
+    """A Pure-InfSA model at 257 tokens (the kernel's side of FUSED_MIN_TOKENS) trained by
+    train.py's step, compiled with CUDA graphs under bf16, or fp16 with a gradient scaler: the
+    losses of compiled steps follow the eager ones."""
+    torch._dynamo.reset()
+    cfg = model.ViTConfig(image_size=64, patch_size=4, n_layer=2, n_head=2, n_embd=32, attn="pure")
+    x, y = torch.randn(16, 3, 64, 64, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    losses = []
+    for mode in (None, "reduce-overhead"):
+        torch.manual_seed(0)
+        m = model.ViT(cfg, verbose=False).cuda()
+        opt, scaler = torch.optim.AdamW(m.parameters(), lr=1e-3), torch.amp.GradScaler("cuda")
+        f = torch.compile(m, mode=mode) if mode else m
+        losses.append([])
+        for _ in range(5):
+            if mode:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast("cuda", dtype=getattr(torch, dtype)):
+                loss = f(x, y)[1]
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=False)
+            losses[-1].append(loss.item())
+    eager, graphs = losses
+    assert all(math.isfinite(v) for v in eager + graphs) and eager[-1] < eager[0]
+    assert max(abs(a - b) for a, b in zip(eager, graphs)) < 0.05, (eager, graphs)
 
 
 @cuda

@@ -226,7 +226,8 @@ def test_a_relative_data_dir_is_stored_resolved(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     s = train.main(["--init_from", "resume", "--out_dir", str(tmp_path / "o"), "--data_dir",
                     str(tmp_path / "d"), "--epochs", "2"])
-    assert s["epochs"] == 2
+    assert s["epochs"] == 2 and ckpt_of(tmp_path / "o")["progress"]["epoch"] == 2
+    assert not (ROOT / "o").exists()  # the run is where the command names it, not where it was
     os.symlink(tmp_path / "gone.png", tmp_path / "d" / "train" / "a" / "z.png")
     ok, err = refused(capsys, FOLDER + ["--data_dir", str(tmp_path / "d"), "--out_dir",
                                         str(tmp_path / "o2")])
