@@ -107,9 +107,9 @@ def resumed(run, config, given, fixed, where):
     return {**run, **{k: config[k] for k in given if k != "init_from"}}
 
 
-def refuse_unused(config, defaults, rules):
-    """rules: (when, keys, why). Where when(config) holds, those keys do nothing: each set away
-    from its default is refused."""
-    for when, keys, why in rules:
-        for k in (k for k in keys if config[k] != defaults[k] and when(config)):
-            die(f"--{k} {config[k]} does nothing here ({why}); drop --{k}")
+def refuse_unused(config, defaults, applies):
+    """applies: {key: a Python condition on the config}. A key set away from its default where its
+    condition is false does nothing there, and is refused."""
+    for k, condition in applies.items():
+        if config[k] != defaults[k] and not eval(condition, {}, dict(config)):
+            die(f"--{k} {config[k]} does nothing here (it needs {condition}); drop --{k}")

@@ -16,11 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime import WriteError, write_atomic
-
-
-class DataError(Exception):
-    """Bad data on disk (read as data, never run); one line that names the file and the fix."""
+from runtime import DataError, WriteError, write_atomic
 
 
 KEYS = ("x_train", "y_train", "x_test", "y_test", "mask_test", "classes")

@@ -180,9 +180,9 @@ class Loader:
 
     def __init__(self, x, y, batch_size, mean, std, train, recipe="none", seed=0, rank=0, world=1,
                  workers=0, compile=False):
-        if train and len(y) < batch_size:
-            raise data.DataError(f"--batch_size {batch_size} is larger than the training set "
-                                 f"({len(y)} images); lower it")
+        if train and (len(y) < batch_size or batch_size % world):
+            raise data.DataError(f"--batch_size {batch_size} must be at most the {len(y)} training "
+                                 f"images and divisible by the {world} processes")
         self.x, self.y, self.bs, self.train, self.workers = x, y, batch_size, train, workers
         self.mean, self.std = mean.to(y.device), std.to(y.device)
         self.seed, self.rank, self.world = seed, rank, world
@@ -230,6 +230,22 @@ class Loader:
             xs = (self.x[i] for i in idxs)
         for xb, idx, u in zip(xs, idxs, draws):
             yield self.transform(xb.to(dev, non_blocking=True), u), self.y[idx]
+
+
+@torch.no_grad()
+def evaluate(model, batches, ctx, views="image"):
+    """(accuracy, mean loss) over batches, of the logits averaged over each image's views."""
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    for x, y in batches:
+        xs = eval_views(x, views)
+        with ctx:  # each a copy: a CUDA-graph replay reuses its output buffers
+            logits = sum(model(v)[0].float().clone() for v in xs) / len(xs)
+        correct += (logits.argmax(-1) == y).sum()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        n += len(y)
+    model.train()
+    return (correct / n).item(), (loss_sum / n).item()
 
 
 def corrupted(batches, kind, seed):

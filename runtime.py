@@ -24,6 +24,10 @@ class WriteError(Exception):
     """A file could not be written; the message names it."""
 
 
+class DataError(Exception):
+    """A problem with the data on disk; the message names the file and the fix."""
+
+
 def write_atomic(path, write, binary=False):
     """write(f) into a new temporary file beside path, flushed to disk, renamed over path. A crash
     leaves the old file or the new, never half of one; nothing is written through a link (the
@@ -175,15 +179,21 @@ class Timer:
     def restart(self):
         self.t0 = time.time()
 
-    def lap(self, images):
-        """img/s since restart() or the last lap; called after the host has waited for the
-        interval's steps (a GPU runs them after the host queued them)."""
-        dt, self.t0 = time.time() - self.t0, time.time()
+    def lap(self, pending, batch_size, world):
+        """(mean loss, mean accuracy, img/s) of the steps since restart() or the last lap, from
+        each step's (loss, accuracy) on the device, averaged over ranks. The host waits for them
+        here (a GPU runs steps after the host has queued them): the interval ends after that."""
+        stats = torch.stack(pending)  # (steps, 2)
+        if world > 1:
+            torch.distributed.all_reduce(stats)
+            stats /= world
+        loss, acc = stats.mean(0).tolist()  # the host sync
+        images, dt, self.t0 = len(pending) * batch_size, time.time() - self.t0, time.time()
         if not self.first:
             self.p.timed_s += dt
             self.p.timed_images += images
         self.first = False
-        return images / dt
+        return loss, acc, images / dt
 
     @contextlib.contextmanager
     def not_training(self):
@@ -241,6 +251,25 @@ class Stop:
     def restore(self):
         for s, h in self.previous.items():
             signal.signal(s, h)
+
+
+def one_line(run):
+    """run(stop) with SIGINT and SIGTERM handled by a Stop; what the user or the disk got wrong
+    ends in one line and exit status 2, a stop in one line and 128 + the signal."""
+    stop = Stop()
+    try:
+        return run(stop)
+    except DataError as e:  # from a worker process: the last line of its traceback
+        die(str(e).strip().splitlines()[-1].split("DataError: ")[-1])
+    except WriteError as e:  # a full disk, a folder that became read-only
+        die(f"{e}; the files already written are as they were; free space and resume")
+    except torch.OutOfMemoryError:
+        die("out of device memory; lower --batch_size or the model's size")
+    except KeyboardInterrupt:
+        stop.exit("interrupted; what this run had written is as it was; --init_from resume "
+                  "continues from its last checkpoint, if any")
+    finally:
+        stop.restore()
 
 
 def resume_command(out, world):

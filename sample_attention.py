@@ -229,8 +229,7 @@ def main(argv):
     opt = SimpleNamespace(**configure(argv, DEFAULTS, __doc__, dict(
         head=(0, least("n_head") + 1), layer=(0, least("n_layer") + 1), n_metric=(1, math.inf),
         steps=(1, least("n_tokens")), score_map=["auto", *names]))[0])  # steps <= patches
-    refuse_unused(vars(opt), DEFAULTS, [(lambda c: not c["metrics"], ["n_metric", "steps",
-                                                                      "cover"], "no --metrics")])
+    refuse_unused(vars(opt), DEFAULTS, dict.fromkeys(("n_metric", "steps", "cover"), "metrics"))
     dataset, data_dir, image_size, n_test = runs[0].test
     if opt.metrics and dataset != "shapes":
         die(f"--metrics needs the object masks of the built-in shapes, not {dataset}; drop it")

@@ -6,9 +6,8 @@ Train a small ViT with softmax, Pure-InfSA or Linear-InfSA attention.
     python train.py --init_from resume --out_dir out/pure    # continue a run from its checkpoint
     torchrun --standalone --nproc_per_node=2 train.py config/cifar.py   # two GPUs
 
-The config block's globals are set by --key value, --key=value or config files (config/*.py),
-left to right; -h lists them. train() reads top to bottom: config, data, model and optimiser,
-the training loop, the final evaluation and summary.
+The config globals are set by config files and --key value, left to right (-h lists them).
+train() reads top to bottom: config, data, model and optimiser, loop, evaluation and summary.
 """
 import contextlib
 import dataclasses
@@ -19,7 +18,6 @@ import sys
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -33,7 +31,7 @@ from model import ATTN_KINDS, ViT, ViTConfig
 out_dir = ""                # ckpt.pt, log.jsonl, summary.json go here; "" = out/<attn>
 init_from = "scratch"       # scratch | resume (out_dir/ckpt.pt, with the run's own config)
 overwrite = False           # let a new run replace the run in out_dir
-eval_every = 1              # evaluate (and checkpoint) every N epochs; 0 = at the end alone
+eval_every = 1              # evaluate (and checkpoint) every N epochs; 0 = at the end
 ckpt_every = 0              # also checkpoint every N epochs without evaluating; 0 = off
 log_every = 20              # steps between log records
 # data
@@ -41,11 +39,11 @@ dataset = "shapes"          # shapes (built in) | cifar10 | folder
 data_dir = "data"           # where cifar10 / folder data lives
 n_train = 20000             # shapes: training images
 n_test = 2000               # shapes: test images
-val_split = 0               # > 0: hold out N training images to evaluate on; test seen at the end
+val_split = 0               # > 0: N training images to evaluate on; test seen at the end
 stream = False              # folder: decode the files in worker processes every epoch
 workers = 4                 # stream: decoding processes
 augment = "basic"           # none | basic | light | strong | policy (loader.RECIPES)
-eval_views = "image"        # image | flip | flip_move: views whose logits evaluation averages
+eval_views = "image"        # image | flip | flip_move: the views evaluation averages
 eval_shift = False          # at the end, also evaluate on corrupted test images
 # model
 attn = "linear"             # softmax | pure | linear
@@ -55,7 +53,6 @@ patch_overlap = 0           # pixels each patch reads beyond its own on every si
 n_layer = 4
 n_head = 4
 n_embd = 64                 # width; head size d_h = n_embd / n_head
-mlp_ratio = 2.0
 hops = 3                    # pure: Neumann terms per layer, K
 gamma_init = 0.9            # pure, linear: the initial gamma of every head
 init_std = 0.0              # Linear weights: 0 = Xavier-uniform, > 0 = N(0, init_std^2)
@@ -63,12 +60,10 @@ drop_path = 0.0             # stochastic depth rate of the last block
 # optimisation
 epochs = 10
 batch_size = 64             # global batch per optimizer step, over all GPUs
-lr = 2e-3                   # peak learning rate (AdamW)
-min_lr = 1e-5               # cosine floor
+lr = 2e-3                   # peak learning rate (AdamW), to 1e-5 on a cosine
 warmup = 0.05               # fraction of all steps spent in linear warm-up
-weight_decay = 0.05         # on weight matrices; not on biases, norms, positions, CLS or gamma
+weight_decay = 0.05         # on the weight matrices alone
 grad_clip = 1.0             # 0 = no clipping
-label_smoothing = 0.1
 # system
 device = "auto"             # auto (cuda, else cpu) | cpu | cuda | cuda:1
 dtype = "auto"              # auto | bfloat16 | float16 | float32 (runtime.precision)
@@ -83,19 +78,13 @@ ALLOWED = dict(attn=ATTN_KINDS, dataset=("shapes", "cifar10", "folder"),
                **dict.fromkeys(("epochs", "batch_size", "log_every", "n_train", "n_test",
                                 "image_size", "patch_size", "n_layer", "n_head", "n_embd", "hops",
                                 "workers"), (1, math.inf)),
-               **dict.fromkeys(("drop_path", "warmup", "label_smoothing"), (0, 1)))
-# (when, options, why): an option set away from its default where it does nothing is refused
-UNUSED = [(lambda c: c["stream"], ("val_split", "eval_shift"),
-           "--stream true evaluates on the test files as they stream"),
-          (lambda c: not c["stream"], ("workers",), "--workers is --stream true's"),
-          (lambda c: c["dataset"] != "folder", ("stream",), "--stream reads --dataset folder"),
-          (lambda c: c["dataset"] == "shapes", ("data_dir",), "the built-in dataset is in memory"),
-          (lambda c: c["dataset"] != "shapes", ("n_train", "n_test"),
-           "the size of a dataset on disk is its files"),
-          (lambda c: c["attn"] != "pure", ("hops",), "--hops is Pure-InfSA's"),
-          (lambda c: c["attn"] == "softmax", ("gamma_init",), "softmax attention has no gamma"),
-          (lambda c: c["init_from"] == "resume", ("overwrite",), "a resumed run replaces nothing"),
-          (lambda c: not c["device"].startswith("cuda"), ("compile",), "compiling is for CUDA")]
+               **dict.fromkeys(("drop_path", "warmup"), (0, 1)))
+# when each option does something; set away from its default where it does nothing, it is refused
+APPLIES = dict(val_split="not stream", eval_shift="not stream", workers="stream",
+               stream="dataset == 'folder'", data_dir="dataset != 'shapes'",
+               n_train="dataset == 'shapes'", n_test="dataset == 'shapes'", hops="attn == 'pure'",
+               gamma_init="attn != 'softmax'", overwrite="init_from == 'scratch'",
+               compile="device.startswith('cuda')")
 MODEL_KEYS = [f.name for f in dataclasses.fields(ViTConfig) if f.name in DEFAULTS]
 # what a resumed run cannot change: the model, the data and its split, the precision
 RESUME_FIXED = MODEL_KEYS + ["dataset", "data_dir", "n_train", "n_test", "val_split", "seed",
@@ -104,7 +93,7 @@ RESUME_FIXED = MODEL_KEYS + ["dataset", "data_dir", "n_train", "n_test", "val_sp
 
 def configure_run(argv):
     """(cfg, checkpoint or None): the command line over the defaults, or over a resumed run's own
-    config; data_dir resolved; every rule checked before anything is written."""
+    config; every rule checked before anything is written."""
     config, given = configure(argv, DEFAULTS, __doc__, ALLOWED)
     config["out_dir"] = config["out_dir"] or os.path.join("out", config["attn"])
     if "data_dir" in given:  # a resume from another folder finds the same data
@@ -116,7 +105,7 @@ def configure_run(argv):
         out = config["out_dir"]  # where the run is now, wherever it was made
         config = {**resumed(run, config, given - {"out_dir"}, RESUME_FIXED, out), "out_dir": out}
     refuse_unused({**config, "device": runtime.setup_device(config["device"])[0]}, DEFAULTS,
-                  UNUSED)
+                  APPLIES)
     try:
         ViTConfig(**{k: config[k] for k in MODEL_KEYS})  # its own checks (divisibility, gamma)
     except ValueError as e:
@@ -124,49 +113,18 @@ def configure_run(argv):
     return SimpleNamespace(**config), ckpt
 
 
-def lr_at(step, total, cfg):
-    """Linear warm-up to cfg.lr over the first cfg.warmup of all steps, then cosine down to
-    cfg.min_lr."""
+def lr_at(step, total, cfg, min_lr=1e-5):
+    """Linear warm-up to cfg.lr over the first cfg.warmup of the steps, then cosine to min_lr."""
     w = max(1, int(cfg.warmup * total))
     if step < w:
         return cfg.lr * (step + 1) / w
     t = (step - w) / max(1, total - w)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
-
-@torch.no_grad()
-def evaluate(model, batches, ctx, views="image"):
-    """(accuracy, mean loss) over a loader's batches, of the logits averaged over each image's
-    views (loader.eval_views)."""
-    model.eval()
-    correct, loss_sum, n = 0, 0.0, 0
-    for x, y in batches:
-        xs = loader.eval_views(x, views)
-        with ctx:  # each a copy: a CUDA-graph replay reuses its output buffers
-            logits = sum(model(v)[0].float().clone() for v in xs) / len(xs)
-        correct += (logits.argmax(-1) == y).sum()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        n += len(y)
-    model.train()
-    return (correct / n).item(), (loss_sum / n).item()
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * t))
 
 
 def main(argv):
-    """train(), with one line for what the user or the disk got wrong, and for a stop."""
-    stop = runtime.Stop()
-    try:
-        return train(argv, stop)
-    except data.DataError as e:  # from a worker process, its last line is the error
-        die(str(e).strip().splitlines()[-1].removeprefix("data.DataError: "))
-    except runtime.WriteError as e:  # a full disk, a folder that became read-only
-        die(f"{e}; the files already written are as they were; free space and resume")
-    except torch.OutOfMemoryError:
-        die("out of device memory; lower --batch_size or the model's size")
-    except KeyboardInterrupt:
-        stop.exit("interrupted; what this run had written is as it was; --init_from resume "
-                  "continues from its last checkpoint, if any")
-    finally:
-        stop.restore()
+    """One training run; what the user or the disk got wrong, and a stop, end in one line."""
+    return runtime.one_line(lambda stop: train(argv, stop))
 
 
 def train(argv, stop):
@@ -178,19 +136,17 @@ def train(argv, stop):
     train_data, eval_data, test_data, classes, mean, std = loader.loaders(cfg, dev, rank, world)
     seen = dict(classes=list(classes), train_images=len(train_data.y), eval_images=len(eval_data.y))
     if ckpt and ckpt["data"] != seen:  # a renamed class would permute the labels
-        die(f"the data changed since the run in {out} started: it had {ckpt['data']}, now {seen}")
-    if cfg.batch_size % world:
-        die(f"--batch_size {cfg.batch_size} must be divisible by the {world} processes")
+        die(f"the data changed since the run in {out} started: {ckpt['data']}, now {seen}")
     per_epoch = len(train_data)
     total = cfg.epochs * per_epoch
-    # ---- the model and the optimiser; from a checkpoint, all that the run had
+    # ---- the model and the optimiser; from a checkpoint, all the run had
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model = ViT(ViTConfig(**model_args, n_classes=len(classes)), verbose=master).to(dev)
     opt = model.optimizer(cfg.lr, cfg.weight_decay, fused=dev.startswith("cuda"))
     flat = runtime.flat_grads(list(model.parameters()))
     progress = SimpleNamespace(step=0, epoch=0, batch=0, acc=math.nan, best_acc=0.0, wall_s=0.0,
-                               timed_s=0.0, timed_images=0, resumed_at=[])
+                               timed_s=0.0, timed_images=0)
     log = []
     torch.manual_seed(cfg.seed + rank)  # per-rank randomness: mixing, stochastic depth
     if ckpt:
@@ -219,8 +175,8 @@ def train(argv, stop):
     # ---- the training loop
     split = "val" if test_data is not None else "test"  # what training evaluates on
     if master:
-        print(f"training {cfg.epochs} epochs x {per_epoch} steps of {cfg.batch_size} images "
-              f"({cfg.dtype}); evaluating on {split}; writing to {out}")
+        print(f"{cfg.epochs} epochs x {per_epoch} steps of {cfg.batch_size} images, {cfg.dtype}; "
+              f"evaluating on {split}; writing to {out}")
     bar = tqdm(total=total, initial=progress.epoch * per_epoch + progress.batch, desc=cfg.attn,
                dynamic_ncols=True, disable=None if master else True)
     with runtime.run_folder(out, master, replace=bool(ckpt) or cfg.overwrite):
@@ -237,7 +193,7 @@ def train(argv, stop):
                 x_mixed, target = loader.mix_pairs(x, y, len(classes), train_data.mixup,
                                                    train_data.cutmix)
                 with ctx:
-                    logits, loss = compiled(x_mixed, target, cfg.label_smoothing)
+                    logits, loss = compiled(x_mixed, target, label_smoothing=0.1)
                 scaler.scale(loss).backward()
                 if world > 1:
                     torch.distributed.all_reduce(flat)  # the sum of every rank's gradients ...
@@ -254,56 +210,53 @@ def train(argv, stop):
                 bar.update(1)
                 if progress.step % cfg.log_every and b + 1 < per_epoch:
                     continue
-                mean_loss, acc = log_means(pending, world, progress.step, out)  # one host sync
+                mean_loss, acc, img_s = timer.lap(pending, cfg.batch_size, world)  # one sync
+                if not math.isfinite(mean_loss):
+                    die(f"the loss became {mean_loss} by step {progress.step}; stopped, "
+                        f"{out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr")
                 log.append(dict(step=progress.step, epoch=epoch, loss=mean_loss, acc=acc,
-                                lr=opt.param_groups[0]["lr"],
-                                img_s=timer.lap(len(pending) * cfg.batch_size)))
-                bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{log[-1]['img_s']:.0f}")
+                                lr=opt.param_groups[0]["lr"], img_s=img_s))
+                bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{img_s:.0f}")
                 pending = []
-                if stop.requested(world, dev):
+                if stop.requested(world, dev):  # a checkpoint, then one line and exit
                     checkpoint()
-                    bar.close()
-                    stop.exit(f"stopped at step {progress.step}; {out}/ckpt.pt continues it "
-                              f"exactly: {runtime.resume_command(out, world)}")
+                    stop.exit(f"\nstopped at step {progress.step}; {out}/ckpt.pt continues it: "
+                              f"{runtime.resume_command(out, world)}")
             progress.epoch, progress.batch = epoch + 1, 0
             due = lambda n: n > 0 and (epoch + 1) % n == 0  # noqa: E731 -- epochs n, 2n, ...
             if master and (epoch + 1 == cfg.epochs or due(cfg.eval_every)):
                 with timer.not_training() if split == "test" else contextlib.nullcontext():
-                    progress.acc, eval_loss = evaluate(compiled, eval_data, ctx, cfg.eval_views)
+                    progress.acc, eval_loss = loader.evaluate(compiled, eval_data, ctx,
+                                                              cfg.eval_views)
                 progress.best_acc = max(progress.best_acc, progress.acc)
                 log.append({"step": progress.step, "epoch": epoch, f"{split}_acc": progress.acc,
                             f"{split}_loss": eval_loss})
-                bar.write(f"epoch {epoch + 1}/{cfg.epochs}: {split} acc {progress.acc:.4f}, "
-                          f"{split} loss {eval_loss:.4f}")
+                bar.write(f"epoch {epoch + 1}: {split} acc {progress.acc:.4f}, loss {eval_loss:.3g}")
                 if not math.isfinite(eval_loss):
                     die(f"the {split} loss is {eval_loss} after step {progress.step}; stopped, "
                         f"{out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr")
             if epoch + 1 == cfg.epochs or due(cfg.eval_every) or due(cfg.ckpt_every):
-                if epoch + 1 == cfg.epochs and first_step:  # a resumed command trained to the end
-                    progress.resumed_at = progress.resumed_at + [first_step]
                 checkpoint()  # the last epoch always saves: its wall_s is final
         stop.graceful = False
         bar.close()
         if world > 1:
-            torch.distributed.barrier()  # rank 0 evaluates alone; then all ranks close together
+            torch.distributed.barrier()  # rank 0 evaluates alone; all ranks close together
             torch.distributed.destroy_process_group()
         if not master:
             return None
         # ---- the final evaluation and summary
         test_data, acc = eval_data if test_data is None else test_data, progress.acc
         if split == "val" or progress.step == first_step:  # else the last evaluation was on test
-            acc = evaluate(compiled, test_data, ctx, cfg.eval_views)[0]
+            acc = loader.evaluate(compiled, test_data, ctx, cfg.eval_views)[0]
             log.append(dict(step=progress.step, epoch=cfg.epochs - 1, test_acc=acc))
-        shift = {kind: evaluate(compiled, loader.corrupted(test_data, kind, cfg.seed), ctx,
+        shift = {kind: loader.evaluate(compiled, loader.corrupted(test_data, kind, cfg.seed), ctx,
                                 cfg.eval_views)[0] for kind in cfg.eval_shift * data.CORRUPTIONS}
         if shift:
             shift["mean"] = sum(shift.values()) / len(shift)
-            print("shift: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shift.items()))
         gammas = model.gammas()
         summary = dict(attn=cfg.attn, dataset=cfg.dataset, dtype=cfg.dtype, steps=progress.step,
                        epochs=cfg.epochs, params=model.num_params(), test_acc=acc, shift=shift,
-                       img_s=timer.img_s(), wall_s=progress.wall_s, resumed_at=progress.resumed_at,
-                       device=dev, world=world, compile=cfg.compile,
+                       img_s=timer.img_s(), wall_s=progress.wall_s, device=dev, world=world,
                        gamma_mean=None if gammas is None else gammas.mean().item(),
                        **({"val_acc": progress.acc, "best_val_acc": progress.best_acc}
                           if split == "val" else {"best_acc": progress.best_acc}))
@@ -314,20 +267,6 @@ def train(argv, stop):
               f"{100 * progress.best_acc:.2f}%) | {timer.img_s() or 0:,.0f} img/s | "
               f"{progress.wall_s / 60:.1f} min of training | {out}/ckpt.pt")
         return summary
-
-
-def log_means(pending, world, step, out):
-    """The mean loss and accuracy of the steps since the last log record, averaged over ranks, so
-    that all stop together on a NaN. One host sync: the device has finished the queued steps."""
-    stats = torch.stack(pending)  # (steps, 2)
-    if world > 1:
-        torch.distributed.all_reduce(stats)
-        stats /= world
-    stats = stats.cpu()
-    if not torch.isfinite(stats[:, 0]).all():
-        die(f"the loss became {stats[~torch.isfinite(stats[:, 0]), 0][0].item()} by step {step}; "
-            f"stopped, {out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr")
-    return stats[:, 0].mean().item(), stats[:, 1].mean().item()
 
 
 if __name__ == "__main__":

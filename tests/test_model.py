@@ -1,5 +1,5 @@
 """model.py: the attention switch computes what infsa.py says, gamma trains, counts are right;
-and train.evaluate's views of each image."""
+and loader.evaluate's views of each image."""
 import contextlib
 
 import pytest
@@ -131,23 +131,23 @@ def test_bad_config_is_a_clear_error():
 
 
 def test_flip_averages_the_logits_of_each_image_and_its_mirror():
-    """train.evaluate(views="flip") against the logits averaged image by image: its accuracy and
+    """loader.evaluate(views="flip") against the logits averaged image by image: its accuracy and
     mean loss; the result is the same for the mirrored set, and differs from plain evaluation."""
     m, ctx = tiny("softmax").eval(), contextlib.nullcontext()
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 10, (24,), generator=g)
     batches = [(x[:16], y[:16]), (x[16:], y[16:])]
     mean_logits = torch.cat([(m(x[i:i + 1])[0] + m(x[i:i + 1].flip(-1))[0]) / 2 for i in range(24)])
-    acc, loss = train.evaluate(m, batches, ctx, "flip")
+    acc, loss = loader.evaluate(m, batches, ctx, "flip")
     assert acc == pytest.approx((mean_logits.argmax(-1) == y).float().mean().item())
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(mean_logits, y).item(), rel=1e-5)
-    mirrored = train.evaluate(m, [(b.flip(-1), t) for b, t in batches], ctx, "flip")
+    mirrored = loader.evaluate(m, [(b.flip(-1), t) for b, t in batches], ctx, "flip")
     assert mirrored[1] == pytest.approx(loss, rel=1e-5)
-    assert train.evaluate(m, batches, ctx)[1] != pytest.approx(loss, rel=1e-3)
+    assert loader.evaluate(m, batches, ctx)[1] != pytest.approx(loss, rel=1e-3)
 
 
 def test_flip_move_averages_over_the_image_moved_four_ways():
-    """train.evaluate(views="flip_move") against the logits of 5 views built pixel by pixel (the
+    """loader.evaluate(views="flip_move") against the logits of 5 views built pixel by pixel (the
     image, and moved 2 pixels down, up, right, left with zeros coming in), each with its mirror:
     accuracy and mean loss."""
     m, ctx = tiny("softmax").eval(), contextlib.nullcontext()
@@ -163,10 +163,10 @@ def test_flip_move_averages_over_the_image_moved_four_ways():
         return out
     views = [moved(x, dy, dx) for dy, dx in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))]
     mean_logits = sum(m(v)[0] + m(v.flip(-1))[0] for v in views) / 10
-    acc, loss = train.evaluate(m, [(x[:8], y[:8]), (x[8:], y[8:])], ctx, "flip_move")
+    acc, loss = loader.evaluate(m, [(x[:8], y[:8]), (x[8:], y[8:])], ctx, "flip_move")
     assert acc == pytest.approx((mean_logits.argmax(-1) == y).float().mean().item())
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(mean_logits, y).item(), rel=1e-5)
-    assert train.evaluate(m, [(x, y)], ctx, "flip")[1] != pytest.approx(loss, rel=1e-3)
+    assert loader.evaluate(m, [(x, y)], ctx, "flip")[1] != pytest.approx(loss, rel=1e-3)
 
 
 def test_a_finished_run_resumed_with_other_evaluation_views_is_evaluated_again(tmp_path):
@@ -183,6 +183,6 @@ def test_a_finished_run_resumed_with_other_evaluation_views_is_evaluated_again(t
     m.load_state_dict(c["model"])
     d = data.load("shapes", n_train=512, n_test=256)
     x = loader.normalize(d["x_test"], c["mean"], c["std"])
-    want = train.evaluate(m, [(x, d["y_test"])], contextlib.nullcontext(), "flip_move")[0]
+    want = loader.evaluate(m, [(x, d["y_test"])], contextlib.nullcontext(), "flip_move")[0]
     assert again["steps"] == first["steps"] and again["best_acc"] == first["best_acc"]
     assert again["test_acc"] == pytest.approx(want) and first["test_acc"] != pytest.approx(want)

@@ -7,7 +7,10 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README, RESULTS = (ROOT / "README.md").read_text(), (ROOT / "RESULTS.md").read_text()
+FLAT = " ".join(RESULTS.split())  # prose with its line breaks as spaces, for sentence patterns
+CIFAR, SEARCH = ROOT / "assets" / "cifar", ROOT / "assets" / "cifar" / "search"
 KINDS = {"softmax": "softmax", "Pure-InfSA": "pure", "Linear-InfSA": "linear"}
+README_REWRITE = pytest.mark.skip(reason="README being rewritten")
 
 
 def table_after(text, header_start):
@@ -15,175 +18,118 @@ def table_after(text, header_start):
     lines = text.splitlines()
     i = next(n for n, line in enumerate(lines) if line.startswith(header_start))
     rows = []
-    for line in lines[i + 2:]:  # skip the header and its | --- | line
+    for line in lines[i + 2:]:  # skip the header and its |---| line
         if not line.startswith("|"):
             break
         rows.append([c.strip(" *%") for c in line.strip("|").split("|")])
     return rows
 
 
+def load(path):
+    return json.loads(path.read_text())
+
+
 def summaries(folder, prefix, kind):
     """{seed: summary.json} of the runs assets/<folder>/<prefix>_<kind>_s<seed>/."""
-    return {int(f.parent.name.rsplit("_s", 1)[1]): json.loads(f.read_text())
+    return {int(f.parent.name.rsplit("_s", 1)[1]): load(f)
             for f in sorted((ROOT / "assets" / folder).glob(f"{prefix}_{kind}_s*/summary.json"))}
 
 
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values)
+
+
 def mean_test_acc(prefix, kind):
-    runs = summaries("cifar", prefix, kind).values()
-    return sum(100 * s["test_acc"] for s in runs) / len(runs)
+    return mean(100 * s["test_acc"] for s in summaries("cifar", prefix, kind).values())
+
+
+def mean_shift(prefix, kind, corruption="mean"):
+    return mean(100 * s["shift"][corruption] for s in summaries("cifar", prefix, kind).values())
 
 
 def close(shown, value, decimals):
     """The text shows `value` rounded to `decimals` (either way at an exact half)."""
-    return abs(float(shown.replace(",", "")) - value) <= 0.5 * 10 ** -decimals + 1e-4  # summaries hold fp32
+    shown = float(shown.replace(",", "").replace("−", "-"))
+    return abs(shown - value) <= 0.5 * 10 ** -decimals + 1e-4  # summaries hold fp32
+
+
+def decimals(shown):
+    return len(shown.split(".")[1]) if "." in shown else 0
+
+
+def close_as_shown(shown, value):
+    return close(shown, value, decimals(shown))
 
 
 def kind_of(label):
     return KINDS[next(k for k in KINDS if label.startswith(k))]
 
 
+def test_the_img_s_caveat_is_the_measured_one():
+    assert "about 5% of the steps' time" in (SEARCH / "overheads.txt").read_text()
+    assert "read up to about 5% high" in FLAT
+
+
+# ---- README.md (skipped while the lead rewrites it)
+
+@README_REWRITE
 def test_cifar_means_in_the_readme_are_the_means_of_the_summaries():
-    recipe = {"`config/cifar.py`": "light", "`config/cifar_long.py`": "long560", "`config/cifar_long.py --epochs 640`": "long640",
-              "`config/cifar_10min.py` with patches apart (RESULTS.md's `min10`)": "min10", "`config/cifar_10min.py`": "min10ovl"}
+    recipe = {"`config/cifar.py`": "light", "`config/cifar_long.py`": "long560",
+              "`config/cifar_long.py --epochs 640`": "long640",
+              "`config/cifar_10min.py` with patches apart (RESULTS.md's `min10`)": "min10",
+              "`config/cifar_10min.py`": "min10ovl"}
     rows = table_after(README, "| recipe | softmax |")
     assert len(rows) == 5
     for row in rows:
         prefix = recipe[row[0].split(",")[0]]
         for kind, cell in zip(("softmax", "pure", "linear"), row[1:]):
-            assert len(summaries("cifar", prefix, kind)) == 2, (prefix, kind)
-            assert close(re.match(r"[\d.]+", cell).group(), mean_test_acc(prefix, kind), 2), (prefix, kind, cell)
-            span = re.search(r"\(([\d.]+)(?:–([\d.]+))? min\)", cell)  # minutes of training: the seeds' range
-            wall = sorted(s["wall_s"] / 60 for s in summaries("cifar", prefix, kind).values())
-            assert not span or close(span[1], wall[0], 1) and close(span[2] or span[1], wall[-1], 1), (prefix, kind, cell)
+            runs = summaries("cifar", prefix, kind)
+            assert len(runs) == 2, (prefix, kind)
+            shown = re.match(r"[\d.]+", cell).group()
+            assert close(shown, mean_test_acc(prefix, kind), 2), (prefix, kind, cell)
+            span = re.search(r"\(([\d.]+)(?:–([\d.]+))? min\)", cell)  # the seeds' minutes
+            wall = sorted(s["wall_s"] / 60 for s in runs.values())
+            assert not span or (close(span[1], wall[0], 1)
+                                and close(span[2] or span[1], wall[-1], 1)), (prefix, kind, cell)
 
 
-@pytest.mark.parametrize("header, prefix, col, n_runs", [
-    ("| attention | seed | val acc (best) | test acc |", "long560", 3, 7),
-    ("| attention | seed | test acc |", "long640", 2, 6),
-    ("| attention | seed | val acc, flip (best) |", "min10", 3, 6),
-    ("| attention | seed | test acc, 10 views |", "min10ovl", 2, 6),
-])
-def test_per_seed_cifar_rows_match_their_summaries(header, prefix, col, n_runs):
-    seen = 0
-    for row in table_after(RESULTS, header):
-        if not row[1]:  # a mean row: checked against the seed rows' summaries
-            assert close(row[col], mean_test_acc(prefix, kind_of(row[0])), 2), row
-            continue
-        run = summaries("cifar", "long360" if "--epochs 360" in row[0] else prefix, kind_of(row[0]))[int(row[1])]
-        assert close(row[col], 100 * run["test_acc"], 2), row
-        shift, drop = re.match(r"([\d.]+) \(−([\d.]+)\)", row[col + 1]).groups()
-        assert close(shift, 100 * run["shift"]["mean"], 1) and close(drop, 100 * (run["test_acc"] - run["shift"]["mean"]), 1), row
-        assert int(row[-3].replace(",", "")) == round(run["img_s"]) and close(row[-2].rstrip("%"), 100 * run["mfu"], 1), row
-        assert close(row[-1], run["wall_s"] / 60, 1), row
-        if col == 3:  # a validation column: final (best)
-            val, best = re.match(r"([\d.]+) \(([\d.]+)\)", row[2]).groups()
-            assert close(val, 100 * run["val_acc"], 2) and close(best, 100 * run["best_val_acc"], 2), row
-        seen += 1
-    assert seen == n_runs
-
-
-def test_the_gaps_at_the_10_minute_recipe_are_the_summaries():
-    """The verdict's gaps to softmax at config/cifar_10min.py, and Pure-InfSA's seconds (within 600), in README and RESULTS."""
-    runs = {k: summaries("cifar", "min10ovl", k) for k in ("softmax", "pure", "linear")}
-    soft, pure, lin = (mean_test_acc("min10ovl", k) for k in runs)
+@README_REWRITE
+def test_the_gap_at_the_10_minute_recipe_in_the_readme():
+    soft, pure = mean_test_acc("min10ovl", "softmax"), mean_test_acc("min10ovl", "pure")
     m = re.search(r"reaches\s+([\d.]+)%, ([\d.]+) points behind", README)
     assert close(m[1], pure, 2) and close(m[2], soft - pure, 2)
-    m = re.search(r"Pure-InfSA \(K = 2\) is ([\d.]+) points behind \(([\d.]+)% against\s+([\d.]+)%; ([\d.]+) and ([\d.]+) "
-                  r"seed for seed, in (\d+) and (\d+) s\) and Linear-InfSA ([\d.]+) \(([\d.]+)%\)", RESULTS)
-    assert close(m[1], soft - pure, 2) and close(m[2], pure, 2) and close(m[3], soft, 2)
-    for shown, seed in zip(m.group(4, 5), (1337, 2)):
-        assert close(shown, 100 * (runs["softmax"][seed]["test_acc"] - runs["pure"][seed]["test_acc"]), 2)
-    walls = sorted(s["wall_s"] for s in runs["pure"].values())
-    assert close(m[6], walls[0], 0) and close(m[7], walls[1], 0) and close(m[8], soft - lin, 2) and close(m[9], lin, 2)
-    assert walls[1] <= 600 and all(s["wall_s"] <= 600 for s in runs["softmax"].values())
 
 
-def test_75_epoch_rows_match_their_summaries():
-    rows = table_after(RESULTS, "| attention | test acc, seeds 1337 / 2 |")
-    assert len(rows) == 3
-    for row in rows:
-        runs = summaries("cifar", "light", kind_of(row[0]))
-        for seed, shown in zip((1337, 2), row[1].split(" / ")):
-            assert close(shown, 100 * runs[seed]["test_acc"], 2), row
+@README_REWRITE
+def test_the_best_within_10_minutes_in_the_readme():
+    best = re.search(r"takes\s+softmax to ([\d.]+)% test in ([\d.]+) minutes", README)
+    s = load(CIFAR / "min10ovl_softmax_s1337" / "summary.json")
+    assert close(best[1], 100 * s["test_acc"], 2) and close(best[2], s["wall_s"] / 60, 1)
+    assert s["wall_s"] <= 600
 
 
-def bench_speed(kind, image, mode="infer", compiled=False):
-    rows = json.loads((ROOT / "assets" / "bench.json").read_text())["rows"]
-    (r,) = [r for r in rows if (r["kind"], r["image"], r["mode"], r["compiled"]) == (kind, image, mode, compiled)]
-    return r.get("img_s"), r["status"]
+@README_REWRITE
+def test_the_scaling_table_in_the_readme():
+    check_scaling_table(README)
 
 
-@pytest.mark.parametrize("name", ["README.md", "RESULTS.md"])
-def test_scaling_tables_match_the_benchmark(name):
-    text = (ROOT / name).read_text()
-    columns = ["linear", "softmax", "softmax-mat", "pure", "pure-chunked"]
-    rows = table_after(text, "| image | tokens | Linear-InfSA |")
-    assert len(rows) >= 3
-    for row in rows:
-        image = int(row[0].rstrip("²"))
-        for kind, cell in zip(columns, row[2:]):
-            if not cell or cell.startswith("not run"):
-                continue
-            speed, status = bench_speed(kind, image)
-            if cell.startswith("out of memory"):
-                assert status == "oom", (image, kind)
-            else:
-                shown = cell.split()[0]
-                assert abs(float(shown.replace(",", "")) / speed - 1) < 0.005 + 0.5 * 10 ** -(len(shown.replace(",", "").replace(".", "").lstrip("0")) - 1), (image, kind, cell)
+@README_REWRITE
+def test_the_cpu_table_in_the_readme():
+    rows = table_after(README, "| attention | test accuracy | wall time |")
+    names = (["softmax_s1337"], ["pure_s1337"], ["linear_s1337", "linear_s1", "linear_s2"])
+    for row, runs in zip(rows, names):
+        for name, acc, wall in zip(runs, row[1].split(" / "), row[2].split(" / ")):
+            s, r = cpu_run(name)
+            assert close(acc.strip("%"), 100 * s["test_acc"], 2), (row, name)
+            assert minutes(wall) == round(r["command_wall_s"]), (row, name)
 
 
-def test_kernel_table_matches_its_benchmark():
-    """RESULTS §4's Triton-kernel table: each figure (img/s, seconds, GB) is its row of assets/bench_kernel.json."""
-    rows = json.loads((ROOT / "assets" / "bench_kernel.json").read_text())["rows"]
-    checked = 0
-    for row in table_after(RESULTS, "| row | Triton kernel |"):
-        mode, image = ("train" if row[0].startswith("training") else "infer"), int(re.search(r"(\d+)²", row[0])[1])
-        for kind, cell in (("pure", row[1]), ("pure-chunked", row[2])):
-            found = [r for r in rows if (r["mode"], r["kind"], r["image"]) == (mode, kind, image)]
-            for value, unit in re.findall(r"([\d.]+) (img/s|s|GB)\b", cell) if found else ():
-                want = {"img/s": found[0]["img_s"], "s": found[0]["s"], "GB": found[0]["peak_gb"]}[unit]
-                assert close(value, want, len(value.split(".")[1]) if "." in value else 0), (row[0], kind, cell)
-                checked += 1
-    assert checked >= 10
-
-
-def test_recipe_search_rows_match_their_summaries():
-    """RESULTS §5's recipe search: val acc, flip, img/s and minutes of every finished run are its summary's
-    (assets/cifar/search/<run>.json, or a final run's assets/cifar/<run>/summary.json); a run evaluated with
-    --flip_eval throughout shows only the flip column, its val_acc."""
-    rows, cifar = [r for r in table_after(RESULTS, "| run | change from") if r[0]], ROOT / "assets" / "cifar"
-    found = {r[0]: f for r in rows for f in (cifar / "search" / f"{r[0]}.json", cifar / r[0] / "summary.json") if f.exists()}
-    for run, _, epochs, val, flip, ips, minutes in (r for r in rows if r[0] in found):
-        s = json.loads(found[run].read_text())
-        assert int(epochs) == s["epochs"] and close(flip, 100 * s["val_acc_flip" if val else "val_acc"], 2), run
-        assert (not val or close(val, 100 * s["val_acc"], 2)) and close(ips, s["img_s"], 0), run
-        assert close(minutes, s["wall_s"] / 60, 1), run
-    assert len(found) == 21 and len(rows) == 27
-    best = re.search(r"takes\s+softmax to ([\d.]+)% test in ([\d.]+) minutes", README)  # README's best within 10 min
-    s = json.loads((cifar / "min10ovl_softmax_s1337" / "summary.json").read_text())
-    assert close(best[1], 100 * s["test_acc"], 2) and close(best[2], s["wall_s"] / 60, 1) and s["wall_s"] <= 600
-    moves = re.search(r"gives s2e670's final weights ([\d.]+)%, ([\d.]+)% and ([\d.]+)% validation", RESULTS)
-    assert [close(v, 100 * json.loads(found["s2e670"].read_text())[f"val_acc_move{m}"], 2) for m, v in
-            zip((1, 2, 3), moves.groups())] == [True] * 3
-    ema = re.search(r"decay 0.998: (.+?);\s+decay 0.9995: (.+?), for (.+?)\)", RESULTS)  # EMA minus final, in points
-    for i, decay in enumerate(("0.998", "0.9995")):
-        for run, gain in zip(ema[3].split(", "), ema[i + 1].split(", "), strict=True):
-            s = json.loads(found[run].read_text())
-            assert close(gain.replace("−", "-"), 100 * (s[f"val_acc_ema{decay}"] - s["val_acc"]), 2), (run, decay)
-    lines = (cifar / "search" / "step_cost.txt").read_text().splitlines()[2:]  # run, img/s, change: tab-separated
-    cost = {change: ips for _, ips, change in (line.split("\t") for line in lines)}
-    for change, ips in (("(none)", "61,859"), ("--mixup 0 --cutmix 0", "67,010"), ("--grad_clip 0", "64,926")):
-        assert cost[change] == ips.replace(",", "") + " img/s" and ips in RESULTS, change
-    hops = re.findall(r"--hops (\d):.*\| ([\d,]+) img/s", (cifar / "search" / "pure_hops.txt").read_text())
-    assert re.search(rf"{hops[0][1]} img/s with\s+K = {hops[0][0]} and {hops[1][1]} with K = {hops[1][0]}", RESULTS), hops
-    mixed = [line.split() for line in (cifar / "search" / "mixed_loss.txt").read_text().splitlines()[2:]]
-    for code in ("train", "train_old"):
-        assert " and ".join(f"{int(r[2]):,}" for r in mixed if r[0] == code) in RESULTS, code
-
+# ---- RESULTS.md §1: the built-in dataset on a CPU
 
 def cpu_run(name):
-    runs = json.loads((ROOT / "assets" / "cpu" / "runs.json").read_text())["runs"]
-    return json.loads((ROOT / "assets" / "cpu" / name / "summary.json").read_text()), runs[name]
+    runs = load(ROOT / "assets" / "cpu" / "runs.json")["runs"]
+    return load(ROOT / "assets" / "cpu" / name / "summary.json"), runs[name]
 
 
 def minutes(text):
@@ -192,24 +138,434 @@ def minutes(text):
     return 60 * int(m) + int(s)
 
 
-def test_cpu_tables_match_their_runs():
+def test_cpu_table_matches_its_runs():
     rows = table_after(RESULTS, "| attention | seed | test accuracy | wall time |")
     assert len(rows) == 5
+    speed = {}
     for row in rows:
         s, r = cpu_run(f"{row[0].split()[0]}_s{row[1]}")
-        assert close(row[2], 100 * s["test_acc"], 2) and int(row[4].replace(",", "")) == round(s["img_s"]), row
-        assert minutes(row[3]) == round(r["command_wall_s"]) and close(row[5].split()[0], r["peak_rss_gb"], 2), row
-    rows = table_after(README, "| attention | test accuracy | wall time |")
-    for row, names in zip(rows, (["softmax_s1337"], ["pure_s1337"], ["linear_s1337", "linear_s1", "linear_s2"])):
-        for name, acc, wall in zip(names, row[1].split(" / "), row[2].split(" / ")):
-            s, r = cpu_run(name)
-            assert close(acc.strip("%"), 100 * s["test_acc"], 2) and minutes(wall) == round(r["command_wall_s"]), (row, name)
+        assert close(row[2], 100 * s["test_acc"], 2), row
+        assert int(row[4].replace(",", "")) == round(s["img_s"]), row
+        assert minutes(row[3]) == round(r["command_wall_s"]), row
+        assert close(row[5].split()[0], r["peak_rss_gb"], 2), row
+        speed.setdefault(s["attn"], []).append(s["img_s"])
+    assert "Linear-InfSA trains fastest, Pure-InfSA (three hops) slowest" in FLAT
+    assert min(speed["linear"]) > max(speed["softmax"]) > max(speed["pure"])
 
 
-def test_cpu_runs_are_the_readme_commands_with_todays_defaults():
-    """Every committed CPU run used train.py's defaults but for attn and seed: the table is what the command gives."""
+def test_cpu_runs_are_the_commands_with_todays_defaults():
+    """Every committed CPU run used train.py's defaults but for attn and seed."""
     import train
     for name in ("softmax_s1337", "pure_s1337", "linear_s1337", "linear_s1", "linear_s2"):
         s, r = cpu_run(name)
-        assert s["epochs"] == train.epochs and s["steps"] == train.epochs * (train.n_train // train.batch_size), name
-        assert r["command"] == "python train.py --attn " + s["attn"] + ("" if name.endswith("1337") else f" --seed {name[-1]}")
+        assert s["epochs"] == train.epochs, name
+        assert s["steps"] == train.epochs * (train.n_train // train.batch_size), name
+        seed = "" if name.endswith("1337") else f" --seed {name[-1]}"
+        assert r["command"] == "python train.py --attn " + s["attn"] + seed
+    assert f"{train.n_train:,} training and {train.n_test:,} test images" in FLAT
+    assert f"{train.n_layer} layers, width {train.n_embd}, 65 tokens, {train.epochs} epochs" in FLAT
+    assert (train.image_size // train.patch_size) ** 2 + 1 == 65
+
+
+def test_commands_use_todays_options():
+    """Every option in RESULTS.md's commands and code spans is one its script has; the full
+    commands parse (choices and types) as the script would parse them."""
+    import bench
+    import configurator
+    import sample_attention
+    import train
+    scripts = {"train.py": (train.DEFAULTS, train.ALLOWED), "bench.py": (bench.DEFAULTS, None),
+               "sample_attention.py": (sample_attention.DEFAULTS, None)}
+    blocks = re.findall(r"```bash\n(.*?)```", RESULTS, re.S)
+    commands = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+    prose = re.sub(r"```.*?```", "", FLAT, flags=re.S)
+    assert prose.count("`") % 2 == 0
+    shell_c = re.search(r"`C='([^']*)'`", prose)[1]  # a shell variable the commands use
+    spans = [s.replace("$C", shell_c) for s in prose.split("`")[1::2] if "--" in s]
+    parsed = 0
+    for text in commands + spans:
+        if text.startswith("torchrun"):
+            text = text.split("train.py", 1)[1] if "train.py" in text else ""
+        script = next((s for s in scripts if f"python {s}" in text), None)
+        if script is None:  # options alone: train.py's if they parse as such, else some script's
+            keys = re.findall(r"--(\w+)", text)
+            if "=" not in text and all(k in train.DEFAULTS for k in keys):
+                configurator.configure(text.split(), train.DEFAULTS, allowed=train.ALLOWED)
+            assert all(any(k in d for d, _ in scripts.values()) for k in keys), text
+            continue
+        defaults, allowed = scripts[script]
+        argv = re.sub(r"\[.*?\]", "", text.split(f"python {script}", 1)[1])
+        argv = re.sub(r"\{([^,}]*)[^}]*\}", r"\1", argv)  # {softmax,pure,linear}: softmax
+        argv = [a.strip("'\"") for a in argv.split()]
+        assert all(not a.endswith(".py") or (ROOT / a).exists() for a in argv), text
+        configurator.configure(argv, defaults, allowed=allowed)
+        parsed += 1
+    assert parsed >= 15 and "min_steps" not in train.DEFAULTS
+
+
+# ---- §4: scaling and the Triton kernels
+
+def bench_rows(name="bench.json"):
+    return load(ROOT / "assets" / name)["rows"]
+
+
+def bench_row(kind, image, mode="infer", compiled=False, name="bench.json"):
+    (r,) = [r for r in bench_rows(name)
+            if (r["kind"], r["image"], r["mode"], r["compiled"]) == (kind, image, mode, compiled)]
+    return r
+
+
+def as_shown(shown, value):
+    """shown is value rounded to its last shown digit (an integer's trailing zeros not shown)."""
+    plain = shown.replace(",", "")
+    zeros = len(plain) - len(plain.rstrip("0"))
+    unit = 10.0 ** -decimals(plain) if "." in plain else 10.0 ** zeros
+    return abs(float(plain) - value) <= unit / 2 * (1 + 1e-6)
+
+
+def check_scaling_table(text):
+    columns = ["linear", "softmax", "softmax-mat", "pure", "pure-chunked"]
+    rows = table_after(text, "| image | tokens | Linear-InfSA |")
+    assert len(rows) >= 3
+    for row in rows:
+        image = int(row[0].rstrip("²"))
+        assert int(row[1].replace(",", "")) == bench_row("linear", image)["tokens"], row
+        for kind, cell in zip(columns, row[2:]):
+            if not cell or cell.startswith("not run"):
+                continue
+            r = bench_row(kind, image)
+            if cell.startswith("out of memory"):
+                assert r["status"] == "oom", (image, kind)
+                continue
+            assert as_shown(cell.split()[0], r["img_s"]), (image, kind, cell)
+            for gb in re.findall(r"([\d.]+) GB", cell):
+                assert close_as_shown(gb, r["peak_gb"]), (image, kind, cell)
+            for s in re.findall(r"([\d.]+) s\b", cell):
+                assert close_as_shown(s, r["s"]), (image, kind, cell)
+            for fast in re.findall(r"([\d,]+) compiled", cell):
+                assert as_shown(fast, bench_row(kind, image, compiled=True)["img_s"])
+
+
+def test_scaling_table_matches_the_benchmark():
+    check_scaling_table(RESULTS)
+
+
+def test_scaling_claims_are_ratios_of_the_benchmark():
+    def speed(kind, image, compiled=False):
+        return bench_row(kind, image, compiled=compiled)["img_s"]
+
+    m = re.search(r"Training step at 4096², batch 1: Linear-InfSA ([\d.]+) img/s in ([\d.]+) GB, "
+                  r"softmax \(SDPA\) ([\d.]+) img/s in ([\d.]+) GB", FLAT)
+    for (ips, gb), kind in zip((m.group(1, 2), m.group(3, 4)), ("linear", "softmax")):
+        r = bench_row(kind, 4096, "train")
+        assert as_shown(ips, r["img_s"]) and close_as_shown(gb, r["peak_gb"]), kind
+    m = re.search(r"here (\d+)×\. Against fused SDPA it is ([\d.]+)× eager and ([\d.]+)× compiled, "
+                  r"(\d+)× at 4096² and (\d+)× at 9216², where both fit in ([\d.]+) GB", FLAT)
+    ratios = (speed("linear", 1024) / speed("softmax-mat", 1024),
+              speed("linear", 1024) / speed("softmax", 1024),
+              speed("linear", 1024, compiled=True) / speed("softmax", 1024, compiled=True),
+              speed("linear", 4096) / speed("softmax", 4096),
+              speed("linear", 9216) / speed("softmax", 9216))
+    for shown, ratio in zip(m.groups(), ratios):
+        assert close_as_shown(shown, ratio), (shown, ratio)
+    for kind in ("linear", "softmax"):
+        assert close_as_shown(m[6], bench_row(kind, 9216)["peak_gb"]), kind
+    assert "at 224² SDPA softmax is faster" in FLAT and speed("softmax", 224) > speed("linear", 224)
+
+
+def test_kernel_table_matches_its_benchmark():
+    """The Triton-kernel table: each figure (img/s, seconds, GB) is its row of bench_kernel.json,
+    or for the FlexAttention column, of the 2026-11-29 sweep (bench.json)."""
+    checked = 0
+    for row in table_after(RESULTS, "| row | Triton kernel |"):
+        mode = "train" if row[0].startswith("training") else "infer"
+        image = int(re.search(r"(\d+)²", row[0])[1])
+        for kind, cell, name in (("pure", row[1], "bench_kernel.json"),
+                                 ("pure-chunked", row[2], "bench_kernel.json"),
+                                 ("pure", row[3], "bench.json")):
+            found = [r for r in bench_rows(name)
+                     if (r["mode"], r["kind"], r["image"]) == (mode, kind, image)]
+            for value, unit in re.findall(r"([\d.]+) (img/s|s|GB)\b", cell) if found else ():
+                want = {"img/s": found[0]["img_s"], "s": found[0]["s"], "GB": found[0]["peak_gb"]}
+                assert close_as_shown(value, want[unit]), (row[0], kind, cell)
+                checked += 1
+    assert checked >= 16
+
+
+def test_kernel_speedups_are_ratios_of_the_benchmarks():
+    def kernel(image, mode="infer", kind="pure"):
+        return bench_row(kind, image, mode, name="bench_kernel.json")
+
+    def flex(image, mode="infer"):  # the FlexAttention hops of the 2026-11-29 sweep
+        return bench_row("pure", image, mode)
+
+    m = re.search(r"run (\d+)× the FlexAttention hops at 4096² and 9216², ([\d.]+)× in training "
+                  r"and (\d+)× the chunked loop, at (\d+) TFLOP/s", FLAT)
+    assert close(m[1], kernel(4096)["img_s"] / flex(4096)["img_s"], 0)
+    assert close(m[1], flex(9216)["s"] / kernel(9216)["s"], 0)
+    assert close(m[2], flex(4096, "train")["s"] / kernel(4096, "train")["s"], 1)
+    assert close(m[3], kernel(4096)["img_s"] / kernel(4096, kind="pure-chunked")["img_s"], 0)
+    assert close(m[4], kernel(4096)["flops"] / kernel(4096)["s"] / 1e12, 0)
+
+
+# ---- §5: CIFAR-10
+
+@pytest.mark.parametrize("header, prefix, col", [
+    ("| attention | seed | val acc (best) | test acc |", "long560", 3),
+    ("| attention | seed | test acc | shift", "long640", 2),
+    ("| attention | seed | val acc, flip (best) |", "min10", 3),
+    ("| attention | seed | test acc, 10 views |", "min10ovl", 2),
+])
+def test_per_seed_cifar_rows_match_their_summaries(header, prefix, col):
+    """Test acc, shift (drop), img/s and minutes of each seed; a validation column: final
+    (best); a mean row: the mean of the seeds' test acc, shift and drop."""
+    seen = 0
+    for row in table_after(RESULTS, header):
+        kind = kind_of(row[0])
+        shift, drop = re.match(r"([\d.]+) \(−([\d.]+)\)", row[col + 1]).groups()
+        if not row[1]:
+            test = mean_test_acc(prefix, kind)
+            assert close(row[col], test, 2) and close(shift, mean_shift(prefix, kind), 1), row
+            assert close(drop, test - mean_shift(prefix, kind), 1), row
+            continue
+        run = summaries("cifar", prefix, kind)[int(row[1])]
+        assert close(row[col], 100 * run["test_acc"], 2), row
+        assert close(shift, 100 * run["shift"]["mean"], 1), row
+        assert close(drop, 100 * (run["test_acc"] - run["shift"]["mean"]), 1), row
+        assert int(row[-2].replace(",", "")) == round(run["img_s"]), row
+        assert close(row[-1], run["wall_s"] / 60, 1), row
+        if col == 3:  # a validation column: final (best)
+            val, best = re.match(r"([\d.]+) \(([\d.]+)\)", row[2]).groups()
+            assert close(val, 100 * run["val_acc"], 2), row
+            assert close(best, 100 * run["best_val_acc"], 2), row
+        seen += 1
+    assert seen == 6
+
+
+def test_75_epoch_rows_match_their_summaries():
+    rows = table_after(RESULTS, "| attention | test acc, seeds 1337 / 2 |")
+    solo = load(CIFAR / "solo_throughput.json")
+    assert len(rows) == 3
+    for row in rows:
+        kind = kind_of(row[0])
+        runs = summaries("cifar", "light", kind)
+        for seed, shown in zip((1337, 2), row[1].split(" / ")):
+            assert close(shown, 100 * runs[seed]["test_acc"], 2), row
+        test, shift = mean_test_acc("light", kind), mean_shift("light", kind)
+        assert close(row[2], test, 2), row
+        m = re.match(r"([\d.]+)% \(−([\d.]+)\)", row[3])
+        assert close(m[1], shift, 1) and close(m[2], test - shift, 1), row
+        kind_key = {"softmax": "s_plain", "pure": "s_pure", "linear": "s_linear"}[kind]
+        assert int(row[4].replace(",", "")) == round(solo[kind_key]["summary"]["img_s"]), row
+    m = re.search(r"`light` beat `--augment strong` on validation \(mean of the three kinds, seed "
+                  r"1337\): ([\d.]+)% against ([\d.]+)%", FLAT)
+    for shown, prefix in zip(m.groups(), ("light", "strong")):
+        val = mean(100 * summaries("cifar", prefix, k)[1337]["val_acc"] for k in KINDS.values())
+        assert close(shown, val, 1), prefix
+
+
+def test_parameter_counts_and_learned_gammas():
+    for shown, prefix in (("7,152,058", "light"), ("7,207,354", "min10ovl")):
+        assert f"{shown} parameters" in FLAT
+        for kind in KINDS.values():
+            assert all(s["params"] == int(shown.replace(",", ""))
+                       for s in summaries("cifar", prefix, kind).values()), (prefix, kind)
+    gammas = re.findall(r"Mean learned γ[^:]*: ([\d.]+) \(pure\), ([\d.]+) \(linear\)", FLAT)
+    assert len(gammas) == 4
+    for (pure, linear), prefix in zip(gammas, ("long560", "long640", "min10ovl", "min10")):
+        for shown, kind in ((pure, "pure"), (linear, "linear")):
+            want = mean(s["gamma_mean"] for s in summaries("cifar", prefix, kind).values())
+            assert close(shown, want, 2), (prefix, kind)
+
+
+def search_summary(run):
+    """A search row's summary: assets/cifar/search/<run>.json, a final run's summary.json, or
+    (long360, long560, min10) the softmax seed-1337 run of that recipe."""
+    for f in (SEARCH / f"{run}.json", CIFAR / run / "summary.json",
+              CIFAR / f"{run}_softmax_s1337" / "summary.json"):
+        if f.exists():
+            return load(f)
+    return None
+
+
+def val_at(run, epoch):
+    """Validation accuracies (%) at the end of `epoch` of a run: its search log, or the curve.json
+    of each run folder that run (a glob; long560, min10: the softmax seed-1337 run) names."""
+    log = SEARCH / f"{run}.log"
+    if log.exists():
+        return [100 * float(re.search(rf"epoch {epoch}/\d+: val acc ([\d.]+)", log.read_text())[1])]
+    folders = sorted(CIFAR.glob(run)) or [CIFAR / f"{run}_softmax_s1337"]
+    return [100 * next(e["val_acc"] for e in load(f / "curve.json")["eval"]
+                       if e["epoch"] + 1 == epoch) for f in folders]
+
+
+def lead(cell):
+    return float(re.match(r"[\d.]+", cell).group())
+
+
+def test_recipe_search_rows_match_their_summaries():
+    """The search table: epochs, val acc, flip, img/s and minutes of every finished run are its
+    summary's; a run evaluated with the mirror throughout shows only the flip column, its val_acc;
+    "X at epoch E" is its log's; "±d on x" is the difference of the two rows; "x at epoch E: v" is
+    x's validation accuracy then; "(test t)" the run's test accuracy."""
+    rows = table_after(RESULTS, "| run | change |")
+    by_run = {row[0]: row for row in rows}
+    assert len(rows) == 29 and len(by_run) == 29
+    finished = 0
+    for run, _, epochs, val, flip, ips, mins, gave in rows:
+        s = search_summary(run)
+        if s:
+            assert int(epochs) == s.get("epochs", s["steps"] // (45_000 // 512)), run
+            assert close(flip, 100 * s["val_acc_flip" if val else "val_acc"], 2) if flip else \
+                "val_acc_flip" not in s, run
+            assert not val or close(val, 100 * s["val_acc"], 2), run
+            assert close(ips, s["img_s"], 0) and close(mins, s["wall_s"] / 60, 1), run
+            for test in re.findall(r"\(test ([\d.]+)\)", gave):
+                assert close(test, 100 * s["test_acc"], 2), run
+            finished += 1
+        else:
+            shown, epoch = re.match(r"([\d.]+) at epoch (\d+)$", val or flip).groups()
+            assert val_at(run, int(epoch)) == pytest.approx([float(shown)], abs=5e-3), run
+        for delta, ref in re.findall(r"([+−][\d.]+) on (\w+)", gave):
+            other = by_run[ref]
+            both_val = bool(val) and bool(other[3])
+            a, b = (lead(val), lead(other[3])) if both_val else (lead(flip), lead(other[4]))
+            assert close(delta.replace("+", ""), a - b, 2), (run, delta, ref)
+        for ref, epoch, values in re.findall(r"(\S+) at epoch (\d+): ([\d.]+(?: / [\d.]+)*)", gave):
+            want = val_at(ref, int(epoch))
+            assert [float(v) for v in values.split(" / ")] == pytest.approx(want, abs=5e-3), run
+    assert finished == 23
+
+
+def test_recipe_search_notes_match_their_files():
+    found = {r[0]: search_summary(r[0]) for r in table_after(RESULTS, "| run | change |")}
+    seeds = summaries("cifar", "long560", "softmax")
+    m = re.search(r"two seeds of `config/cifar_long.py` differ by (\d+\.\d+)", FLAT)
+    assert close(m[1], 100 * (seeds[1337]["val_acc"] - seeds[2]["val_acc"]), 2)
+    gains = [100 * (s["val_acc_flip"] - s["val_acc"]) for run, s in found.items()
+             if s and "val_acc_flip" in s and s["val_acc_flip"] != s["val_acc"]]
+    m = re.search(r"The mirror added ([\d.]+)–([\d.]+) points in all ten runs with both", FLAT)
+    assert len(gains) == 10 and close(m[1], min(gains), 2) and close(m[2], max(gains), 2)
+    ema = re.search(r"decay 0\.998: (.+?); decay 0\.9995: (.+?), for (.+?)\)", FLAT)
+    for i, decay in enumerate(("0.998", "0.9995")):
+        for run, gain in zip(ema[3].split(", "), ema[i + 1].split(", "), strict=True):
+            s = found[run]
+            assert close(gain, 100 * (s[f"val_acc_ema{decay}"] - s["val_acc"]), 2), (run, decay)
+    moves = re.search(r"gives s2e670's final weights ([\d.]+)%, ([\d.]+)% and ([\d.]+)% validation",
+                      FLAT)
+    for m_px, shown in zip((1, 2, 3), moves.groups()):
+        assert close(shown, 100 * found["s2e670"][f"val_acc_move{m_px}"], 2)
+    lines = (SEARCH / "step_cost.txt").read_text().splitlines()[2:]  # run, img/s, change
+    cost = {change: ips for _, ips, change in (line.split("\t") for line in lines)}
+    for change, ips in (("(none)", "61,859"), ("--mixup 0 --cutmix 0", "67,010"),
+                        ("--grad_clip 0", "64,926")):
+        assert cost[change] == ips.replace(",", "") + " img/s" and ips in FLAT, change
+    hops = re.findall(r"--hops (\d):.*\| ([\d,]+) img/s", (SEARCH / "pure_hops.txt").read_text())
+    assert f"{hops[0][1]} img/s with K = {hops[0][0]} and {hops[1][1]} with K = {hops[1][0]}" \
+        in FLAT, hops
+    mixed = [line.split() for line in (SEARCH / "mixed_loss.txt").read_text().splitlines()[2:]]
+    for code in ("train", "train_old"):
+        assert " and ".join(f"{int(r[2]):,}" for r in mixed if r[0] == code) in FLAT, code
+    probe = load(CIFAR / "throughput_long.json")["probe_training_step"]["runs"]
+    m = re.search(r"CUDA graphs took a softmax step from ([\d.]+) to ([\d.]+) ms", FLAT)
+    assert close(m[1], probe["softmax/default/384"]["ms_step"], 1)
+    assert close(m[2], probe["softmax/reduce-overhead/384"]["ms_step"], 1)
+    step = (SEARCH / "pure_step.txt").read_text()
+    m = re.search(r"never forming Â, a Pure-InfSA step from ([\d.]+) to ([\d.]+) ms", FLAT)
+    assert m[1] == re.search(r"A_hat materialised:.*median ([\d.]+)", step)[1]
+    assert m[2] == re.search(r"c S, never A_hat:.*median ([\d.]+)", step)[1]
+
+
+def test_the_10_minute_recipe_notes_match_their_summaries():
+    s = load(SEARCH / "all50k.json")
+    m = re.search(r"Softmax seed 1337: ([\d.]+)% with the mirror alone, ([\d.]+)%, ([\d.]+)%, "
+                  r"([\d.]+)% with moves of 1, 2, 3 pixels", FLAT)
+    for shown, key in zip(m.groups(), ("test_acc", "test_acc_move1", "test_acc_move2",
+                                       "test_acc_move3")):
+        assert close(shown, 100 * s[key], 2), key
+    final = load(CIFAR / "min10ovl_softmax_s1337" / "summary.json")
+    assert s["test_acc_move2"] == final["test_acc"]  # the table's run, evaluated with m = 2
+    m = re.search(r"img/s differs by up to (\d+)% within a kind", FLAT)
+    spread = max(max(r) / min(r) - 1 for r in (
+        [s["img_s"] for s in summaries("cifar", "min10", k).values()] for k in KINDS.values()))
+    assert close(m[1], 100 * spread, 0)
+
+
+def test_the_gaps_at_the_10_minute_recipe_are_the_summaries():
+    """The 10-minute gaps to softmax and Pure-InfSA's seconds (within 600)."""
+    runs = {k: summaries("cifar", "min10ovl", k) for k in ("softmax", "pure", "linear")}
+    soft, pure, lin = (mean_test_acc("min10ovl", k) for k in runs)
+    m = re.search(r"Pure-InfSA \(K = 2\) is ([\d.]+) points behind \(([\d.]+)% against ([\d.]+)%; "
+                  r"([\d.]+) and ([\d.]+) seed for seed, in (\d+) and (\d+) s\) and Linear-InfSA "
+                  r"([\d.]+) \(([\d.]+)%\)", FLAT)
+    assert close(m[1], soft - pure, 2) and close(m[2], pure, 2) and close(m[3], soft, 2)
+    for shown, seed in zip(m.group(4, 5), (1337, 2)):
+        gap = runs["softmax"][seed]["test_acc"] - runs["pure"][seed]["test_acc"]
+        assert close(shown, 100 * gap, 2)
+    walls = sorted(s["wall_s"] for s in runs["pure"].values())
+    assert close(m[6], walls[0], 0) and close(m[7], walls[1], 0)
+    assert close(m[8], soft - lin, 2) and close(m[9], lin, 2)
+    assert walls[1] <= 600 and all(s["wall_s"] <= 600 for s in runs["softmax"].values())
+
+
+def test_the_claims_about_the_paper_are_the_summaries():
+    lengths = ("light", "long560", "long640", "min10", "min10ovl")
+    for prefix in lengths:  # softmax > Pure-InfSA > Linear-InfSA, seed for seed
+        soft, pure, lin = (summaries("cifar", prefix, k) for k in ("softmax", "pure", "linear"))
+        assert all(soft[i]["test_acc"] > pure[i]["test_acc"] > lin[i]["test_acc"] for i in soft)
+    light = {k: [100 * r["test_acc"] for r in summaries("cifar", "light", k).values()]
+             for k in ("softmax", "pure")}
+    spread = max(max(v) - min(v) for v in light.values())
+    assert abs(mean(light["softmax"]) - mean(light["pure"])) < spread  # within seed spread
+    m = re.search(r"it is ([\d.]+)–([\d.]+) points behind, and Linear-InfSA ([\d.]+)–([\d.]+)\.",
+                  FLAT)
+    for (lo, hi), kind in ((m.group(1, 2), "pure"), (m.group(3, 4), "linear")):
+        gaps = [mean_test_acc(p, "softmax") - mean_test_acc(p, kind)
+                for p in ("long560", "long640", "min10")]
+        assert close(lo, min(gaps), 1) and close(hi, max(gaps), 1), kind
+
+    def drop(prefix, kind):
+        return mean_test_acc(prefix, kind) - mean_shift(prefix, kind)
+
+    assert "Pure-InfSA drops more than softmax at every length, Linear-InfSA more at 560 and 640" \
+        " epochs;" in FLAT
+    assert all(drop(p, "pure") > drop(p, "softmax") for p in lengths)
+    assert [drop(p, "linear") > drop(p, "softmax") for p in lengths] == [False, True, True, False,
+                                                                         False]
+    assert "softmax has the highest shift accuracy at every length, and from 560 epochs on under" \
+        " each corruption" in FLAT
+    for p in lengths:
+        assert mean_shift(p, "softmax") > max(mean_shift(p, k) for k in ("pure", "linear")), p
+        for c in ("noise", "blur", "contrast", "jpeg") if p != "light" else ():
+            others = max(mean_shift(p, k, c) for k in ("pure", "linear"))
+            assert mean_shift(p, "softmax", c) > others, (p, c)
+
+
+# ---- §7: several processes and streaming
+
+def test_several_processes_table_and_streaming_match_their_summaries():
+    rows = table_after(RESULTS, "| run (`assets/cifar/`) |")
+    assert len(rows) == 4
+    for row in rows:
+        name = row[0].split(" (")[0]
+        names = [name] if " / " not in name else [name.split(" / ")[0],
+                                                  name.split(" / ")[0].rsplit("_s", 1)[0] + "_s2"]
+        runs = [load(CIFAR / n / "summary.json") for n in names]
+        assert all(s["world"] == int(row[1]) for s in runs), row
+        if row[3]:
+            assert int(row[3].split()[0].replace(",", "")) == round(runs[0]["img_s"]), row
+        if row[4]:
+            for shown, s in zip(row[4].split(" / "), runs, strict=True):
+                assert close(shown, 100 * s["test_acc"], 2), row
+    one, two = (load(CIFAR / f"dp{n}gpu_linear_s1337" / "summary.json") for n in (1, 2))
+    assert close(re.search(r"150,225 \(([\d.]+)×\)", RESULTS)[1], two["img_s"] / one["img_s"], 2)
+    assert "dp2gpu trained 21 epochs" in FLAT and two["epochs"] == 21
+    runs = load(CIFAR / "ddp_stream.json")
+    m = re.search(r"images in GPU memory ([\d,]+) img/s \(([\d.]+)%\), "
+                  r"`torchrun --nproc_per_node=1` ([\d,]+) img/s \(([\d.]+)%\), "
+                  r"`--stream true --workers 12` ([\d,]+) img/s \(([\d.]+)%\)", FLAT)
+    for (ips, acc), key in zip((m.group(1, 2), m.group(3, 4), m.group(5, 6)),
+                               ("s_plain", "s_ddp1", "s_stream")):
+        s = runs[key]["summary"]
+        assert int(ips.replace(",", "")) == round(s["img_s"]), key
+        assert close(acc, 100 * s["test_acc"], 2), key

@@ -214,7 +214,7 @@ def test_errors_are_one_line_and_write_nothing(runs, tmp_path, capsys):
             ([runs[0], "--metrics", "true", "--steps", "17"], "--steps must be in [1, 17)"),
             ([runs[0], "--metrics", "true", "--cover", "0"], "--cover 0.0: no image has object"),
             ([runs[0], "--device", "foo"], "--device foo is not usable here"),
-            ([runs[0], "--steps", "4"], "--steps 4 does nothing here (no --metrics)")):
+            ([runs[0], "--steps", "4"], "--steps 4 does nothing here (it needs metrics)")):
         refused(capsys, tmp_path, ["--runs", *argv], words)
     (tmp_path / "file").write_text("")
     for out, words in (("file", "(File exists); pick another --out_dir"), ("file/x", "cannot")):

@@ -208,3 +208,15 @@ def test_an_unwritable_out_dir_is_one_line(tmp_path, capsys, monkeypatch):
         toy.main(["--walks", "1", "--out_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.endswith("(No space left on device); pick another --out_dir")
+
+
+def test_a_uniform_background_never_reranks_graph_a():
+    """RESULTS §3: dense attention, A + b 1 1^T, leaves token 0 first for every b, gamma and K
+    tried, K = inf included (Katz in of the normalised operator)."""
+    for b in (0.01, 0.1, 1.0, 10.0):
+        S = toy.graph() + b
+        A = S / S.norm()
+        for gamma in (0.05, 0.3, 0.6, 0.9, 0.95):
+            sums = [infsa.neumann_series(A.T, torch.ones(5, 1, dtype=A.dtype), gamma, K)[:, 0]
+                    for K in range(1, 6)] + [infsa.katz_centrality(A, gamma)]
+            assert all(int(c.argmax()) == 0 for c in sums), (b, gamma)
