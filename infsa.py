@@ -202,7 +202,7 @@ def linear_infsa_scores(q, k, eps=1e-6):
     Cost O(N d_h); nothing N x N is built. The sums over tokens run in fp32 (at least)."""
     _check_qkv(q, k)
     w = query_energy(q, eps)  # (..., N)
-    qbar = (w.to(q.dtype).unsqueeze(-1) * q).sum(-2, dtype=_sum_dtype(q))  # sum_t w_t q_t: (.., d_h)
+    qbar = (w.to(q.dtype).unsqueeze(-1) * q).sum(-2, dtype=_sum_dtype(q))  # sum_t w_t q_t: d_h
     s = F.relu((k * qbar.to(k.dtype).unsqueeze(-2)).sum(-1, dtype=_sum_dtype(k)))  # k_j . qbar
     return s / (s.sum(-1, keepdim=True) + eps)
 
@@ -267,12 +267,14 @@ def _check_gamma(gamma):
     """A number must lie in (0, 1); a tensor is not read (that would sync a GPU every call): the
     model's sigmoid lies in (0, 1)."""
     if not isinstance(gamma, torch.Tensor) and not 0.0 < gamma < 1.0:
-        raise ValueError(f"gamma must lie in (0, 1) for the Neumann series to converge; got {gamma}")
+        raise ValueError(f"gamma must lie in (0, 1) for the Neumann series to converge; "
+                         f"got {gamma}")
 
 
 def _check_hops(hops):
     if not isinstance(hops, int) or hops < 1:
-        raise ValueError(f"hops must be an integer >= 1 (the number of Neumann terms); got {hops!r}")
+        raise ValueError(f"hops must be an integer >= 1 (the number of Neumann terms); "
+                         f"got {hops!r}")
 
 
 def _gamma_in_dtype_of(gamma, x):

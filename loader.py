@@ -194,6 +194,10 @@ class Loader:
     def __len__(self):
         return len(self.y) // self.bs if self.train else -(-len(self.y) // self.bs)
 
+    def mix(self, x, y, n_classes):
+        """(images, targets): mix_pairs with this recipe's mixup and CutMix."""
+        return mix_pairs(x, y, n_classes, self.mixup, self.cutmix)
+
     def augment(self, xb, u=None):
         """uint8 (B, C, H, W) -> normalised float; training: augmented in order with draws u."""
         a = self.aug

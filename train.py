@@ -67,7 +67,7 @@ grad_clip = 1.0             # 0 = no clipping
 # system
 device = "auto"             # auto (cuda, else cpu) | cpu | cuda | cuda:1
 dtype = "auto"              # auto | bfloat16 | float16 | float32 (runtime.precision)
-compile = "default"         # none | default | reduce-overhead (CUDA graphs) | max-autotune; CUDA
+compile = "default"         # none | default | reduce-overhead (CUDA graphs) | max-autotune
 seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = config_defaults(globals())
@@ -131,6 +131,7 @@ def train(argv, stop):
     cfg, ckpt = configure_run(argv)
     dev, rank, world = runtime.setup_device(cfg.device)
     master, out = rank == 0, cfg.out_dir
+    diverged = f"stopped, {out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr"
     cfg.dtype, ctx, scaler = runtime.precision(dev, cfg.dtype)  # the run's precision, recorded
     # ---- data
     train_data, eval_data, test_data, classes, mean, std = loader.loaders(cfg, dev, rank, world)
@@ -155,9 +156,9 @@ def train(argv, stop):
         scaler.load_state_dict(ckpt["scaler"])
         progress, log = SimpleNamespace(**{**vars(progress), **ckpt["progress"]}), ckpt["log"]
         runtime.restore_rng(ckpt["rng"], dev, rank, world)
-        if progress.epoch + progress.batch / per_epoch > cfg.epochs:
-            die(f"the run in {out} has trained {progress.epoch + progress.batch / per_epoch:g} "
-                f"epochs; --epochs must be at least that")
+        done = progress.epoch + progress.batch / per_epoch
+        if done > cfg.epochs:
+            die(f"the run in {out} has trained {done:g} epochs; --epochs must be at least that")
     compiled = model
     if dev.startswith("cuda") and cfg.compile != "none":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -190,8 +191,7 @@ def train(argv, stop):
                     group["lr"] = lr_at(epoch * per_epoch + b, total, cfg)
                 if cfg.compile == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()  # the last outputs may be reused
-                x_mixed, target = loader.mix_pairs(x, y, len(classes), train_data.mixup,
-                                                   train_data.cutmix)
+                x_mixed, target = train_data.mix(x, y, len(classes))  # the recipe's mixup, CutMix
                 with ctx:
                     logits, loss = compiled(x_mixed, target, label_smoothing=0.1)
                 scaler.scale(loss).backward()
@@ -212,8 +212,7 @@ def train(argv, stop):
                     continue
                 mean_loss, acc, img_s = timer.lap(pending, cfg.batch_size, world)  # one sync
                 if not math.isfinite(mean_loss):
-                    die(f"the loss became {mean_loss} by step {progress.step}; stopped, "
-                        f"{out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr")
+                    die(f"the loss became {mean_loss} by step {progress.step}; {diverged}")
                 log.append(dict(step=progress.step, epoch=epoch, loss=mean_loss, acc=acc,
                                 lr=opt.param_groups[0]["lr"], img_s=img_s))
                 bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{img_s:.0f}")
@@ -231,10 +230,10 @@ def train(argv, stop):
                 progress.best_acc = max(progress.best_acc, progress.acc)
                 log.append({"step": progress.step, "epoch": epoch, f"{split}_acc": progress.acc,
                             f"{split}_loss": eval_loss})
-                bar.write(f"epoch {epoch + 1}: {split} acc {progress.acc:.4f}, loss {eval_loss:.3g}")
+                bar.write(f"epoch {epoch + 1}: {split} acc {progress.acc:.4f}, loss "
+                          f"{eval_loss:.4f}")
                 if not math.isfinite(eval_loss):
-                    die(f"the {split} loss is {eval_loss} after step {progress.step}; stopped, "
-                        f"{out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr")
+                    die(f"the {split} loss is {eval_loss} after step {progress.step}; {diverged}")
             if epoch + 1 == cfg.epochs or due(cfg.eval_every) or due(cfg.ckpt_every):
                 checkpoint()  # the last epoch always saves: its wall_s is final
         stop.graceful = False
@@ -249,8 +248,10 @@ def train(argv, stop):
         if split == "val" or progress.step == first_step:  # else the last evaluation was on test
             acc = loader.evaluate(compiled, test_data, ctx, cfg.eval_views)[0]
             log.append(dict(step=progress.step, epoch=cfg.epochs - 1, test_acc=acc))
-        shift = {kind: loader.evaluate(compiled, loader.corrupted(test_data, kind, cfg.seed), ctx,
-                                cfg.eval_views)[0] for kind in cfg.eval_shift * data.CORRUPTIONS}
+        shift = {}  # accuracy on corrupted copies of the test images
+        for kind in data.CORRUPTIONS if cfg.eval_shift else ():
+            corrupted = loader.corrupted(test_data, kind, cfg.seed)
+            shift[kind] = loader.evaluate(compiled, corrupted, ctx, cfg.eval_views)[0]
         if shift:
             shift["mean"] = sum(shift.values()) / len(shift)
         gammas = model.gammas()
