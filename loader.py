@@ -181,8 +181,9 @@ class Loader:
     def __init__(self, x, y, batch_size, mean, std, train, recipe="none", seed=0, rank=0, world=1,
                  workers=0, compile=False):
         if train and (len(y) < batch_size or batch_size % world):
+            split = f" and divisible by the {world} processes" * (world > 1)
             raise data.DataError(f"--batch_size {batch_size} must be at most the {len(y)} training "
-                                 f"images and divisible by the {world} processes")
+                                 f"images{split}")
         self.x, self.y, self.bs, self.train, self.workers = x, y, batch_size, train, workers
         self.mean, self.std = mean.to(y.device), std.to(y.device)
         self.seed, self.rank, self.world = seed, rank, world

@@ -263,8 +263,11 @@ def one_line(run):
         die(str(e).strip().splitlines()[-1].split("DataError: ")[-1])
     except WriteError as e:  # a full disk, a folder that became read-only
         die(f"{e}; the files already written are as they were; free space and resume")
-    except torch.OutOfMemoryError:
-        die("out of device memory; lower --batch_size or the model's size")
+    except (MemoryError, RuntimeError) as e:  # a GPU's or a CPU's (torch's, numpy's) words
+        oom = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "allocate memory" in str(e)
+        if not oom:
+            raise
+        die("out of memory; lower --batch_size, the model's size or --n_train")
     except KeyboardInterrupt:
         stop.exit("interrupted; what this run had written is as it was; --init_from resume "
                   "continues from its last checkpoint, if any")

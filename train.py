@@ -78,7 +78,7 @@ ALLOWED = dict(attn=ATTN_KINDS, dataset=("shapes", "cifar10", "folder"),
                **dict.fromkeys(("epochs", "batch_size", "log_every", "n_train", "n_test",
                                 "image_size", "patch_size", "n_layer", "n_head", "n_embd", "hops",
                                 "workers"), (1, math.inf)),
-               **dict.fromkeys(("drop_path", "warmup"), (0, 1)))
+               seed=(0, 2 ** 31), **dict.fromkeys(("drop_path", "warmup"), (0, 1)))
 # when each option does something; set away from its default where it does nothing, it is refused
 APPLIES = dict(val_split="not stream", eval_shift="not stream", workers="stream",
                stream="dataset == 'folder'", data_dir="dataset != 'shapes'",
@@ -96,7 +96,7 @@ def configure_run(argv):
     config; every rule checked before anything is written."""
     config, given = configure(argv, DEFAULTS, __doc__, ALLOWED)
     config["out_dir"] = config["out_dir"] or os.path.join("out", config["attn"])
-    if "data_dir" in given:  # a resume from another folder finds the same data
+    if "data_dir" in given:  # a resume from elsewhere finds the same data
         config["data_dir"] = os.path.abspath(config["data_dir"])
     ckpt = None
     if config["init_from"] == "resume":
@@ -131,8 +131,8 @@ def train(argv, stop):
     cfg, ckpt = configure_run(argv)
     dev, rank, world = runtime.setup_device(cfg.device)
     master, out = rank == 0, cfg.out_dir
-    diverged = f"stopped, {out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr"
-    cfg.dtype, ctx, scaler = runtime.precision(dev, cfg.dtype)  # the run's precision, recorded
+    diverged = f"stopped; {out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr"
+    cfg.dtype, ctx, scaler = runtime.precision(dev, cfg.dtype)  # the run's precision
     # ---- data
     train_data, eval_data, test_data, classes, mean, std = loader.loaders(cfg, dev, rank, world)
     seen = dict(classes=list(classes), train_images=len(train_data.y), eval_images=len(eval_data.y))

@@ -1,4 +1,5 @@
-"""configurator.py: what a user gets wrong in a config file or an option is one line on stderr, exit status 2."""
+"""configurator.py: what a user gets wrong in a config file or an option is one line on stderr,
+exit status 2."""
 import pytest
 
 from configurator import configure
@@ -16,11 +17,13 @@ def one_line_error(capsys, argv, words):
 @pytest.mark.parametrize("text, words", [
     ("epochs = 3\nlr = 1e-3 +\n", "line 2: SyntaxError: invalid syntax; fix the file"),
     ("epochs = 3\ndef f():\n    return {}['missing']\nlr = f()\n", "line 3: KeyError: 'missing'"),
-    ("import nonexistent_module_xyz\n", "line 1: ModuleNotFoundError: No module named 'nonexistent_module_xyz'"),
+    ("import nonexistent_module_xyz\n",
+     "line 1: ModuleNotFoundError: No module named 'nonexistent_module_xyz'"),
     ("raise ValueError\n", "line 1: ValueError; fix the file"),
     (b"lr = '\xff'\n", "UnicodeDecodeError"),
 ])
-def test_a_config_file_that_fails_names_the_file_the_line_and_the_error(tmp_path, capsys, text, words):
+def test_a_config_file_that_fails_names_the_file_the_line_and_the_error(tmp_path, capsys, text,
+                                                                         words):
     path = tmp_path / "x.py"
     path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     one_line_error(capsys, [str(path)], f"config file {path}")

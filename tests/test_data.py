@@ -2,6 +2,7 @@
 import errno
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -265,3 +266,22 @@ def test_parallel_decode_equals_one_process(tmp_path):
     one = np.stack([data.decode(p, 8) for p in paths])
     assert np.array_equal(data.decode_all(paths, 8, min_parallel=1), one)
     assert one.shape == (12, 3, 8, 8)
+
+
+def test_write_atomic_never_leaves_half_a_file_and_two_writers_each_rename_a_whole_one(tmp_path):
+    path = str(tmp_path / "summary.json")
+    runtime.write_atomic(path, lambda f: json.dump(dict(test_acc=0.9), f))
+
+    def half_then_die(f):
+        f.write('{"test_acc": 0.')
+        raise OSError("disk full")
+    with pytest.raises(runtime.WriteError, match=f"cannot write {path}"):
+        runtime.write_atomic(path, half_then_die)
+    assert json.load(open(path)) == dict(test_acc=0.9) and os.listdir(tmp_path) == ["summary.json"]
+
+    def first(f):  # a second writer (another process; here, nested) while the first is halfway
+        f.write("first, ")
+        runtime.write_atomic(path, lambda g: g.write("second, whole"))
+        f.write("whole")
+    runtime.write_atomic(path, first)
+    assert open(path).read() == "first, whole" and os.listdir(tmp_path) == ["summary.json"]

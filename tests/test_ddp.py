@@ -26,12 +26,16 @@ def free_port():
 
 
 def ranks(argv, world=2):
-    """Start `world` processes of train.py the way torchrun does (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-    MASTER_PORT), on a port found free just before; every rank must exit 0 within the time limit."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               GLOO_SOCKET_IFNAME="lo")  # gloo on the loopback device: no lookup of the host's own name
-    procs = [subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
+    """Start `world` processes of train.py the way torchrun does (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT), on a port found free just before; every rank must exit 0 within the
+    time limit."""
+    # GLOO_SOCKET_IFNAME: gloo on the loopback device, no lookup of the host's own name
+    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo")
+    procs = [subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(world)]
     try:
         outs = [p.communicate(timeout=240) for p in procs]
     finally:
@@ -42,9 +46,11 @@ def ranks(argv, world=2):
 
 
 def test_two_processes_match_one_process_and_each_other(tmp_path):
-    """Same global batch on 1 and 2 processes: the same gradients (up to summation order), so the same weights."""
+    """Same global batch on 1 and 2 processes: the same gradients (up to summation order), so the
+    same weights."""
     ranks([*TINY, "--out_dir", str(tmp_path / "ddp")])
-    train.main([*TINY, "--out_dir", str(tmp_path / "one")])  # in this process: a new one costs an import of torch
+    # in this process: a new one costs an import of torch
+    train.main([*TINY, "--out_dir", str(tmp_path / "one")])
     a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
     assert a["progress"]["step"] == b["progress"]["step"] == 8 and len(a["rng"]) == 2
@@ -78,8 +84,9 @@ def test_streaming_loader_gives_the_resident_batches(tmp_path):
 
 
 def test_stream_run_end_to_end(tmp_path, capsys):
-    """A run that decodes its files in worker processes every epoch; a file that cannot be decoded, found by a
-    worker, ends the run with one line naming it (in this process: each new one costs an import of torch)."""
+    """A run that decodes its files in worker processes every epoch; a file that cannot be decoded,
+    found by a worker, ends the run with one line naming it (in this process: each new one costs an
+    import of torch)."""
     for split, n in (("train", 32), ("test", 8)):
         for c in ("a", "b"):
             (tmp_path / split / c).mkdir(parents=True)
@@ -95,4 +102,5 @@ def test_stream_run_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(argv + ["--out_dir", str(tmp_path / "o2")])
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert e.value.code == 2 and last.startswith(f"error: cannot decode image {tmp_path}/train/b/3.png"), last
+    assert e.value.code == 2 and last.startswith(
+        f"error: cannot decode image {tmp_path}/train/b/3.png"), last

@@ -8,7 +8,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import infsa
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """References in float64 (this module only)."""
@@ -31,7 +30,8 @@ def test_affinity_is_nonnegative_unit_frobenius_and_matches_bruteforce():
     assert (A >= 0).all()
     torch.testing.assert_close(A.square().sum((-2, -1)), torch.ones(2, 3))
     # brute force, one entry at a time
-    S = torch.tensor([[max(0.0, float(q[1, 2, i] @ k[1, 2, j]) / math.sqrt(5)) for j in range(7)] for i in range(7)])
+    S = torch.tensor([[max(0.0, float(q[1, 2, i] @ k[1, 2, j]) / math.sqrt(5)) for j in range(7)]
+                      for i in range(7)])
     torch.testing.assert_close(A[1, 2], S / S.norm())
 
 
@@ -48,10 +48,12 @@ def test_affinity_all_negative_gives_zero_not_nan():
 
 
 def test_affinity_norm_in_fp32_survives_half_precision_overflow():
-    q = torch.full((1, 512, 8), 30.0, dtype=torch.float16)  # each score 30*30*8/sqrt(8) ~ 2546; sum of squares >> 65504
+    # each score 30*30*8/sqrt(8) ~ 2546; sum of squares >> 65504
+    q = torch.full((1, 512, 8), 30.0, dtype=torch.float16)
     A = infsa.affinity(q, q)
     assert torch.isfinite(A).all()
-    torch.testing.assert_close(A.float().square().sum(), torch.tensor(1.0, dtype=torch.float32), atol=1e-2, rtol=0)
+    torch.testing.assert_close(A.float().square().sum(), torch.tensor(1.0, dtype=torch.float32),
+                               atol=1e-2, rtol=0)
 
 
 # ---------------------------------------------------------------- Neumann series
@@ -63,7 +65,8 @@ def test_neumann_series_converges_within_the_truncation_bound():
     exact = infsa.neumann_closed_form(A, v, gamma)
     errors = []
     for K in range(1, 30):
-        err = torch.linalg.matrix_norm(exact - infsa.neumann_series(A, v, gamma, K), ord=2, keepdim=True)
+        err = torch.linalg.matrix_norm(exact - infsa.neumann_series(A, v, gamma, K), ord=2,
+                                       keepdim=True)
         assert (err <= infsa.truncation_bound(v, gamma, K) + 1e-12).all()
         errors.append(err.max().item())
     assert errors[-1] < 1e-3 * errors[0] and errors == sorted(errors, reverse=True)
@@ -71,15 +74,16 @@ def test_neumann_series_converges_within_the_truncation_bound():
 
 @pytest.mark.parametrize("gamma", [0.5, 0.9])
 def test_truncation_bound_is_attained_when_A_keeps_v(gamma):
-    """Every query and key alike: A_hat = 1 1^T / N (||A_hat||_2 = 1) and every value row alike: A_hat v = v,
-    so the tail is sum_{t>K} gamma^t v and its norm equals the bound gamma^(K+1) / (1 - gamma) ||v||_2."""
+    """Every query and key alike: A_hat = 1 1^T / N (||A_hat||_2 = 1) and every value row alike:
+    A_hat v = v, so the tail is sum_{t>K} gamma^t v and its norm equals the bound
+    gamma^(K+1) / (1 - gamma) ||v||_2."""
     q = torch.ones(2, 3, 6, 4)
     v = torch.randn(2, 3, 1, 5).expand(2, 3, 6, 5)
     A = infsa.affinity(q, q, eps=0.0)
     torch.testing.assert_close(torch.linalg.matrix_norm(A, ord=2), torch.ones(2, 3))
     for K in (1, 2, 5):
-        err = torch.linalg.matrix_norm(infsa.neumann_closed_form(A, v, gamma) - infsa.neumann_series(A, v, gamma, K),
-                                       ord=2, keepdim=True)
+        err = torch.linalg.matrix_norm(infsa.neumann_closed_form(A, v, gamma)
+                                       - infsa.neumann_series(A, v, gamma, K), ord=2, keepdim=True)
         torch.testing.assert_close(err, infsa.truncation_bound(v, gamma, K), rtol=1e-10, atol=0)
 
 
@@ -96,14 +100,16 @@ def test_per_head_gamma_tensor_matches_per_head_floats():
     gamma = torch.tensor([0.3, 0.6, 0.9])
     Y = infsa.neumann_series(A, v, gamma.view(3, 1, 1), 4)
     for h in range(3):
-        torch.testing.assert_close(Y[:, h], infsa.neumann_series(A[:, h], v[:, h], gamma[h].item(), 4))
+        torch.testing.assert_close(Y[:, h],
+                                   infsa.neumann_series(A[:, h], v[:, h], gamma[h].item(), 4))
 
 
 # ---------------------------------------------------------------- Pure-InfSA
 
 def test_pure_infsa_one_hop_is_gamma_A_v():
     q, k, v = qkv()
-    torch.testing.assert_close(infsa.pure_infsa(q, k, v, 0.6, hops=1), 0.6 * infsa.affinity(q, k) @ v)
+    torch.testing.assert_close(infsa.pure_infsa(q, k, v, 0.6, hops=1),
+                               0.6 * infsa.affinity(q, k) @ v)
 
 
 @pytest.mark.parametrize("kind", ["pure", "linear"])
@@ -119,82 +125,13 @@ def test_gradients_reach_q_k_v_and_gamma(kind):
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
 
-# ---------------------------------------------------------------- centrality views
-
-def random_graph(N=6, seed=0):
-    A = torch.rand(N, N, generator=torch.Generator().manual_seed(seed))
-    return A / torch.linalg.matrix_norm(A)  # Frobenius 1, strictly positive
-
-
-def test_katz_in_and_out_match_power_series():
-    A, gamma = random_graph(), 0.7
-    for direction, M in (("in", A.T), ("out", A)):
-        series = sum(gamma ** t * torch.linalg.matrix_power(M, t) @ torch.ones(6) for t in range(1, 200))
-        torch.testing.assert_close(infsa.katz_centrality(A, gamma, direction), series)
-
-
-def test_katz_in_is_column_weighted_out_is_row_weighted():
-    A = torch.zeros(3, 3)
-    A[0, 1] = 1.0  # token 0 attends to token 1 only
-    torch.testing.assert_close(infsa.katz_centrality(A, 0.5, "in"), torch.tensor([0.0, 0.5, 0.0]))
-    torch.testing.assert_close(infsa.katz_centrality(A, 0.5, "out"), torch.tensor([0.5, 0.0, 0.0]))
-
+# ---------------------------------------------------------------- Linear-InfSA
 
 def principal_left_eigvec(A):
     vals, vecs = torch.linalg.eig(A.T)
     v = vecs[:, vals.real.argmax()].real
     return v / v.sum()
 
-
-def test_eigenvector_centrality_matches_eig():
-    A = random_graph(8, seed=1)
-    torch.testing.assert_close(infsa.eigenvector_centrality(A), principal_left_eigvec(A))
-
-
-def test_katz_turns_toward_eigenvector_as_gamma_approaches_one_over_rho():
-    A = random_graph(8, seed=2)
-    rho = torch.linalg.eigvals(A).abs().max().item()
-    e = infsa.eigenvector_centrality(A)
-    cos = [torch.cosine_similarity(infsa.katz_centrality(A, f / rho), e, dim=0).item() for f in (0.1, 0.5, 0.9, 0.999)]
-    assert cos == sorted(cos) and cos[-1] > 1 - 1e-6
-
-
-def test_pagerank_sums_to_one_and_is_the_teleported_eigenvector():
-    A = random_graph(7, seed=3)
-    A[2] = 0.0  # a dangling row
-    pi = infsa.pagerank(A, alpha=0.85, iters=300)
-    torch.testing.assert_close(pi.sum(), torch.tensor(1.0))
-    P = A / A.sum(-1, keepdim=True)
-    P[2] = 1 / 7
-    G = 0.85 * P + 0.15 / 7
-    torch.testing.assert_close(pi, principal_left_eigvec(G))
-
-
-# ---------------------------------------------------------------- absorbing Markov chain
-
-def test_fundamental_matrix_matches_random_walk_visits():
-    A = torch.rand(4, 4, generator=torch.Generator().manual_seed(4))
-    A = A / A.sum(-1, keepdim=True)  # row-stochastic: every R_i = 1 - gamma > 0
-    chain = infsa.absorbing_chain(A, 0.6)
-    assert chain.valid
-    torch.testing.assert_close(chain.R, torch.full((4,), 0.4))
-    est = infsa.random_walk_visits(chain.M, walks=4000, generator=torch.Generator().manual_seed(0))
-    # visits per walk have variance < 10 here; 4000 walks -> standard error < 0.05
-    assert (est - chain.fundamental).abs().max() < 0.15
-    # (F - I) 1 is the out-Katz score
-    torch.testing.assert_close((chain.fundamental - torch.eye(4)).sum(-1), infsa.katz_centrality(A, 0.6, "out"))
-
-
-def test_invalid_chain_is_reported():
-    A = torch.full((3, 3), 1 / 3)  # Frobenius norm 1, but every row sums to 1
-    A[0] = torch.tensor([0.9, 0.9, 0.0])  # row sum 1.8: gamma * 1.8 > 1 for gamma > 0.56
-    chain = infsa.absorbing_chain(A, 0.9)
-    assert not chain.valid and chain.R[0] < 0
-    with pytest.raises(ValueError, match="valid"):
-        infsa.random_walk_visits(chain.M)
-
-
-# ---------------------------------------------------------------- Linear-InfSA
 
 def test_linear_infsa_matches_formula_and_gives_every_token_the_same_output():
     q, k, v = qkv(N=11)
@@ -212,9 +149,11 @@ def test_linear_infsa_matches_formula_and_gives_every_token_the_same_output():
 def test_linear_infsa_is_permutation_invariant():
     q, k, v = qkv(N=11)
     p = torch.randperm(11, generator=torch.Generator().manual_seed(0))
-    out, outp = infsa.linear_infsa(q, k, v, 0.9), infsa.linear_infsa(q[..., p, :], k[..., p, :], v[..., p, :], 0.9)
+    out, outp = infsa.linear_infsa(q, k, v, 0.9), infsa.linear_infsa(q[..., p, :], k[..., p, :],
+                                                                      v[..., p, :], 0.9)
     torch.testing.assert_close(outp, out)
-    torch.testing.assert_close(infsa.linear_infsa_scores(q[..., p, :], k[..., p, :]), infsa.linear_infsa_scores(q, k)[..., p])
+    torch.testing.assert_close(infsa.linear_infsa_scores(q[..., p, :], k[..., p, :]),
+                               infsa.linear_infsa_scores(q, k)[..., p])
 
 
 def test_linear_scores_cosine_with_the_dominant_eigenvector_beside_trivial_baselines():
@@ -224,12 +163,14 @@ def test_linear_scores_cosine_with_the_dominant_eigenvector_beside_trivial_basel
     torch.manual_seed(0)
     N, d = 196, 16
     base = torch.randn(d)
-    q, k = base + 0.7 * torch.randn(N, d), base + 0.7 * torch.randn(N, d)  # shared direction, as after training
+    # a shared direction, as after training
+    q, k = base + 0.7 * torch.randn(N, d), base + 0.7 * torch.randn(N, d)
     S = torch.relu(q @ k.T)
     e = principal_left_eigvec(S)
     cos = lambda x: torch.cosine_similarity(x, e, dim=0).item()
     c_a, c_u, c_col = cos(infsa.linear_infsa_scores(q, k)), cos(torch.ones(N)), cos(S.sum(0))
-    print(f"\ncosine with principal eigenvector: scores a {c_a:.3f}, uniform {c_u:.3f}, column sums {c_col:.3f}")
+    print(f"\ncosine with principal eigenvector: scores a {c_a:.3f}, uniform {c_u:.3f}, "
+          f"column sums {c_col:.3f}")
     assert c_a > c_u and c_col > c_u
 
 
@@ -242,7 +183,8 @@ def max_numel(fn):
             out = func(*args, **(kwargs or {}))
             for t in (out if isinstance(out, (tuple, list)) else [out]):
                 if isinstance(t, torch.Tensor):
-                    Track.biggest = max(Track.biggest, t.untyped_storage().nbytes() // t.element_size())
+                    Track.biggest = max(Track.biggest,
+                                        t.untyped_storage().nbytes() // t.element_size())
             return out
 
     with Track():
@@ -251,13 +193,15 @@ def max_numel(fn):
 
 
 def test_linear_infsa_memory_grows_linearly_in_n():
-    """Largest intermediate at N and 4N: ratio 4 for Linear-InfSA (O(N d_h)), 16 for a materialised N x N."""
+    """Largest intermediate at N and 4N: ratio 4 for Linear-InfSA (O(N d_h)), 16 for a materialised
+    N x N."""
     sizes = {}
     for N in (4096, 16384):
         q, k, v = [t.float() for t in qkv(B=1, H=4, N=N, d=16)]
         sizes[N] = max_numel(lambda: infsa.linear_infsa(q, k, v, 0.9))
     ratio = sizes[16384] / sizes[4096]
-    print(f"\nlinear_infsa largest intermediate: {sizes[4096]} -> {sizes[16384]} elements (x{ratio:.2f} for 4x tokens)")
+    print(f"\nlinear_infsa largest intermediate: {sizes[4096]} -> {sizes[16384]} elements "
+          f"(x{ratio:.2f} for 4x tokens)")
     assert 3.5 < ratio < 4.5 and sizes[16384] <= 4 * 16384 * 16
 
 
@@ -269,7 +213,8 @@ def test_softmax_sdpa_matches_materialised():
     torch.testing.assert_close(infsa.softmax_attention(q, k, v), out)
     torch.testing.assert_close(P, infsa.softmax_weights(q, k))
     torch.testing.assert_close(P.sum(-1), torch.ones(2, 3, 7))
-    torch.testing.assert_close(P[1, 2, 4], torch.softmax(q[1, 2, 4] @ k[1, 2].T / math.sqrt(5), -1))  # one row by hand
+    # one row by hand
+    torch.testing.assert_close(P[1, 2, 4], torch.softmax(q[1, 2, 4] @ k[1, 2].T / math.sqrt(5), -1))
 
 
 # ---------------------------------------------------------------- errors
@@ -288,9 +233,11 @@ def test_clear_errors(call, name):
 
 
 def test_linear_infsa_bf16_at_332k_tokens_is_finite_and_close_to_fp32():
-    """9216^2 images at patch 16 give 331,777 tokens: sums over N must not overflow or drift in bf16."""
+    """9216^2 images at patch 16 give 331,777 tokens: sums over N must not overflow or drift in
+    bf16."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 331_777, 16, generator=gen, dtype=torch.float32) + 0.3 for _ in range(3))
+    q, k, v = (torch.randn(2, 331_777, 16, generator=gen, dtype=torch.float32) + 0.3
+               for _ in range(3))
     ref = infsa.linear_infsa(q, k, v, 0.9, expand=False)
     out = infsa.linear_infsa(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.9, expand=False)
     assert torch.isfinite(out).all()
@@ -310,12 +257,14 @@ def test_bf16_data_with_an_fp32_gamma_per_head_stays_bf16(hops):
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-3)
     out = infsa.linear_infsa(q, k, v, g)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), infsa.linear_infsa(*(t.double() for t in (q, k, v)), g.double()), rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(out.double(),
+                               infsa.linear_infsa(*(t.double() for t in (q, k, v)), g.double()),
+                               rtol=2e-2, atol=2e-3)
 
 
 def test_linear_scores_are_a_power_step_on_S_then_relu():
-    """a = ReLU(w^T S) normalised, S = q k^T: the docstring's reading, on random data. Against the power step on
-    ReLU(q k^T) it is close only when queries and keys share a direction."""
+    """a = ReLU(w^T S) normalised, S = q k^T: the docstring's reading, on random data. Against the
+    power step on ReLU(q k^T) it is close only when queries and keys share a direction."""
     torch.manual_seed(1)
     N, d = 196, 16
     for shared, lo, hi in ((False, 0.4, 0.9), (True, 0.99, 1.0)):
@@ -325,16 +274,19 @@ def test_linear_scores_are_a_power_step_on_S_then_relu():
         step_on_S = torch.relu(w @ (q @ k.T))
         torch.testing.assert_close(infsa.linear_infsa_scores(q, k), step_on_S / step_on_S.sum())
         step_on_relu = w @ torch.relu(q @ k.T)
-        assert lo < torch.cosine_similarity(infsa.linear_infsa_scores(q, k), step_on_relu, dim=0) <= hi + 1e-9
+        assert lo < torch.cosine_similarity(infsa.linear_infsa_scores(q, k), step_on_relu,
+                                            dim=0) <= hi + 1e-9
 
 
 def test_linear_infsa_is_the_neumann_sum_when_A_hat_is_rank_one():
-    """Every query equal: S = 1 s^T, so A_hat = lam 1 a^T with a = s / sum(s), lam = sum(s) / (sqrt(N) ||s||),
-    and sum_t gamma^t A_hat^t v = gamma lam / (1 - gamma lam) 1 a^T v = lam / (1 - gamma lam) * linear_infsa."""
+    """Every query equal: S = 1 s^T, so A_hat = lam 1 a^T with a = s / sum(s),
+    lam = sum(s) / (sqrt(N) ||s||), and sum_t gamma^t A_hat^t v
+    = gamma lam / (1 - gamma lam) 1 a^T v = lam / (1 - gamma lam) * linear_infsa."""
     _, k, v = qkv(B=1, H=1, N=9, d=4)
     q = torch.randn(4).expand(1, 1, 9, 4)
     s = torch.relu(k[0, 0] @ q[0, 0, 0] / 2)
     lam, gamma = s.sum() / (3 * s.norm()), 0.7
     torch.testing.assert_close(infsa.linear_infsa_scores(q, k)[0, 0], s / s.sum())
     exact = infsa.neumann_closed_form(infsa.affinity(q, k, eps=0.0), v, gamma)
-    torch.testing.assert_close(exact, lam / (1 - gamma * lam) * infsa.linear_infsa(q, k, v, gamma, eps=0.0))
+    torch.testing.assert_close(exact, lam / (1 - gamma * lam)
+                               * infsa.linear_infsa(q, k, v, gamma, eps=0.0))

@@ -18,17 +18,20 @@ KINDS = ["softmax", "pure", "linear"]
 
 def tiny(attn, **kw):
     torch.manual_seed(0)
-    return ViT(ViTConfig(image_size=16, patch_size=4, n_layer=2, n_head=2, n_embd=16, attn=attn, **kw), verbose=False)
+    return ViT(ViTConfig(image_size=16, patch_size=4, n_layer=2, n_head=2, n_embd=16, attn=attn,
+                         **kw), verbose=False)
 
 
 def test_paper_preset_parameter_count_close_to_53_5M():
     cfg = paper_4l64h()
     d, L, N, r = 1024, 4, 197, 4
-    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 64 + (r * d * d + r * d) + (r * d * d + d)
+    block = (2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 64 + (r * d * d + r * d)
+             + (r * d * d + d))
     by_hand = (3 * 16 * 16 * d + d) + d + N * d + L * block + 2 * d + (d * 1000 + 1000)
     n = ViT(cfg, verbose=False).num_params()
     assert n == by_hand
-    assert abs(n - 53.5e6) / 53.5e6 < 0.03  # 52.4M: width 1024 is inferred, the paper's exact extras are unknown
+    # 52.4M: width 1024 is inferred, the paper's exact extras are unknown
+    assert abs(n - 53.5e6) / 53.5e6 < 0.03
 
 
 @pytest.mark.parametrize("attn", KINDS)
@@ -69,8 +72,8 @@ def test_forward_loss_and_gamma_gradients(attn):
 
 
 def test_pure_zero_padding_keeps_gradients():
-    """model.pure_attention pads N = 17 to 24 with zero tokens on the CPU; the weights' gradients must equal
-    those of the unpadded Neumann sum."""
+    """model.pure_attention pads N = 17 to 24 with zero tokens on the CPU; the weights' gradients
+    must equal those of the unpadded Neumann sum."""
     m = tiny("pure", hops=3).blocks[0].attn
     x = torch.randn(3, 17, 16)
     m(x).square().sum().backward()
@@ -84,10 +87,12 @@ def test_pure_zero_padding_keeps_gradients():
 
 @pytest.mark.parametrize("overlap", [0, 1, 2])
 def test_patch_embedding_is_a_strided_convolution(overlap):
-    m, k = tiny("linear", patch_overlap=overlap), 4 + 2 * overlap  # windows of k x k on a stride of 4
+    m, k = tiny("linear", patch_overlap=overlap), 4 + 2 * overlap  # windows of k x k, stride 4
     x = torch.randn(2, 3, 16, 16)
-    conv = torch.nn.functional.conv2d(x, m.patch.weight.view(16, 3, k, k), m.patch.bias, stride=4, padding=overlap)
-    torch.testing.assert_close(m.embed(x), conv.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-6)  # (B, 16, C)
+    conv = torch.nn.functional.conv2d(x, m.patch.weight.view(16, 3, k, k), m.patch.bias, stride=4,
+                                      padding=overlap)
+    torch.testing.assert_close(m.embed(x), conv.flatten(2).transpose(1, 2),  # (B, 16, C)
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("attn", KINDS)
@@ -96,15 +101,18 @@ def test_attention_maps(attn):
     x = torch.randn(2, 3, 16, 16)
     logits, maps = m.attention_maps(x)
     torch.testing.assert_close(logits, m(x)[0])
-    assert len(maps) == 2 and all(blk.attn.maps is None for blk in m.blocks)  # nothing kept afterwards
+    # nothing kept afterwards
+    assert len(maps) == 2 and all(blk.attn.maps is None for blk in m.blocks)
     mp = maps[1]
     if attn == "softmax":
         assert mp["P"].shape == (2, 2, 17, 17)
         torch.testing.assert_close(mp["cls"].sum(-1), torch.ones(2, 2))
     elif attn == "pure":
-        torch.testing.assert_close(mp["A"].square().sum((-2, -1)), torch.ones(2, 2), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mp["A"].square().sum((-2, -1)), torch.ones(2, 2), rtol=1e-4,
+                                   atol=1e-4)
         A, gamma = mp["A"][1, 0].double(), mp["gamma"][0].item()
-        torch.testing.assert_close(mp["katz"][1, 0].double(), infsa.katz_centrality(A, gamma), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mp["katz"][1, 0].double(), infsa.katz_centrality(A, gamma),
+                                   rtol=1e-4, atol=1e-5)
     else:
         torch.testing.assert_close(mp["a"].sum(-1), torch.ones(2, 2), rtol=1e-4, atol=1e-5)
 
@@ -113,12 +121,16 @@ def test_attention_maps(attn):
 def test_flop_count_matches_pytorch_flop_counter(attn, monkeypatch):
     m = tiny(attn, hops=3, patch_overlap=1)
     # count softmax in its materialised form: the counter does not see inside every SDPA kernel
-    monkeypatch.setattr(infsa, "softmax_attention", lambda q, k, v: infsa.softmax_attention_materialized(q, k, v)[0])
-    # and Pure-InfSA without the zero tokens that pad N to a multiple of 8: they only cost, they compute nothing
-    monkeypatch.setattr(model, "pure_attention", lambda q, k, v, g, hops: infsa.pure_infsa(q, k, v, g, hops))
+    monkeypatch.setattr(infsa, "softmax_attention",
+                        lambda q, k, v: infsa.softmax_attention_materialized(q, k, v)[0])
+    # and Pure-InfSA without the zero tokens that pad N to a multiple of 8: they only cost, they
+    # compute nothing
+    monkeypatch.setattr(model, "pure_attention",
+                        lambda q, k, v, g, hops: infsa.pure_infsa(q, k, v, g, hops))
     with FlopCounterMode(display=False) as fc:
         m(torch.randn(1, 3, 16, 16))
-    # the counter sees matrix products only; Linear-InfSA's three sums over the tokens are products and sums
+    # the counter sees matrix products only; Linear-InfSA's three sums over the tokens are products
+    # and sums
     uncounted = 2 * 6 * 17 * 16 if attn == "linear" else 0  # layers x 6 N d
     assert fc.get_total_flops() == m.flops_per_image() - uncounted
 

@@ -40,7 +40,6 @@ def signal_at(monkeypatch, step, signum=signal.SIGINT):
         if len(calls) == step:
             os.kill(os.getpid(), signum)
         return mix(*a)
-
     monkeypatch.setattr(loader, "mix_pairs", send)
 
 
@@ -114,7 +113,6 @@ def test_a_stop_outside_the_loop_ends_in_one_line_though_timeout_sends_two(monke
 
     def final_evaluation(argv, stop):
         raise KeyboardInterrupt
-
     monkeypatch.setattr(train, "train", final_evaluation)
     monkeypatch.setattr(sys, "stderr", Stderr())
     try:
@@ -144,7 +142,6 @@ def test_a_checkpoint_is_data_not_code(tmp_path, capsys):
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
-
     torch.save({"model": {}, "model_args": {}, "config": {}, "progress": Payload()},
                tmp_path / "ckpt.pt")
     ok, err = refused(capsys, ["--init_from", "resume", "--out_dir", str(tmp_path)])
@@ -153,41 +150,18 @@ def test_a_checkpoint_is_data_not_code(tmp_path, capsys):
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_last_checkpoint(tmp_path,
-                                                                              monkeypatch,
-                                                                              capsys):
+                                                                              monkeypatch, capsys):
     train.main(TINY + ["--epochs", "2", "--out_dir", str(tmp_path)])
     before = (tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_bytes()
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
     monkeypatch.setattr(torch, "save", full)
     ok, err = refused(capsys, TINY + ["--out_dir", str(tmp_path), "--overwrite", "true"])
     assert ok and len(err.splitlines()) == 1
     assert f"cannot write {tmp_path}/ckpt.pt (No space left on device)" in err
     assert ((tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_bytes()) == before
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
-
-
-def test_write_atomic_never_leaves_half_a_file_and_two_writers_each_rename_a_whole_one(tmp_path):
-    path = str(tmp_path / "summary.json")
-    runtime.write_atomic(path, lambda f: json.dump(dict(test_acc=0.9), f))
-
-    def half_then_die(f):
-        f.write('{"test_acc": 0.')
-        raise OSError("disk full")
-
-    with pytest.raises(runtime.WriteError, match=f"cannot write {path}"):
-        runtime.write_atomic(path, half_then_die)
-    assert json.load(open(path)) == dict(test_acc=0.9) and os.listdir(tmp_path) == ["summary.json"]
-
-    def first(f):  # a second writer (another process; here, nested) while the first is halfway
-        f.write("first, ")
-        runtime.write_atomic(path, lambda g: g.write("second, whole"))
-        f.write("whole")
-
-    runtime.write_atomic(path, first)
-    assert open(path).read() == "first, whole" and os.listdir(tmp_path) == ["summary.json"]
 
 
 def folder_dataset(root, n_train=16, n_test=4):
@@ -234,17 +208,26 @@ def test_a_relative_data_dir_is_stored_resolved(tmp_path, monkeypatch, capsys):
     assert ok and f"cannot read image {tmp_path}/d/train/a/z.png" in err and "write" not in err
 
 
-def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 192 GB"),
+    MemoryError("Unable to allocate 745. GiB for an array"),  # numpy's
+    RuntimeError("anything else"),
+])
+def test_out_of_memory_is_one_line(error, tmp_path, monkeypatch, capsys):
     def oom(*a, **k):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        raise error
 
     monkeypatch.setattr(loader, "mix_pairs", oom)
+    if "anything else" in str(error):  # not memory: a bug, with its traceback
+        with pytest.raises(RuntimeError):
+            train.main(TINY + ["--out_dir", str(tmp_path)])
+        return
     ok, err = refused(capsys, TINY + ["--out_dir", str(tmp_path)])
-    assert ok and err.startswith("error: out of device memory") and len(err.splitlines()) == 1
+    assert ok and err.startswith("error: out of memory") and len(err.splitlines()) == 1
 
 
-def test_a_log_interval_is_timed_to_the_end_of_its_wait_for_the_steps(tmp_path, clock,
-                                                                     monkeypatch):
+def test_a_log_interval_is_timed_to_the_end_of_its_wait_for_the_steps(tmp_path, clock, monkeypatch):
     """On a GPU the host queues steps ahead and waits for them at each log interval's one sync:
     with a clock that jumps 100 s inside that wait, the interval's time, and so img/s, hold it."""
     tolist = torch.Tensor.tolist  # the sync in Timer.lap: the host waits for the queued steps
@@ -252,7 +235,6 @@ def test_a_log_interval_is_timed_to_the_end_of_its_wait_for_the_steps(tmp_path, 
     def slow_sync(t):
         clock.jump(100 if t.shape == (2,) else 0)
         return tolist(t)
-
     monkeypatch.setattr(torch.Tensor, "tolist", slow_sync)
     s = train.main(TINY + ["--epochs", "2", "--out_dir", str(tmp_path)])
     log = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "loss" in r]
@@ -264,7 +246,8 @@ def test_wall_s_counts_validation_and_leaves_out_the_test_set(tmp_path, clock, m
     """With a clock that jumps 1000 s in every evaluation: two validation passes count in wall_s
     (part of a run that holds out a split); two test passes, the last epoch's included, do not."""
     evaluate = loader.evaluate
-    monkeypatch.setattr(loader, "evaluate", lambda *a, **k: (clock.jump(1000), evaluate(*a, **k))[1])
+    monkeypatch.setattr(loader, "evaluate",
+                        lambda *a, **k: (clock.jump(1000), evaluate(*a, **k))[1])
     args = TINY + ["--n_layer", "1", "--epochs", "2", "--log_every", "20"]
     on_test = train.main(args + ["--out_dir", str(tmp_path / "test")])
     on_val = train.main(args + ["--val_split", "64", "--out_dir", str(tmp_path / "val")])
@@ -300,7 +283,6 @@ def test_fp16_scaler_skips_overflowed_steps_and_a_resume_restores_it(tmp_path, m
         params = list(params)
         weights.append([p.detach().clone() for p in params])
         return clip(params, max_norm)
-
     monkeypatch.setattr(model.ViT, "forward", overflow_at_step_2)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_weights)
     monkeypatch.setattr(torch.amp.GradScaler, "update",

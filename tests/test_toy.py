@@ -55,8 +55,8 @@ def test_every_caption_sentence_holds(run):
     assert {tuple(e) for e in toy.graph().nonzero().tolist()} == {(1, 0), (2, 0), (0, 3), (3, 4)}
 
     m = re.fullmatch(r"A token's score is the weight of its value in all outputs: a column sum of "
-                     rf"Σ_\{{t≤K\}} γᵗÂᵗ \(γ = {N}\), with Â = A/‖A‖_F as in the model, so each "
-                     rf"edge carries γ/{N}\.", s[1])
+                     rf"Σ_\{{t≤K\}} γᵗÂᵗ \(γ = {N}\), with Â = A/‖A‖_F as in the "
+                     rf"model, so each edge carries γ/{N}\.", s[1])
     assert float(m[1]) == toy.gamma == 0.9
     model = infsa.affinity(toy.graph(), 5 ** 0.5 * I)  # q = rows of A, one-hot keys: S = A
     torch.testing.assert_close(A.A, model, atol=1e-6, rtol=0)
@@ -82,8 +82,8 @@ def test_every_caption_sentence_holds(run):
 
     m = re.fullmatch(rf"An edge back from 4 to 3 \(weight {N}, graph B\) gives token 3 more weight "
                      r"and a loop 3 → 4 → 3 that keeps handing it back: token 3 leads from "
-                     rf"K = (\d+) \({N} to {N} at K = ∞, where it leads for every γ above {N}\)\.",
-                     s[3])
+                     rf"K = (\d+) \({N} to {N} at K = ∞, where it leads for every γ above "
+                     rf"{N}\)\.", s[3])
     torch.testing.assert_close(B.A, (toy.graph() + float(m[1]) * I[4:].T @ I[3:4]) / 4.25 ** 0.5)
     assert B.cK[0, 3] > A.cK[0, 3] and B.A[3, 4] * B.A[4, 3] > 0
     assert all(B.cK[K, 3] < B.cK[K + 1, 3] for K in range(5)) and B.cK[-1, 3] < B.inf[3]

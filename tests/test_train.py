@@ -105,11 +105,13 @@ def test_resume_overrides_apply_or_are_refused(tmp_path, capsys):
     s = train.main(["--init_from", "resume", "--out_dir", str(tmp_path), "--epochs", "2",
                     "--lr", "1e-3"])
     out = capsys.readouterr().out
-    assert "resume: epochs = 2 (the run had 1)" in out and "resume: lr = 0.001 (the run had 0.002)" in out
+    assert ("resume: epochs = 2 (the run had 1)" in out
+            and "resume: lr = 0.001 (the run had 0.002)" in out)
     assert s["steps"] == 6 and ckpt_of(tmp_path)["config"]["lr"] == 1e-3
     for flag, value in (("--attn", "softmax"), ("--n_embd", "32"), ("--n_train", "128"),
                         ("--dtype", "float16")):
-        ok, err = refused(capsys, ["--init_from", "resume", "--out_dir", str(tmp_path), flag, value])
+        ok, err = refused(capsys,
+                          ["--init_from", "resume", "--out_dir", str(tmp_path), flag, value])
         assert ok and "a resumed run cannot change it" in err
     for argv, msg in ((["--epochs", "1"], "has trained 2 epochs; --epochs must be at least that"),
                       (["--overwrite", "true"], "--overwrite True does nothing here")):
@@ -180,7 +182,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         (["linear"], "unexpected argument"),
         (["--attn"], "--attn needs a value"),
         (["config/none.py"], "config file config/none.py not found"),
-        (["--seed", "-1"], "--seed must be at least 0; got -1"),
+        (["--seed", "-1"], "--seed must be in [0, 2147483648); got -1"),
+        (["--seed", "4294967296"], "--seed must be in [0, 2147483648); got 4294967296"),
         (["--device", "foo"], "--device foo is not usable here"),
         (["--out_dir", str(tmp_path / "file"), "--n_train", "256", "--n_test", "16",
           "--device", "cpu"], "cannot write to --out_dir"),
