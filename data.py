@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from runtime import DataError, WriteError, write_atomic
 
-
 KEYS = ("x_train", "y_train", "x_test", "y_test", "mask_test", "classes")
 SHAPES = "disk square triangle ring plus cross diamond frame bars half-disk".split()
 SHAPES_SEED = 1337  # the built-in dataset's own seed: runs of any --seed see the same images

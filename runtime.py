@@ -118,15 +118,16 @@ def run_folder(out, master, replace):
         os.close(fd)
 
 
-def load_checkpoint(path):
-    """A checkpoint is data: tensors, numbers, strings, lists, dicts (torch.load weights_only)."""
+def load_checkpoint(path, option="--out_dir"):
+    """A checkpoint is data: tensors, numbers, strings, lists, dicts (torch.load weights_only);
+    `option` names the option its path came from, in the messages."""
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train first (python train.py) or point --out_dir at a run")
+        die(f"no checkpoint at {path}; train first (python train.py) or point {option} at a run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or objects that only code could build
         why = str(e).strip().splitlines()[-1][:80] if "weights_only" in str(e) else type(e).__name__
-        die(f"{path} is not a readable checkpoint ({why}); delete it or pick another --out_dir")
+        die(f"{path} is not a readable checkpoint ({why}); delete it or pick another {option}")
     if not isinstance(ckpt, dict) or not {"model", "model_args", "config", "progress"} <= set(ckpt):
         die(f"{path} is not a checkpoint of this train.py (no model, model_args, config, progress)")
     return ckpt

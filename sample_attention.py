@@ -14,7 +14,6 @@ import math
 import os
 import sys
 from types import SimpleNamespace
-from unittest import mock
 
 import matplotlib
 matplotlib.use("Agg")
@@ -93,8 +92,7 @@ def blank_patches(x, rank, k, patch):
 def read_run(path, dev):
     """A run from its checkpoint: its model on dev, what it was trained and tested on."""
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    with mock.patch.object(runtime, "die", lambda msg: die(msg.replace("--out_dir", "--runs"))):
-        ckpt = runtime.load_checkpoint(path)
+    ckpt = runtime.load_checkpoint(path, "--runs")
     try:  # of an older train.py: a key missing, a parameter this model lacks
         classes = ckpt["data"]["classes"]
         model = ViT(ViTConfig(**ckpt["model_args"], n_classes=len(classes)), verbose=False)
@@ -122,9 +120,10 @@ def token_scores(run, x_uint8, head=-1):
     out, name = {}, map_names(run.vit)[0]
     for depth, maps in enumerate(run.model.attention_maps(x)[1], 1):
         out[f"{name}@{depth}"] = pick(maps[name])  # (B, H, N) -> (B, P)
+        row = maps["A"][:, :, :1] if run.kind == "pure" else None  # (B, H, 1, N): CLS row of A_hat
         for t in range(1, run.vit.hops + 1) if run.kind == "pure" else ():
-            row = maps["A"][:, :, :1] if t == 1 else row @ maps["A"]  # (B, H, 1, N)
             out[f"cls_Apow{t}@{depth}"] = pick(row[:, :, 0])  # CLS row of A_hat^t
+            row = row @ maps["A"]
     return out
 
 

@@ -7,7 +7,6 @@ import torch
 import infsa
 from tests.test_infsa import float64, principal_left_eigvec  # noqa: F401 (float64: autouse)
 
-
 # ---------------------------------------------------------------- centrality views
 
 def random_graph(N=6, seed=0):

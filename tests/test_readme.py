@@ -5,8 +5,6 @@ import json
 import pathlib
 import re
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README, RESULTS = (ROOT / "README.md").read_text(), (ROOT / "RESULTS.md").read_text()
 FLAT = " ".join(RESULTS.split())  # prose with its line breaks as spaces, for sentence patterns

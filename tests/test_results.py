@@ -5,9 +5,24 @@ import re
 
 import pytest
 
-from tests.test_readme import (CIFAR, FLAT, KINDS, RESULTS, SEARCH, bench_row, bench_rows, close,
-                               close_as_shown, kind_of, load, mean, mean_shift, mean_test_acc,
-                               summaries, table_after)
+from tests.test_readme import (
+    CIFAR,
+    FLAT,
+    KINDS,
+    RESULTS,
+    SEARCH,
+    bench_row,
+    bench_rows,
+    close,
+    close_as_shown,
+    kind_of,
+    load,
+    mean,
+    mean_shift,
+    mean_test_acc,
+    summaries,
+    table_after,
+)
 
 
 def test_the_img_s_caveat_is_the_measured_one():
