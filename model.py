@@ -77,15 +77,18 @@ FUSED_MIN_TOKENS = 256
 def pure_attention(q, k, v, gamma, hops, eps=1e-6):
     """Pure-InfSA as the model runs it: on CUDA from FUSED_MIN_TOKENS, relu_hop.pure_infsa_fused
     (O(N d) memory); else sum_t (gamma / (||S||_F + eps))^t S^t v, the same sum without forming
-    A_hat, on N padded with zero tokens to a multiple of 8: exact (a zero query or key adds a
-    zero row or column to S), and bf16 matrix products take their aligned kernels."""
+    A_hat (in fp16 A_hat is formed: S z can pass fp16's 65,504), on N padded with zero tokens to a
+    multiple of 8: exact (a zero query or key adds a zero row or column to S), and bf16 matrix
+    products take their aligned kernels."""
     N = q.shape[-2]
     if q.is_cuda and N >= FUSED_MIN_TOKENS:
         return relu_hop.pure_infsa_fused(q, k, v, gamma, hops, eps)
     q, k, v = (F.pad(t, (0, 0, 0, -N % 8)) for t in (q, k, v))  # each (B, H, 8 * ceil(N / 8), d)
     S = infsa.relu_scores(q, k)
-    gamma_over_norm = gamma / (infsa.frobenius_norm(S) + eps)  # (B, H, 1, 1): gamma A_hat = it S
-    return infsa.neumann_series(S, v, gamma_over_norm, hops)[..., :N, :]
+    norm = infsa.frobenius_norm(S) + eps  # (B, H, 1, 1)
+    if S.dtype == torch.float16:
+        return infsa.neumann_series((S / norm).to(S.dtype), v, gamma, hops)[..., :N, :]
+    return infsa.neumann_series(S, v, gamma / norm, hops)[..., :N, :]  # gamma A_hat = gamma/norm S
 
 
 class Attention(nn.Module):

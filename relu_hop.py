@@ -188,9 +188,10 @@ def ops():
     def relu_hop(q: torch.Tensor, k: torch.Tensor, z: torch.Tensor, scale: float, with_s2: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(o, s2) for q, k (B, H, N, d), z (B, H, N, dv): o = ReLU(scale q k^T) z, summed in fp32,
-        in z's dtype; with_s2: s2 = the row sums of ReLU(scale q k^T)^2 (B, H, N), fp32 (else 0)."""
+        in z's dtype (fp16: fp32, as o is not yet normalised and can pass fp16's range); with_s2:
+        s2 = the row sums of ReLU(scale q k^T)^2 (B, H, N), fp32 (else 0)."""
         q, k, z = _kernel_layout(q, k, z)
-        o = z.new_empty(z.shape)
+        o = z.new_empty(z.shape, dtype=torch.float32 if z.dtype == torch.float16 else z.dtype)
         s2 = q.new_zeros(q.shape[:3], dtype=torch.float32)
         _launch(_hop_fwd, "fwd", "q", (q, k, z, o, s2), scale, with_s2)
         return o, s2
@@ -252,6 +253,6 @@ def pure_infsa_fused(q, k, v, gamma, hops=3, eps=1e-6):
             norm = s2.view(*lead, N).sum(-1).clamp_min(1e-30).sqrt()[..., None, None]  # (.., 1, 1)
             g = gamma.float() if isinstance(gamma, torch.Tensor) else gamma
             gamma_over_norm = g / (norm + eps)
-        z = gamma_over_norm.to(o.dtype) * o.view(v.shape)  # z_t = gamma A_hat z_{t-1}
+        z = (gamma_over_norm.to(o.dtype) * o.view(v.shape)).to(v.dtype)  # gamma A_hat z_{t-1}
         y = z if t == 0 else y + z  # (..., N, d_v)
     return y

@@ -85,6 +85,19 @@ def test_pure_zero_padding_keeps_gradients():
     torch.testing.assert_close(padded, m.qkv.weight.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_pure_attention_in_fp16_does_not_overflow():
+    """Large queries and keys make S z pass fp16's 65,504 while A_hat z stays small: in fp16 the
+    model's Pure-InfSA must stay finite and close to the fp64 sum."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (30 * torch.randn(2, 2, 65, 16, generator=g) for _ in range(3))
+    gamma = torch.tensor([0.6, 0.9]).view(2, 1, 1)
+    ref = infsa.pure_infsa(q.double(), k.double(), v.double(), gamma.double(), 3)
+    assert (infsa.relu_scores(q, k) @ v).abs().max() > 65504  # the product that would overflow
+    out = model.pure_attention(q.half(), k.half(), v.half(), gamma, 3)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("overlap", [0, 1, 2])
 def test_patch_embedding_is_a_strided_convolution(overlap):
     m, k = tiny("linear", patch_overlap=overlap), 4 + 2 * overlap  # windows of k x k, stride 4

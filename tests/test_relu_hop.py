@@ -14,6 +14,7 @@ import torch
 import infsa
 import model
 import relu_hop
+import runtime
 
 has_triton = importlib.util.find_spec("triton") is not None
 cuda = pytest.mark.skipif(not (torch.cuda.is_available() and has_triton),
@@ -99,8 +100,8 @@ def test_compiled_forward_and_backward_equal_eager_on_gpu():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_a_pure_model_trains_through_the_kernel_under_cuda_graphs(dtype):
     """A Pure-InfSA model at 257 tokens (the kernel's side of FUSED_MIN_TOKENS) trained by
-    train.py's step, compiled with CUDA graphs under bf16, or fp16 with a gradient scaler: the
-    losses of compiled steps follow the eager ones."""
+    train.py's step (flat gradients, fused AdamW, bf16 or fp16 with a gradient scaler), compiled
+    with CUDA graphs: the compiled steps' losses follow the eager ones."""
     torch._dynamo.reset()
     cfg = model.ViTConfig(image_size=64, patch_size=4, n_layer=2, n_head=2, n_embd=32, attn="pure")
     x, y = torch.randn(16, 3, 64, 64, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
@@ -108,8 +109,8 @@ def test_a_pure_model_trains_through_the_kernel_under_cuda_graphs(dtype):
     for mode in (None, "reduce-overhead"):
         torch.manual_seed(0)
         m = model.ViT(cfg, verbose=False).cuda()
-        opt, scaler = torch.optim.AdamW(m.parameters(), lr=1e-3), torch.amp.GradScaler("cuda")
-        f = torch.compile(m, mode=mode) if mode else m
+        opt, flat = m.optimizer(1e-3, 0.05, fused=True), runtime.flat_grads(list(m.parameters()))
+        scaler, f = torch.amp.GradScaler("cuda"), torch.compile(m, mode=mode) if mode else m
         losses.append([])
         for _ in range(5):
             if mode:
@@ -117,13 +118,23 @@ def test_a_pure_model_trains_through_the_kernel_under_cuda_graphs(dtype):
             with torch.autocast("cuda", dtype=getattr(torch, dtype)):
                 loss = f(x, y)[1]
             scaler.scale(loss).backward()
+            scaler.unscale_(opt)
             scaler.step(opt)
             scaler.update()
-            opt.zero_grad(set_to_none=False)
+            flat.zero_()
             losses[-1].append(loss.item())
     eager, graphs = losses
     assert all(math.isfinite(v) for v in eager + graphs) and eager[-1] < eager[0]
     assert max(abs(a - b) for a, b in zip(eager, graphs)) < 0.05, (eager, graphs)
+
+
+@cuda
+def test_fp16_hops_do_not_overflow_on_gpu():
+    """Large queries and keys: ReLU(S) z passes fp16's 65,504 before the norm divides it out; in
+    fp16 the fused sum (o kept in fp32) stays finite and equals the fp64 series."""
+    q, k, v = (30 * t for t in qkv(B=1, H=2, N=1000, dtype=torch.float16, device="cuda"))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    check(q, k, v, gammas(2, "cuda"), 3, 2e-2)
 
 
 @cuda
