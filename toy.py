@@ -22,11 +22,12 @@ DEFAULTS = config_defaults(globals())
 KS, BACK, GAMMAS = range(1, 7), 0.5, torch.linspace(0.001, 0.999, 999).tolist()
 CAPTION = (
     "Tokens 1 and 2 attend to token 0, which attends to 3, then 4 (graph A). A token's score is "
-    "the weight of its value in all outputs: a column sum of Σ_{{t≤K}} γᵗÂᵗ (γ = {g}), with Â = "
-    "A/‖A‖_F as in the model, so each edge carries γ/{A.F:.0f}. On A token 0 leads at every K "
-    "({A.inf[0]:.2f}): later hops lift tokens 3 and 4 to {A.inf[3]:.2f} and {A.inf[4]:.2f} and "
-    "stop, as the chain ends (they tie with it only at γ = 1). An edge back from 4 to 3 (weight "
-    "{BACK}, graph B) gives token 3 more weight and a loop 3 → 4 → 3 that keeps handing it back: "
+    "the weight of its value in all outputs: a column sum of Σ_{{t≤K}} γᵗÂᵗ (γ = {g}), "
+    "with Â = A/‖A‖_F as in the model, so each edge carries γ/{A.F:.0f}. On A token 0 leads "
+    "at every K ({A.inf[0]:.2f}): later hops lift tokens 3 and 4 to {A.inf[3]:.2f} and "
+    "{A.inf[4]:.2f} and stop, as the chain ends (they tie with it only at γ = 1). An edge back "
+    "from 4 to 3 (weight {BACK}, graph B) gives token 3 more weight and a loop 3 → 4 → 3 that "
+    "keeps handing it back: "
     "token 3 leads from K = {B.k} ({B.inf[3]:.2f} to {B.inf[0]:.2f} at K = ∞, where it leads for "
     "every γ above {B.g:.2f}). Unnormalised Katz on the raw A, not what the model computes, puts "
     "token {raw.top} first for every γ above {raw.g:.2f}. Rings: random walks on the chain γÂ, "
