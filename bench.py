@@ -24,17 +24,19 @@ import runtime
 from configurator import config_defaults, configure, die
 
 KINDS = ("linear", "softmax", "softmax-mat", "pure", "pure-chunked")
-out_dir = "bench_out"
-kinds = "linear,softmax-mat,softmax,pure"  # inference rows
+# -----------------------------------------------------------------------------
+out_dir = "bench_out"       # bench.json and bench.md go here; never replaced
+kinds = "linear,softmax-mat,softmax,pure"  # inference rows, in this order
 sizes = "224,512,1024,2048,4096,9216"
-train_kinds = "linear,softmax"  # training steps
+train_kinds = "linear,softmax"  # training-step rows
 train_sizes = "1024,4096"
-batch = 0  # images per call; 0: 8 (1024 / size)^2 in [1, 64]
-runs = 5
-budget_s = 60.0  # per row, at most
-compile = False
-chunk_gb = 48.0  # pure-chunked: rows of A_hat per block to fit this
-cpu = False  # a smoke run: 2 layers, CPU_SIZES unless given
+batch = 0                   # images per call; 0 = 8 (1024 / size)^2, from 1 to 64
+runs = 5                    # timed calls per row, at least
+budget_s = 60.0             # seconds of timed calls per row, at most
+compile = False             # torch.compile every model
+chunk_gb = 48.0             # pure-chunked: rows of A_hat per block to fit this many GB
+cpu = False                 # a smoke run on the CPU: 2 layers, CPU_SIZES unless given
+# -----------------------------------------------------------------------------
 DEFAULTS = config_defaults(globals())
 RANGES = dict(runs=(1, math.inf), budget_s=(0.01, math.inf), chunk_gb=(1e-6, math.inf))
 CPU_SIZES, CPU_MAX, MATMUL_N, ENERGY_S, IDLE_S = "32,64", 256, 8192, 5.0, 5.0

@@ -30,17 +30,19 @@ from model import ViT, ViTConfig
 # the paper's ImageNet-1K numbers (%, bounding-box ground truth): MoRF-AOC / ROC-AUC / PR-AUC
 PAPER = {"softmax": (42.6, 53.8, 56.2), "pure": (71.7, 77.3, 72.4), "linear": (76.0, 75.9, 76.1)}
 
-runs = "out/linear"  # run folders or checkpoints, comma separated
-out_dir = ""  # for the PNGs; "" = the first run's folder
-images = "0,1,2,3"  # test images to draw, comma separated
-head = 0  # 1..n_head: one head; 0 = the mean of the heads
-layer = 0  # 1..n_layer: of the metric and cls_Apow maps; 0 = the last
-score_map = "auto"  # the metric's map; auto = cls / katz / a
-metrics = False  # scored on the object masks of the built-in shapes
-n_metric = 500  # test images the metrics use
-steps = 8  # MoRF / LeRF blanking steps
-cover = 0.5  # a patch is 'object' when the mask covers >= cover of it
-device = "auto"  # auto | cpu | cuda | cuda:1
+# -----------------------------------------------------------------------------
+runs = "out/linear"         # run folders or checkpoints, comma separated
+out_dir = ""                # for the PNGs; "" = the first run's folder
+images = "0,1,2,3"          # test images to draw, comma separated
+head = 0                    # 1..n_head: one head; 0 = the mean of the heads
+layer = 0                   # 1..n_layer: of the metric and cls_Apow maps; 0 = the last
+score_map = "auto"          # the metric's map; auto = cls / katz / a
+metrics = False             # scored on the object masks of the built-in shapes
+n_metric = 500              # test images the metrics use
+steps = 8                   # MoRF / LeRF blanking steps
+cover = 0.5                 # a patch is 'object' when the mask covers >= cover of it
+device = "auto"             # auto | cpu | cuda | cuda:1
+# -----------------------------------------------------------------------------
 DEFAULTS = config_defaults(globals())
 
 

@@ -15,9 +15,11 @@ import infsa
 import runtime
 from configurator import config_defaults, configure, die
 
-out_dir = "."
-gamma = 0.9
-walks = 4000  # random walks from every token
+# -----------------------------------------------------------------------------
+out_dir = "."               # where toy.png goes
+gamma = 0.9                 # the discount, in (0, 1)
+walks = 4000                # random walks from every token
+# -----------------------------------------------------------------------------
 DEFAULTS = config_defaults(globals())
 KS, BACK, GAMMAS = range(1, 7), 0.5, torch.linspace(0.001, 0.999, 999).tolist()
 CAPTION = (
