@@ -188,7 +188,6 @@ class Loader:
         self.mean, self.std = mean.to(y.device), std.to(y.device)
         self.seed, self.rank, self.world = seed, rank, world
         self.aug, self.epoch, self.start = {**OFF, **RECIPES[recipe]}, 0, 0
-        self.mixup, self.cutmix = self.aug["mixup"], self.aug["cutmix"]  # for mix_pairs
         self.draws = [n for k, n in DRAWS.items() if self.aug["policy"] or k != "policy"]
         self.transform = torch.compile(self.augment, dynamic=False) if compile else self.augment
 
@@ -197,7 +196,7 @@ class Loader:
 
     def mix(self, x, y, n_classes):
         """(images, targets): mix_pairs with this recipe's mixup and CutMix."""
-        return mix_pairs(x, y, n_classes, self.mixup, self.cutmix)
+        return mix_pairs(x, y, n_classes, self.aug["mixup"], self.aug["cutmix"])
 
     def augment(self, xb, u=None):
         """uint8 (B, C, H, W) -> normalised float; training: augmented in order with draws u."""
