@@ -205,7 +205,7 @@ def test_a_relative_data_dir_is_stored_resolved(tmp_path, monkeypatch, capsys):
     os.symlink(tmp_path / "gone.png", tmp_path / "d" / "train" / "a" / "z.png")
     ok, err = refused(capsys, FOLDER + ["--data_dir", str(tmp_path / "d"), "--out_dir",
                                         str(tmp_path / "o2")])
-    assert ok and f"cannot read image {tmp_path}/d/train/a/z.png" in err and "write" not in err
+    assert ok and f"cannot decode image {tmp_path}/d/train/a/z.png" in err and "write" not in err
 
 
 @pytest.mark.parametrize("error", [
