@@ -101,7 +101,9 @@ def test_compiled_forward_and_backward_equal_eager_on_gpu():
 def test_a_pure_model_trains_through_the_kernel_under_cuda_graphs(dtype):
     """A Pure-InfSA model at 257 tokens (the kernel's side of FUSED_MIN_TOKENS) trained by
     train.py's step (flat gradients, fused AdamW, bf16 or fp16 with a gradient scaler), compiled
-    with CUDA graphs: the compiled steps' losses follow the eager ones."""
+    with CUDA graphs: the compiled steps' losses follow the eager ones, weights for weights. An
+    fp16 step that overflows at the scaler's first scale (2^16) is skipped, the weights kept: the
+    loss after it repeats, and runs whose gradients differ in the last bit skip different steps."""
     torch._dynamo.reset()
     cfg = model.ViTConfig(image_size=64, patch_size=4, n_layer=2, n_head=2, n_embd=32, attn="pure")
     x, y = torch.randn(16, 3, 64, 64, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
@@ -111,8 +113,9 @@ def test_a_pure_model_trains_through_the_kernel_under_cuda_graphs(dtype):
         m = model.ViT(cfg, verbose=False).cuda()
         opt, flat = m.optimizer(1e-3, 0.05, fused=True), runtime.flat_grads(list(m.parameters()))
         scaler, f = torch.amp.GradScaler("cuda"), torch.compile(m, mode=mode) if mode else m
-        losses.append([])
-        for _ in range(5):
+        skipped = False
+        losses.append([])  # the loss of each new set of weights
+        for _ in range(6):
             if mode:
                 torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast("cuda", dtype=getattr(torch, dtype)):
@@ -120,11 +123,15 @@ def test_a_pure_model_trains_through_the_kernel_under_cuda_graphs(dtype):
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             scaler.step(opt)
+            if not skipped:
+                losses[-1].append(loss.item())
+            scale = scaler.get_scale()
             scaler.update()
+            skipped = scaler.get_scale() < scale  # the scale halves after an overflow
             flat.zero_()
-            losses[-1].append(loss.item())
     eager, graphs = losses
     assert all(math.isfinite(v) for v in eager + graphs) and eager[-1] < eager[0]
+    assert min(len(eager), len(graphs)) >= 4 and len(set(eager)) == len(eager)
     assert max(abs(a - b) for a, b in zip(eager, graphs)) < 0.05, (eager, graphs)
 
 
@@ -154,7 +161,8 @@ def test_memory_is_linear_in_tokens_and_q_k_v_are_read_in_place_on_gpu():
         extra.append(torch.cuda.max_memory_allocated() - base)
         assert torch.equal(y, relu_hop.pure_infsa_fused(q.contiguous(), k.contiguous(),
                                                         v.contiguous(), 0.9, 3))
-    assert extra[1] / extra[0] < 6 and extra[1] <= 4.5 * v.nbytes, (extra, v.nbytes)
+    # + 64 KB: small tensors (the norm, gamma / norm) take 512-byte blocks
+    assert extra[1] / extra[0] < 6 and extra[1] <= 4.5 * v.nbytes + 2**16, (extra, v.nbytes)
 
 
 @cuda
