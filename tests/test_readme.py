@@ -234,7 +234,7 @@ def as_shown(shown, value):
 
 
 def check_scaling_table(text):
-    columns = ["linear", "softmax", "softmax-mat", "pure", "pure-chunked"]
+    columns = ["linear", "softmax", "softmax-mat"]
     rows = table_after(text, "| image | tokens | Linear-InfSA |")
     assert len(rows) >= 3
     for row in rows:
