@@ -58,7 +58,8 @@ def test_fp16_tables_are_the_runs():
                 ["test_acc"] for s in (1337, 2)]
         assert all(close(v, a, 2) for v, a in zip(row[2].split(" / "), bf16)), row
         outside.append(max(min(bf16) - fp16, fp16 - max(bf16), 0))
-    m = re.search(r"each fp16 run lies between its two bf16 seeds or\s+at most ([\d.]+) points", FLAT)
+    m = re.search(r"each fp16 run lies between its two bf16 seeds or at most ([\d.]+) points",
+                  FLAT)
     assert m and close(m[1], max(outside), 2)
     assert "the loss became nan by step 1180" in (ROOT / "assets" / "fp16" /
                                                    "light_pure_float16.txt").read_text()
