@@ -1,7 +1,6 @@
 """
-One command line for every script: plain config globals, overridden left to right by config
-files (Python whose top-level assignments are options; what they import is not) and --key value
-or --key=value. -h prints the script's docstring and every key with its default.
+One command line for every script: its config globals, overridden left to right by config files
+(Python whose top-level assignments are options) and --key value or --key=value. -h lists them.
 
     python train.py config/cifar.py --attn pure --lr=5e-4
 """
@@ -36,8 +35,8 @@ def parse_value(key, value, default):
 
 
 def read_config_file(path):
-    """[(key, value)] of a config file's top-level assignments; a failure is one line naming the
-    file, the line and the error."""
+    """[(key, value)] of a config file's top-level assignments (not its imports); a failure is one
+    line naming the file, the line and the error."""
     if not os.path.isfile(path):
         die(f"config file {path} not found")
     scope = {}
@@ -58,9 +57,9 @@ def read_config_file(path):
 
 
 def configure(argv, defaults, doc="", allowed=None):
-    """defaults updated by argv, left to right; then checked against `allowed`, {key: a tuple of
-    choices, or a number range (low, high), high excluded}; any other number finite and >= 0.
-    Returns (config, the keys argv set)."""
+    """(config, the keys argv set): defaults updated by argv, left to right, then checked against
+    `allowed`, {key: a tuple of choices, or a range (low, high), high excluded}; any other number
+    must be finite and >= 0."""
     allowed = allowed or {}
     choices = {k: v for k, v in allowed.items() if isinstance(v[0], str)}
     if {"-h", "--help"} & set(argv):
@@ -96,8 +95,8 @@ def configure(argv, defaults, doc="", allowed=None):
 
 
 def resumed(run, config, given, fixed, where):
-    """A resumed run's config: its own (`run`) with the keys this command line set (`given`)
-    applied and printed; a key in `fixed` cannot change."""
+    """A resumed run's config: its own (`run`) with the keys this command line set (`given`),
+    each change printed; a key in `fixed` cannot change."""
     for k in sorted(given):
         if config[k] != run[k] and k in fixed:
             die(f"the run in {where} has {k}={run[k]!r}; a resumed run cannot change it (drop "
@@ -109,7 +108,7 @@ def resumed(run, config, given, fixed, where):
 
 def refuse_unused(config, defaults, applies):
     """applies: {key: a Python condition on the config}. A key set away from its default where its
-    condition is false does nothing there, and is refused."""
+    condition is false would do nothing, and is refused."""
     for k, condition in applies.items():
         if config[k] != defaults[k] and not eval(condition, {}, dict(config)):
             die(f"--{k} {config[k]} does nothing here (it needs {condition}); drop --{k}")

@@ -1,7 +1,6 @@
 """
-The system around a run, apart from training itself: the one writer of files (write_atomic),
-devices and torchrun processes, precision, one gradient buffer for data parallel, one run per
-folder, checkpoints that are data and resume exactly, the run's clock, and stop signals.
+The system around training: the one writer of files, devices and torchrun processes, precision,
+data-parallel gradients, one run per folder, checkpoints, the run's clock, and stops.
 """
 import contextlib
 import fcntl
@@ -29,9 +28,8 @@ class DataError(Exception):
 
 
 def write_atomic(path, write, binary=False):
-    """write(f) into a new temporary file beside path, flushed to disk, renamed over path. A crash
-    leaves the old file or the new, never half of one; nothing is written through a link (the
-    rename replaces a link at path); two writers each rename a whole file."""
+    """write(f) into a new file beside path, synced to disk, then renamed over path: a crash
+    leaves the old file or the new, never half of one; a link at path is replaced, not followed."""
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -67,10 +65,9 @@ def setup_device(name):
 
 
 def precision(dev, dtype):
-    """(dtype, autocast, scaler) for --dtype; auto: bf16 on a GPU that has it, else fp16; fp32 on
-    a CPU. The scaler works for fp16 alone: it multiplies the loss so that small gradients do not
-    flush to zero, divides it out before the update, and skips a step whose gradients overflowed
-    (then lowers the scale)."""
+    """(dtype, autocast, scaler). auto: bf16 on a GPU that has it, else fp16; fp32 on a CPU. The
+    scaler acts in fp16 alone: it scales the loss up so that small gradients survive, and skips a
+    step whose gradients overflowed."""
     kind = torch.device(dev).type
     if dtype == "auto" and kind == "cuda":
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -81,9 +78,8 @@ def precision(dev, dtype):
 
 
 def flat_grads(params):
-    """Gradients in one fp32 buffer (each p.grad a view into it): data parallel is one all-reduce
-    of it a step, outside the compiled step. DDP's hooks would run inside backward and turn off
-    the CUDA graphs this small model needs."""
+    """Every p.grad a view into one fp32 buffer: data parallel is one all-reduce of it a step,
+    outside the compiled step (DDP's hooks would turn off the CUDA graphs)."""
     flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
     i = 0
     for p in params:
@@ -94,8 +90,8 @@ def flat_grads(params):
 
 @contextlib.contextmanager
 def run_folder(out, master, replace):
-    """One run per folder at a time: a lock on the folder itself, which the system drops when the
-    process ends, however it ends. Unless `replace`, a folder holding a run's file is refused."""
+    """One run per folder: a lock on the folder, which the system drops however the process ends.
+    Unless `replace`, a folder that holds a run is refused."""
     if not master:
         yield
         return
@@ -119,8 +115,8 @@ def run_folder(out, master, replace):
 
 
 def load_checkpoint(path, option="--out_dir"):
-    """A checkpoint is data: tensors, numbers, strings, lists, dicts (torch.load weights_only);
-    `option` names the option its path came from, in the messages."""
+    """A checkpoint read as data (tensors, numbers, strings, lists, dicts): torch.load with
+    weights_only. `option` is where its path came from, for the messages."""
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}; train first (python train.py) or point {option} at a run")
     try:
@@ -134,8 +130,8 @@ def load_checkpoint(path, option="--out_dir"):
 
 
 def save_checkpoint(out, model, state):
-    """ckpt.pt and log.jsonl, when the weights are finite: a diverged run never replaces a good
-    checkpoint. A summary.json goes: it describes a finished run."""
+    """ckpt.pt and log.jsonl, if the weights are finite (a diverged run never replaces a good
+    checkpoint); summary.json goes, as the run is not finished."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         die(f"the weights are not finite after step {state['progress']['step']}; stopped, "
             f"{out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr")
@@ -151,7 +147,7 @@ def write_log(out, log):
 
 
 def rng_states(dev, world):
-    """Every random state each rank draws from: the CPU's, its GPU's."""
+    """Every rank's random states: its CPU's and its GPU's."""
     mine = dict(cpu=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state(dev) if dev.startswith("cuda") else None)
     states = [mine] * world
@@ -161,7 +157,7 @@ def rng_states(dev, world):
 
 
 def restore_rng(states, dev, rank, world):
-    """Each rank continues its own random streams, when the run has as many ranks as it had."""
+    """Each rank continues its own random streams, if the run has as many ranks as it had."""
     if len(states) == world:
         torch.set_rng_state(states[rank]["cpu"])
         if dev.startswith("cuda") and states[rank]["cuda"] is not None:
@@ -169,9 +165,9 @@ def restore_rng(states, dev, rank, world):
 
 
 class Timer:
-    """A run's clock, kept in its progress over all its commands: wall_s, the time of training
-    (steps, compile, validation; not a pass over the test set), and img/s over log intervals,
-    each command's first (its compile) left out."""
+    """A run's clock, kept in its progress over all its commands: wall_s counts training, compile
+    and validation but not a pass over the test set; img/s leaves out each command's first log
+    interval (the compile)."""
 
     def __init__(self, progress):
         self.p, self.first = progress, True
@@ -181,9 +177,9 @@ class Timer:
         self.t0 = time.time()
 
     def lap(self, pending, batch_size, world):
-        """(mean loss, mean accuracy, img/s) of the steps since restart() or the last lap, from
-        each step's (loss, accuracy) on the device, averaged over ranks. The host waits for them
-        here (a GPU runs steps after the host has queued them): the interval ends after that."""
+        """(loss, accuracy, img/s) since restart() or the last lap, from the steps' (loss,
+        accuracy) on the device, averaged over ranks. The host waits here for the steps it has
+        queued, so the interval ends after them."""
         stats = torch.stack(pending)  # (steps, 2)
         if world > 1:
             torch.distributed.all_reduce(stats)
@@ -210,10 +206,10 @@ class Timer:
 
 
 class Stop:
-    """SIGINT (Ctrl-C) and SIGTERM (kill, timeout, schedulers), alike. While the training loop
-    runs (`graceful`), the first asks it to stop at its next log interval, a point all ranks agree
-    on, with a checkpoint; otherwise, or again over a second later, KeyboardInterrupt. One within
-    the second is the same: timeout signals a process and its group; torchrun forwards signals."""
+    """SIGINT and SIGTERM alike. While the loop runs (`graceful`) the first asks it to stop with a
+    checkpoint at the next log interval, where all ranks agree; otherwise, or again a second
+    later, KeyboardInterrupt. Signals within the second are one stop: `timeout` signals a process
+    and then its group, and torchrun forwards them."""
 
     def __init__(self):
         self.graceful, self.at, self.signum = False, None, signal.SIGINT
@@ -234,20 +230,12 @@ class Stop:
 
     def requested(self, world, dev):
         """Whether any rank was asked to stop. The handler goes in again first: compiling kernels
-        can put Triton's own SIGINT handler in Python's place."""
+        can replace it with Triton's own."""
         self.install()
         flag = torch.tensor([float(self.at is not None)], device=dev)
         if world > 1:
             torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
-
-    def exit(self, msg):
-        """msg, exit status 128 + the signal; further signals are ignored: one could cut the
-        message short with a traceback."""
-        for s in self.previous:
-            signal.signal(s, signal.SIG_IGN)
-        print(msg, file=sys.stderr)
-        sys.exit(128 + self.signum)
 
     def restore(self):
         for s, h in self.previous.items():
@@ -255,8 +243,8 @@ class Stop:
 
 
 def one_line(run):
-    """run(stop) with SIGINT and SIGTERM handled by a Stop; what the user or the disk got wrong
-    ends in one line and exit status 2, a stop in one line and 128 + the signal."""
+    """run(stop) under a Stop: what the user or the disk got wrong ends in one line and exit
+    status 2; a stop, a KeyboardInterrupt whose message is its line, 128 + the signal."""
     stop = Stop()
     try:
         return run(stop)
@@ -264,19 +252,22 @@ def one_line(run):
         die(str(e).strip().splitlines()[-1].split("DataError: ")[-1])
     except WriteError as e:  # a full disk, a folder that became read-only
         die(f"{e}; the files already written are as they were; free space and resume")
-    except (MemoryError, RuntimeError) as e:  # a GPU's or a CPU's (torch's, numpy's) words
+    except (MemoryError, RuntimeError) as e:  # torch's and numpy's words, GPU or CPU
         oom = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "allocate memory" in str(e)
         if not oom:
             raise
         die("out of memory; lower --batch_size, the model's size or --n_train")
-    except KeyboardInterrupt:
-        stop.exit("interrupted; what this run had written is as it was; --init_from resume "
-                  "continues from its last checkpoint, if any")
+    except KeyboardInterrupt as e:  # deaf to more signals: one could cut the line short
+        for s in stop.previous:
+            signal.signal(s, signal.SIG_IGN)
+        print(e.args[0] if e.args else "interrupted; what this run had written is as it was; "
+              "--init_from resume continues from its last checkpoint, if any", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     finally:
         stop.restore()
 
 
 def resume_command(out, world):
-    """The command that continues the run in `out`, quoted for a shell."""
+    """The shell command that continues the run in `out`."""
     launch = ["python"] if world == 1 else ["torchrun", "--standalone", f"--nproc_per_node={world}"]
     return shlex.join(launch + ["train.py", "--init_from", "resume", "--out_dir", out])

@@ -219,8 +219,8 @@ def train(argv, stop):
                 pending = []
                 if stop.requested(world, dev):  # a checkpoint, then one line and exit
                     checkpoint()
-                    stop.exit(f"\nstopped at step {progress.step}; {out}/ckpt.pt continues it: "
-                              f"{runtime.resume_command(out, world)}")
+                    raise KeyboardInterrupt(f"\nstopped at step {progress.step}; {out}/ckpt.pt "
+                                            f"continues it: {runtime.resume_command(out, world)}")
             progress.epoch, progress.batch = epoch + 1, 0
             due = lambda n: n > 0 and (epoch + 1) % n == 0  # noqa: E731 -- epochs n, 2n, ...
             if master and (epoch + 1 == cfg.epochs or due(cfg.eval_every)):
