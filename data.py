@@ -14,6 +14,7 @@ import urllib.request
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from runtime import DataError, WriteError, write_atomic
@@ -157,13 +158,12 @@ def load_cifar10(data_dir):
 def decode(path, size):
     """Decode with Pillow, resize the shorter side to `size`, centre-crop: (3, size, size) uint8.
     16-bit greyscale is scaled to 8 bits (a plain convert would clip it to white)."""
-    from PIL import Image
     try:
         with Image.open(path) as im:
             if im.mode.startswith("I"):  # I;16, I;16B, I: 16- or 32-bit integer greyscale
                 im = Image.fromarray((np.asarray(im, float) / 257).clip(0, 255).astype(np.uint8))
             s = size / min(im.size)
-            w, h = (max(size, round(side * s)) for side in im.size)
+            w, h = (round(side * s) for side in im.size)
             left, top = (w - size) // 2, (h - size) // 2
             im = im.convert("RGB").resize((w, h), Image.BILINEAR)
             return np.array(im.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
@@ -172,25 +172,26 @@ def decode(path, size):
                         f"it") from None
 
 
-def decode_all(paths, size, min_parallel=2048):
-    """Every file decoded, (n, 3, size, size) uint8; by one process a core from min_parallel."""
-    if len(paths) < min_parallel:
-        return np.stack([decode(p, size) for p in paths])
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor() as pool:
-        return np.stack(list(pool.map(decode, paths, [size] * len(paths), chunksize=256)))
+class Files(torch.utils.data.Dataset):
+    """Image files decoded on demand, each (3, size, size) uint8."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(decode(self.paths[i], self.size))
 
 
 def folder_files(data_dir):
-    """(classes, {split: (paths, labels)}) of DATA_DIR/{train,test}/<class>/*, the classes train/'s
-    folders; hidden files (glob skips them) and files without an image extension are ignored."""
-    classes = sorted(c[:-1] for c in glob.glob("*/", root_dir=os.path.join(data_dir, "train")))
+    """(classes, {split: (paths, labels)}) of DATA_DIR/{train,test}/<class>/*; hidden files (glob
+    skips them) and files without an image extension are ignored."""
+    dirs = {s: os.path.join(data_dir, s) for s in ("train", "test")}
+    classes = sorted({c[:-1] for d in dirs.values() for c in glob.glob("*/", root_dir=d)})
     out, label = {}, {c: i for i, c in enumerate(classes)}
-    for s in ("train", "test"):
-        d = os.path.join(data_dir, s)
-        extra = {c[:-1] for c in glob.glob("*/", root_dir=d)} - set(classes)
-        if extra:
-            raise DataError(f"{d} has classes that train/ lacks ({', '.join(sorted(extra))})")
+    for s, d in dirs.items():
         files = [f for f in sorted(glob.glob("*/*", root_dir=d), key=os.path.split)
                  if f.lower().endswith(IMAGE_EXTS)]
         out[s] = [os.path.join(d, f) for f in files], [label[os.path.dirname(f)] for f in files]
@@ -203,13 +204,16 @@ def folder_files(data_dir):
 
 
 def load_folder(data_dir, image_size):
-    """DATA_DIR's images, every file decoded (6 s for CIFAR-10's 60,000 on 2 cores); a folder too
-    large to hold decoded is read with --stream."""
+    """DATA_DIR's images, all decoded, by a worker process per 256 files (at most one a core); a
+    folder too large to hold decoded takes --stream."""
     classes, files = folder_files(data_dir)
     out = []
     for s, (paths, labels) in files.items():
         print(f"decoding {len(paths)} {s} images from {data_dir}")
-        out += [torch.from_numpy(decode_all(paths, image_size)), torch.tensor(labels)]
+        images = torch.utils.data.DataLoader(Files(paths, image_size), batch_size=256,
+                                             num_workers=min(os.cpu_count(), len(paths) // 256))
+        x = torch.cat(list(images))  # kept (n, H, W, 3) in memory, as decoded: sums depend on it
+        out += [x.contiguous(memory_format=torch.channels_last), torch.tensor(labels)]
     return out + [None, classes]
 
 # ---- distribution shift: common corruptions at one fixed severity
@@ -233,7 +237,6 @@ def corrupt(x, kind, seed=0):
         m = f.mean((1, 2, 3), keepdim=True)
         f = (f - m) * 0.4 + m
     else:  # jpeg
-        from PIL import Image
         out = []
         for img in x.cpu().permute(0, 2, 3, 1).numpy():  # (H, W, 3) each
             buf = io.BytesIO()

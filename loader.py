@@ -1,7 +1,4 @@
-"""
-Batches on the device, shuffled per epoch; training batches augmented by a recipe of RECIPES:
-random_crop_flip, random_policy, random_affine, color_jitter, normalize, random_erase, mix_pairs.
-"""
+"""Batches on the device, shuffled each epoch; training batches augmented by a recipe of RECIPES."""
 import math
 
 import torch
@@ -13,14 +10,14 @@ OFF = dict(pad=0, flip=False, rotate=0.0, zoom=0.0, jitter=0.0, erase=0.0, polic
            cutmix=0.0)
 STRONG = dict(pad=4, flip=True, rotate=15.0, zoom=0.15, jitter=0.3, erase=0.25, mixup=0.8,
               cutmix=1.0)
-RECIPES = {  # what each recipe turns on (the rest is OFF), and the config file that uses it
+RECIPES = {  # what each recipe turns on over OFF; the config file that uses it
     "none": {}, "basic": dict(pad=4, flip=True),  # a crop of 4 px of zero padding, a mirror
     "light": dict(pad=4, flip=True, mixup=0.2),  # config/cifar.py
     "strong": STRONG,  # config/cifar_long.py
     "policy": dict(STRONG, policy=True)}  # config/cifar_10min.py
 EVAL_VIEWS = ("image", "flip", "flip_move")  # eval_views
-# An augmentation is a function of the images and u (B, k) of U(0, 1) draws, k = DRAWS[name]; a
-# batch's are drawn at once, in this order (so the pipeline compiles), the policy's only if on.
+# Each augmentation reads u (B, DRAWS[name]) of U(0, 1): a batch's are drawn at once, in this order
+# (so the pipeline compiles), the policy's only if on.
 DRAWS = {"crop_flip": 3, "affine": 4, "jitter": 3, "erase": 5, "policy": 2}
 
 
@@ -160,23 +157,10 @@ def eval_views(x, views="image", move=2):
     return out if views == "image" else out + [v.flip(-1) for v in out]
 
 
-class Files(torch.utils.data.Dataset):
-    """Image files decoded on demand, each (3, size, size) uint8."""
-
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return torch.from_numpy(data.decode(self.paths[i], self.size))
-
-
 class Loader:
-    """Batches (x normalised, y) on y's device from uint8 x (n, 3, H, W) there or Files (decoded by
-    `workers` processes); training: shuffled, augmented, this rank's rows rank::world of each batch
-    from the batch `start` of the epoch on."""
+    """Batches (x normalised, y) on y's device from uint8 x (n, 3, H, W) there or data.Files
+    (decoded by `workers` processes); training: shuffled, augmented, this rank's rows rank::world
+    of each batch from the batch `start` of the epoch on."""
 
     def __init__(self, x, y, batch_size, mean, std, train, recipe="none", seed=0, rank=0, world=1,
                  workers=0, compile=False):
@@ -215,23 +199,18 @@ class Loader:
         return random_erase(x, u_erase, a["erase"]) if a["erase"] else x
 
     def __iter__(self):
-        dev, n = self.y.device, len(self.y)  # the epoch's order: the same on every rank
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(
-            self.seed * 100_003 + self.epoch)) if self.train else torch.arange(n)
+        dev, n, files = self.y.device, len(self.y), isinstance(self.x, data.Files)
+        shuffle = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)  # on every rank
+        order = torch.randperm(n, generator=shuffle) if self.train else torch.arange(n)
+        order = order if files else order.to(dev)  # one copy, no syncs
         idxs = [order[i * self.bs:][:self.bs][self.rank::self.world] for i in range(len(self))]
         gen = torch.Generator(dev).manual_seed(self.seed * 100_003 + self.epoch * 1009 + self.rank)
         draws = [torch.rand(len(i), sum(self.draws), generator=gen, device=dev)
                  if self.train else None for i in idxs][self.start:]  # all drawn, skipped or not
         idxs = idxs[self.start:]
-        if not idxs:  # stopped after the epoch's last batch
-            return
-        if isinstance(self.x, Files):
-            xs = torch.utils.data.DataLoader(self.x, batch_sampler=[i.tolist() for i in idxs],
-                                             num_workers=self.workers,
-                                             pin_memory=dev.type == "cuda")
-        else:
-            idxs = torch.cat(idxs).to(dev).split([len(i) for i in idxs])  # one copy, no syncs
-            xs = (self.x[i] for i in idxs)
+        xs = torch.utils.data.DataLoader(
+            self.x, batch_sampler=[i.tolist() for i in idxs], num_workers=self.workers,
+            pin_memory=dev.type == "cuda") if files else (self.x[i] for i in idxs)
         for xb, idx, u in zip(xs, idxs, draws):
             yield self.transform(xb.to(dev, non_blocking=True), u), self.y[idx]
 
@@ -265,18 +244,15 @@ def channel_stats(x):
 
 
 def loaders(cfg, device, rank=0, world=1):
-    """(train, evaluate, test, classes, mean, std) for train.py's cfg; evaluate is cfg.val_split
-    training images (a fixed random subset) and test the test set, or evaluate the test set."""
-    aug = dict(recipe=cfg.augment, seed=cfg.seed, rank=rank, world=world,
-               compile=cfg.compile != "none" and str(device).startswith("cuda"))
-    test, bs, kw = None, 1000, {}
-    if cfg.stream:
+    """(train, evaluate, test, classes, mean, std) for train.py's cfg: evaluate is the test set and
+    test None, or with cfg.val_split, evaluate that many training images (a fixed random subset)."""
+    test = None
+    if cfg.stream:  # no val split (train.py refuses one)
         classes, files = data.folder_files(cfg.data_dir)
-        (x_tr, y_tr), (x_te, y_te) = ((Files(p, cfg.image_size), torch.tensor(y))
+        (x_tr, y_tr), (x_te, y_te) = ((data.Files(p, cfg.image_size), torch.tensor(y))
                                       for p, y in files.values())
         step = max(1, len(x_tr) // 512)  # the statistics of 512 images
         mean, std = channel_stats(torch.stack([x_tr[i] for i in range(0, len(x_tr), step)]))
-        bs, kw = 500, dict(workers=cfg.workers)
     else:
         d = data.load(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.n_train, cfg.n_test)
         x_tr, y_tr, x_te, y_te, _, classes = d.values()
@@ -289,11 +265,13 @@ def loaders(cfg, device, rank=0, world=1):
         if cfg.val_split:  # files are often sorted by class: a random subset
             perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))
             keep, held = perm[:-cfg.val_split], perm[-cfg.val_split:]
-            test = x_te, y_te
+            test = x_te.to(device), y_te.to(device)
             x_tr, y_tr, x_te, y_te = x_tr[keep], y_tr[keep], x_tr[held], y_tr[held]
         mean, std = channel_stats(x_tr[:10000])
         x_tr, x_te = x_tr.to(device), x_te.to(device)
-        if test:
-            test = Loader(test[0].to(device), test[1].to(device), bs, mean, std, False)
-    return (Loader(x_tr, y_tr.to(device), cfg.batch_size, mean, std, True, **kw, **aug),
-            Loader(x_te, y_te.to(device), bs, mean, std, False, **kw), test, classes, mean, std)
+    bs = 500 if cfg.stream else 1000  # evaluation batches
+    compile = cfg.compile != "none" and str(device).startswith("cuda")
+    return (Loader(x_tr, y_tr.to(device), cfg.batch_size, mean, std, True, cfg.augment, cfg.seed,
+                   rank, world, cfg.workers, compile),
+            Loader(x_te, y_te.to(device), bs, mean, std, False, workers=cfg.workers),
+            Loader(*test, bs, mean, std, False) if test else None, classes, mean, std)

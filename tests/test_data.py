@@ -179,7 +179,7 @@ def test_bad_files_in_a_folder(tmp_path):
     assert d["classes"] == ["cat", "dog"] and len(d["y_train"]) == 6
     assert d["y_test"].tolist() == [0, 0]
     (tmp_path / "test" / "bird").mkdir()
-    with pytest.raises(data.DataError, match="classes that train/ lacks"):
+    with pytest.raises(data.DataError, match="train/bird has none"):  # a class of test/ alone
         data.load("folder", str(tmp_path), image_size=8)
     (tmp_path / "test" / "bird").rmdir()
     bad = tmp_path / "train" / "dog" / "cut.png"
@@ -198,16 +198,23 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     np.testing.assert_allclose(x[0, 0].astype(float), ramp[0] / 257, atol=1)
 
 
-def test_parallel_decode_equals_one_process(tmp_path):
+def test_worker_processes_decode_what_one_process_decodes(tmp_path):
+    """load_folder decodes in worker processes, 256 files a batch: one process's images, in
+    order."""
     from PIL import Image
     rng = np.random.default_rng(0)
-    paths = []
-    for i in range(12):
-        paths.append(str(tmp_path / f"{i}.png"))
-        Image.fromarray(rng.integers(0, 256, (10 + i, 14, 3), dtype=np.uint8)).save(paths[-1])
-    one = np.stack([data.decode(p, 8) for p in paths])
-    assert np.array_equal(data.decode_all(paths, 8, min_parallel=1), one)
-    assert one.shape == (12, 3, 8, 8)
+    for split, n in (("train", 300), ("test", 3)):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 256, (10 + i % 7, 14, 3), dtype=np.uint8)
+                Image.fromarray(img).save(tmp_path / split / c / f"{i}.png")
+    d = data.load("folder", str(tmp_path), image_size=8)
+    for s, (paths, labels) in data.folder_files(str(tmp_path))[1].items():
+        one = np.stack([data.decode(p, 8) for p in paths])
+        assert np.array_equal(d[f"x_{s}"].numpy(), one) and d[f"y_{s}"].tolist() == labels
+    assert one.shape == (6, 3, 8, 8) and len(d["x_train"]) == 600
+    assert d["x_train"].is_contiguous(memory_format=torch.channels_last)  # the layout it had
 
 
 def test_write_atomic_never_leaves_half_a_file_and_two_writers_each_rename_a_whole_one(tmp_path):

@@ -75,12 +75,14 @@ def test_streaming_loader_gives_the_resident_batches(tmp_path):
     for rank in (0, 1):
         kw = dict(recipe="basic", seed=3, rank=rank, world=2)
         res = loader.Loader(x, y, 4, mean, std, True, **kw)
-        st = loader.Loader(loader.Files(paths, 8), y, 4, mean, std, True, workers=2, **kw)
+        st = loader.Loader(data.Files(paths, 8), y, 4, mean, std, True, workers=2, **kw)
         res.epoch = st.epoch = 1
         pairs = list(zip(res, st))
         assert len(pairs) == 3
         for (xa, ya), (xb, yb) in pairs:
             assert torch.equal(ya, yb) and torch.equal(xa, xb)
+        st.start = 3  # resumed after the epoch's last batch: nothing left to decode
+        assert list(st) == []
 
 
 def test_stream_run_end_to_end(tmp_path, capsys):

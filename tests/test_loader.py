@@ -66,6 +66,8 @@ def test_loader_epochs_cover_the_data_once():
     ld = loader.Loader(x, y, 3, torch.zeros(3), torch.ones(3) / 255, train=True)
     seen = torch.cat([yb for _, yb in ld])
     assert len(ld) == 3 and len(seen) == 9 and len(set(seen.tolist())) == 9
+    ld.start = 3  # a run stopped after the epoch's last batch resumes to no batches
+    assert list(ld) == []
     for xb, yb in loader.Loader(x, y, 4, torch.zeros(3), torch.ones(3) / 255, train=False):
         # normalised with mean 0, std 1/255: the raw value
         torch.testing.assert_close(xb[:, 0, 0, 0], yb.float())
