@@ -1,22 +1,16 @@
 """
-Infinite Self-Attention (InfSA): attention as diffusion on a graph of tokens.
+Infinite Self-Attention (InfSA): attention as diffusion on a graph of tokens. Read top to bottom.
 
 One attention layer moves information one step along a graph whose nodes are tokens and whose
 edge weights are query-key affinities A_hat. Pure-InfSA sums K such steps with a discount gamma,
 
     Y = sum_{t=1..K} gamma^t A_hat^t V   ->   ((I - gamma A_hat)^-1 - I) V   as K -> inf,
 
-a Neumann series whose limit holds the resolvent (I - gamma A_hat)^-1: the operator of Katz
-centrality and, where gamma A_hat is sub-stochastic (row sums <= 1), the fundamental matrix of an
-absorbing Markov chain. The sum starts at t = 1. The residual stream x + Attn(x) carries each
-token's own state past attention, a like part to the t = 0 term by analogy only (that term would
-add W_o v_i, v_i = W_v LN(x_i); the residual adds x_i). Linear-InfSA scores each token once
-against one pooled query and gives every token the same vector gamma sum_j a_j v_j: O(N d_h)
-time, N scores a head beside q, k, v, never N x N.
-
-Tensors are (..., N, d_h), any leading dims. Reading order: affinity, neumann_series,
-neumann_closed_form, pure_infsa, the centrality and Markov views, linear_infsa, softmax.
-relu_hop.py holds pure_infsa's GPU fast path.
+a Neumann series whose limit holds the resolvent (I - gamma A_hat)^-1 of Katz centrality and
+(for sub-stochastic rows) of absorbing Markov chains. The sum starts at t = 1; the residual
+stream x + Attn(x) carries each token's own state, like the t = 0 term by analogy only (that
+term would add W_o v_i; the residual adds x_i). Linear-InfSA trades the N x N graph for one
+pooled query. Tensors are (..., N, d_h).
 """
 import math
 from collections import namedtuple
@@ -34,29 +28,27 @@ def relu_scores(q, k):
 
 
 def frobenius_norm(S):
-    """||S||_F = sqrt(sum_ij S_ij^2) over the last two dims, summed in fp32 (at least):
-    (..., 1, 1)."""
+    """||S||_F = sqrt(sum_ij S_ij^2) over the last two dims, in fp32 at least: (..., 1, 1)."""
     return torch.linalg.vector_norm(S, dim=(-2, -1), keepdim=True, dtype=_sum_dtype(S))
 
 
 def affinity(q, k, eps=1e-6):
-    """A_hat = S / (||S||_F + eps),  S = ReLU(q k^T / sqrt(d_h)).
+    """A_hat = S / (||S||_F + eps),  S = relu_scores(q, k).
 
-    Normalised over the whole N x N matrix, not per row: A_hat >= 0 and ||A_hat||_F = 1 (or
-    A_hat = 0 when every affinity is <= 0), so ||A_hat||_2 <= 1 and its spectral radius too. Row
-    sums vary, unlike softmax. Invariant to positive rescaling of q or k (up to eps). In S's
-    dtype."""
+    Normalised over the whole matrix, not per row (row sums vary): A_hat >= 0, ||A_hat||_F = 1
+    (or A_hat = 0 if no affinity is > 0), so its spectral norm and radius are <= 1. Invariant to
+    positive rescaling of q or k (up to eps)."""
     _check_qkv(q, k)
     S = relu_scores(q, k)
     return (S / (frobenius_norm(S) + eps)).to(S.dtype)
 
 
 def neumann_series(A, x, gamma, hops):
-    """Y = sum_{t=1..hops} gamma^t A^t x, by repeated products:
-    z_0 = x, z_t = gamma A z_{t-1}, Y = sum_t z_t. A^t is never formed.
+    """Y = sum_{t=1..hops} gamma^t A^t x by repeated products, A^t never formed:
+    z_0 = x, z_t = gamma A z_{t-1}, Y = sum_t z_t.
 
-    A: (..., N, N); x: (..., N, d); gamma: a float in (0, 1), or a tensor broadcastable against x,
-    e.g. (H, 1, 1) for one gamma per head, applied in x's dtype (_gamma_in_dtype_of)."""
+    A (..., N, N), x (..., N, d); gamma in (0, 1), a float or a tensor broadcastable against x,
+    e.g. (H, 1, 1): one per head."""
     _check_gamma(gamma)
     _check_hops(hops)
     gamma = _gamma_in_dtype_of(gamma, x)
@@ -68,25 +60,24 @@ def neumann_series(A, x, gamma, hops):
 
 
 def neumann_closed_form(A, x, gamma):
-    """Y_inf = ((I - gamma A)^-1 - I) x, by a linear solve (for teaching and tests)."""
+    """Y_inf = ((I - gamma A)^-1 - I) x, the hops -> inf limit, by a linear solve."""
     _check_gamma(gamma)
     I = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     return torch.linalg.solve(I - gamma * A, x) - x
 
 
 def truncation_bound(x, gamma, hops):
-    """gamma^(K+1) / (1 - gamma) * ||x||_2 (K = hops), a bound on ||Y_inf - Y_K||_2 whenever
-    ||A||_2 <= 1, as for A_hat (||A_hat||_2 <= ||A_hat||_F <= 1): the tail is
-    sum_{t>K} gamma^t A^t x and ||A^t x|| <= ||A||^t ||x||. Attained when A x = x (e.g.
-    A = 1 1^T / N, equal rows of x). ||.||_2: the spectral norm of each (N, d) block."""
+    """||Y_inf - Y_K||_2 <= gamma^(K+1) / (1 - gamma) ||x||_2 (K = hops) whenever ||A||_2 <= 1,
+    as for A_hat: the tail is sum_{t>K} gamma^t A^t x and ||A^t x|| <= ||A||^t ||x||. Attained
+    when A x = x (e.g. A = 1 1^T / N, equal rows of x). ||.||_2: spectral norm per (N, d) block."""
     _check_gamma(gamma)
     _check_hops(hops)
     return gamma ** (hops + 1) / (1 - gamma) * torch.linalg.matrix_norm(x, ord=2, keepdim=True)
 
 
 def pure_infsa(q, k, v, gamma, hops=3, eps=1e-6):
-    """Pure-InfSA head output: Y = sum_{t=1..hops} gamma^t A_hat^t v,  A_hat = affinity(q, k).
-    Builds A_hat (N x N) once; relu_hop.pure_infsa_fused computes the same without it."""
+    """Pure-InfSA: Y = sum_{t=1..hops} gamma^t A_hat^t v,  A_hat = affinity(q, k), formed once
+    (N x N); relu_hop.pure_infsa_fused computes the same without it."""
     _check_qkv(q, k, v)
     return neumann_series(affinity(q, k, eps), v, gamma, hops)
 
@@ -98,9 +89,8 @@ def pure_infsa(q, k, v, gamma, hops=3, eps=1e-6):
 def katz_centrality(A, gamma, direction="in"):
     """Katz centrality c = ((I - gamma A^T)^-1 - I) 1 = sum_{t>=1} gamma^t (A^T)^t 1.
 
-    direction='in': how much each token is attended, directly or through chains; 'out' uses A
-    instead of A^T: how much each token attends. Needs gamma < 1 / rho(A) (any gamma in (0, 1) for
-    A_hat)."""
+    direction='in': how much each token is attended, directly or through chains; 'out' (A for
+    A^T): how much it attends. Needs gamma < 1 / rho(A): any gamma in (0, 1) for A_hat."""
     if direction not in ("in", "out"):
         raise ValueError(f"direction must be 'in' or 'out'; got {direction!r}")
     if not isinstance(gamma, torch.Tensor) and gamma <= 0:
@@ -112,9 +102,9 @@ def katz_centrality(A, gamma, direction="in"):
 
 
 def eigenvector_centrality(A, iters=200, eps=1e-12):
-    """Principal left eigenvector of A: c proportional to A^T c, by power iteration
-    c <- A^T c / ||A^T c||_1 from c = 1/N. Normalised to sum 1 (the Perron vector, c >= 0).
-    Converges geometrically when A is irreducible and aperiodic (e.g. A > 0)."""
+    """Principal left eigenvector of A (the Perron vector, c >= 0, sum 1): c proportional to
+    A^T c, by power iteration c <- A^T c / ||A^T c||_1 from c = 1/N. Converges geometrically
+    when A is irreducible and aperiodic (e.g. A > 0)."""
     c = torch.full(A.shape[:-1], 1.0 / A.shape[-1], dtype=A.dtype, device=A.device)  # (..., N)
     for _ in range(iters):
         c = (c.unsqueeze(-2) @ A).squeeze(-2)  # (A^T c)_j = sum_i c_i A_ij
@@ -141,14 +131,13 @@ Chain = namedtuple("Chain", "M R fundamental valid")
 
 
 def absorbing_chain(A, gamma):
-    """The absorbing Markov chain read of gamma A.
+    """gamma A as an absorbing Markov chain: Chain(M, R, F, valid).
 
     M = gamma A (transient -> transient), absorption R_i = 1 - sum_j M_ij, fundamental matrix
-    F = (I - M)^-1 = sum_{t>=0} M^t: F_ij is the expected number of visits to j of a walk started
-    at i before it is absorbed; (F - I) 1 is the out-Katz score, 1^T (F - I) the in-Katz. The
-    reading holds only when M is sub-stochastic (every R_i >= 0); Frobenius normalisation does not
-    guarantee it (row sums of A_hat above 1 occur), so `valid` says whether it holds.
-    Returns Chain(M, R, F, valid)."""
+    F = (I - M)^-1 = sum_{t>=0} M^t: F_ij is the expected number of visits to j of a walk from i
+    before it is absorbed; (F - I) 1 is the out-Katz score, 1^T (F - I) the in-Katz. The reading
+    needs M sub-stochastic (every R_i >= 0), which Frobenius normalisation does not guarantee
+    (rows of A_hat can sum above 1): `valid` says whether it holds."""
     _check_gamma(gamma)
     M = gamma * A
     R = 1 - M.sum(-1)
@@ -158,11 +147,9 @@ def absorbing_chain(A, gamma):
 
 
 def random_walk_visits(M, walks=20000, max_steps=1000, generator=None):
-    """Monte-Carlo estimate of the fundamental matrix F = (I - M)^-1 of a valid chain, (N, N).
-
-    From each start i run `walks` walks: count the visit to the current state, then move to j with
-    probability M_ij or stop with probability R_i = 1 - sum_j M_ij. The mean counts estimate F_ij,
-    inverting nothing."""
+    """Monte-Carlo F = (I - M)^-1 of a valid chain, (N, N), inverting nothing: `walks` walks from
+    each start i count a visit to the current state, then move to j with probability M_ij or stop
+    with probability R_i. F_ij = mean visits to j."""
     N = M.shape[-1]
     R = 1 - M.sum(-1)
     if (M < 0).any() or (R < -1e-12).any():
@@ -186,8 +173,7 @@ def random_walk_visits(M, walks=20000, max_steps=1000, generator=None):
 
 
 def query_energy(q, eps=1e-6):
-    """w_t = ||q_t|| / sum_s ||q_s||: each token's share of the query energy, (..., N), in fp32
-    (at least)."""
+    """w_t = ||q_t|| / sum_s ||q_s||: each token's share of the query energy, (..., N)."""
     n = torch.linalg.vector_norm(q, dim=-1, dtype=_sum_dtype(q))
     return n / (n.sum(-1, keepdim=True) + eps)
 
@@ -195,11 +181,10 @@ def query_energy(q, eps=1e-6):
 def linear_infsa_scores(q, k, eps=1e-6):
     """a_j = ReLU(k_j . qbar) / (sum_l ReLU(k_l . qbar) + eps),  qbar = sum_t w_t q_t,  (..., N).
 
-    Since qbar . k_j = sum_t w_t (q k^T)_tj, the scores are one power-iteration step on S = q k^T,
-    started from the query energies w, *followed by* a ReLU. That is not a power step on
-    ReLU(q k^T): on random q, k with no shared direction the two differ (cosine about 0.7);
-    when queries and keys share a direction, as after training, they agree (cosine about 1).
-    Cost O(N d_h); nothing N x N is built. The sums over tokens run in fp32 (at least)."""
+    As qbar . k_j = sum_t w_t (q k^T)_tj, the scores are one power-iteration step on S = q k^T
+    from the query energies w, *followed by* a ReLU: not a power step on ReLU(q k^T). The two
+    differ on random q, k (cosine about 0.7) and agree (about 1) when queries and keys share a
+    direction, as after training. Sums over tokens run in fp32 at least."""
     _check_qkv(q, k)
     w = query_energy(q, eps)  # (..., N)
     qbar = (w.to(q.dtype).unsqueeze(-1) * q).sum(-2, dtype=_sum_dtype(q))  # sum_t w_t q_t: d_h
@@ -211,14 +196,12 @@ def linear_infsa(q, k, v, gamma, eps=1e-6, expand=True):
     """Linear-InfSA: o_i = gamma context for every token i,  context = sum_j a_j v_j,
     a = linear_infsa_scores.
 
-    How it relates to the Neumann sum: if A_hat were rank one, A_hat = lam 1 a^T (every token
-    attends like a, with a summing to 1), then A_hat^t = lam^t 1 a^T and the whole series is
-    gamma lam / (1 - gamma lam) 1 context^T. This function returns gamma context, one hop of the
-    rank-one operator 1 a^T, not that limit: gamma is a scale here, not a discount over hops.
-    The output is the same vector for every token (rank one): tokens differ only through their
-    residual stream. Time O(N d_h); beside q, k, v it holds the N scores a, never N x N; what it
-    passes on is qbar and the context, d_h numbers each. expand=False returns the (..., 1, d_v)
-    context alone, which a model broadcasts instead of repeating it."""
+    Were A_hat rank one, lam 1 a^T (every token attends like a, a summing to 1), A_hat^t would be
+    lam^t 1 a^T and the Neumann series gamma lam / (1 - gamma lam) 1 context^T. This returns
+    gamma context, one hop of 1 a^T, not that limit: gamma is a scale here, not a discount over
+    hops. The output is the same vector for every token; tokens differ only through their
+    residual stream. Time O(N d_h), memory N scores a head, never N x N. expand=False returns the
+    vector once, (..., 1, d_v)."""
     _check_qkv(q, k, v)
     _check_gamma(gamma)
     a = linear_infsa_scores(q, k, eps)  # (..., N)
@@ -231,27 +214,25 @@ def linear_infsa(q, k, v, gamma, eps=1e-6, expand=True):
 
 
 def softmax_attention(q, k, v):
-    """softmax(q k^T / sqrt(d_h)) v through PyTorch's fused SDPA kernel (on GPUs never N x N)."""
+    """softmax(q k^T / sqrt(d_h)) v by PyTorch's fused SDPA kernel (on GPUs never N x N)."""
     _check_qkv(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
 def softmax_weights(q, k):
-    """P = softmax(q k^T / sqrt(d_h)) over the last dim, (..., N, N): the attention map, whose rows
-    sum to 1."""
+    """P = softmax(q k^T / sqrt(d_h)), rows summing to 1: the attention map, (..., N, N)."""
     _check_qkv(q, k)
     return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
 
 
 def softmax_attention_materialized(q, k, v):
-    """P v with P = softmax_weights(q, k) built explicitly. Returns (P v, P): the unfused baseline,
-    O(N^2) memory, for the paper's kind of benchmark."""
+    """(P v, P), P = softmax_weights(q, k) formed: the unfused baseline, O(N^2) memory."""
     _check_qkv(q, k, v)
     P = softmax_weights(q, k)
     return P @ v, P
 
 # -----------------------------------------------------------------------------
-# argument checks (one line where a caller can go wrong) and the dtype rules of the above
+# argument checks (one error line naming the problem) and dtype rules
 
 
 def _check_qkv(q, k, v=None):
@@ -264,8 +245,7 @@ def _check_qkv(q, k, v=None):
 
 
 def _check_gamma(gamma):
-    """A number must lie in (0, 1); a tensor is not read (that would sync a GPU every call): the
-    model's sigmoid lies in (0, 1)."""
+    """A tensor (the model's sigmoid, in (0, 1)) is not read: that would sync a GPU every call."""
     if not isinstance(gamma, torch.Tensor) and not 0.0 < gamma < 1.0:
         raise ValueError(f"gamma must lie in (0, 1) for the Neumann series to converge; "
                          f"got {gamma}")
@@ -278,10 +258,10 @@ def _check_hops(hops):
 
 
 def _gamma_in_dtype_of(gamma, x):
-    """gamma in x's dtype (a tensor gamma, the model's fp32 sigmoid, is cast): bf16 stays bf16."""
+    """A tensor gamma (the model's fp32 sigmoid) cast to x's dtype: bf16 stays bf16."""
     return gamma.to(x.dtype) if isinstance(gamma, torch.Tensor) else gamma
 
 
 def _sum_dtype(x):
-    """Sums over tokens run in fp32 for fp16 / bf16 / fp32 data, fp64 for fp64."""
+    """Sums over tokens run in fp32, or in fp64 for fp64 data."""
     return torch.promote_types(x.dtype, torch.float32)

@@ -1,14 +1,9 @@
 """
-A small Vision Transformer whose attention is one switch: softmax | pure | linear.
+A small Vision Transformer whose attention is one switch, cfg.attn: softmax | pure | linear
+(infsa.py's softmax_attention, pure_infsa and linear_infsa).
 
-    ViT: patch embedding (a Linear on flattened patches) -> [CLS] + tokens + learned positions
-         -> n_layer pre-LN blocks (x + Attn(LN(x)), x + MLP(LN(x))) -> LN -> linear head on CLS
-
-    softmax  softmax(q k^T / sqrt(d_h)) v, through PyTorch's fused SDPA kernel
-    pure     Pure-InfSA: sum_{t=1..K} gamma^t A_hat^t v, A_hat the normalised ReLU affinity
-    linear   Linear-InfSA: gamma * sum_j a_j v_j, the same context vector for every token
-gamma = sigmoid(logit), one learnable value per head (softmax has none), trained with the
-weights but without weight decay (train.py decays the weight matrices alone).
+    patch embedding (a Linear on flattened patches) -> [CLS] + tokens + learned positions
+    -> n_layer pre-LN blocks (x + Attn(LN(x)), x + MLP(LN(x))) -> LN -> linear head on CLS
 """
 import math
 from dataclasses import dataclass
@@ -63,23 +58,21 @@ class ViTConfig:
 
 
 def paper_4l64h(attn="linear", image_size=224):
-    """InfViT 4L-64H as in the paper: 4 pre-LN blocks, 64 heads, patch 16, CLS, 1000 classes.
-    Width 1024 is inferred from the reported 53.5M parameters (this gives 52.4M at 224^2)."""
+    """The paper's InfViT 4L-64H: 4 pre-LN blocks, 64 heads, patch 16, CLS, 1000 classes; width
+    1024 inferred from its 53.5M parameters (52.4M here at 224^2)."""
     return ViTConfig(image_size=image_size, patch_size=16, n_classes=1000, n_layer=4, n_head=64,
                      n_embd=1024, mlp_ratio=4.0, attn=attn)
 
 
-# From here on CUDA, relu_hop.py's kernels: attention's training step 1.3x faster at 257 tokens
-# (d_h = 48), slower at 129 and 65 (0.8x, 0.64x), where the padded products stay (RESULTS.md §4).
+# From this many tokens CUDA runs relu_hop.py's kernels, slower below (RESULTS.md §4).
 FUSED_MIN_TOKENS = 256
 
 
 def pure_attention(q, k, v, gamma, hops, eps=1e-6):
-    """Pure-InfSA as the model runs it: on CUDA from FUSED_MIN_TOKENS, relu_hop.pure_infsa_fused
-    (O(N d) memory); else sum_t (gamma / (||S||_F + eps))^t S^t v, the same sum without forming
-    A_hat (in fp16 A_hat is formed: S z can pass fp16's 65,504), on N padded with zero tokens to a
-    multiple of 8: exact (a zero query or key adds a zero row or column to S), and bf16 matrix
-    products take their aligned kernels."""
+    """infsa.pure_infsa as the model runs it: on CUDA from FUSED_MIN_TOKENS, relu_hop's kernels
+    (O(N d) memory); else the sum with gamma A_hat = (gamma / (||S||_F + eps)) S, A_hat unformed
+    (fp16 forms it: S z can pass 65,504), on N padded with zero tokens to a multiple of 8 for
+    aligned bf16 kernels (exact: a zero query or key adds zeros to S)."""
     N = q.shape[-2]
     if q.is_cuda and N >= FUSED_MIN_TOKENS:
         return relu_hop.pure_infsa_fused(q, k, v, gamma, hops, eps)
@@ -92,8 +85,7 @@ def pure_attention(q, k, v, gamma, hops, eps=1e-6):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with fused qkv; cfg.attn picks the mixing rule. With keep_maps, the
-    next forward stores per-head maps in `maps` (ViT.attention_maps); training never pays."""
+    """Multi-head attention with fused qkv; cfg.attn picks the mixing rule."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -103,33 +95,34 @@ class Attention(nn.Module):
         if cfg.attn != "softmax":  # softmax has no discount
             logit = math.log(cfg.gamma_init / (1 - cfg.gamma_init))
             self.gamma_logit = nn.Parameter(torch.full((cfg.n_head,), logit))
-        self.keep_maps, self.maps = False, None
 
     def gamma(self):
         """gamma_h = sigmoid(logit_h), one per head, in (0, 1)."""
         return torch.sigmoid(self.gamma_logit)
 
+    def heads(self, x):
+        """q, k, v, each (B, H, N, d_h), from x (B, N, C)."""
+        B, N, C = x.shape
+        return self.qkv(x).view(B, N, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+
     def forward(self, x):
         B, N, C = x.shape
-        H, d = self.n_head, C // self.n_head
-        q, k, v = self.qkv(x).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, N, d)
-        if self.keep_maps:
-            self.maps = self._maps(q, k)
+        q, k, v = self.heads(x)  # each (B, H, N, d)
         if self.cfg.attn == "softmax":
             y = infsa.softmax_attention(q, k, v)  # (B, H, N, d)
         elif self.cfg.attn == "pure":
-            y = pure_attention(q, k, v, self.gamma().view(H, 1, 1), self.cfg.hops)  # (B, H, N, d)
-        else:  # the same context vector for every token: kept once, (B, H, 1, d)
-            y = infsa.linear_infsa(q, k, v, self.gamma().view(H, 1, 1), expand=False)
+            y = pure_attention(q, k, v, self.gamma().view(-1, 1, 1), self.cfg.hops)  # (B, H, N, d)
+        else:  # (B, H, 1, d): one context vector, which the residual add broadcasts to N tokens
+            y = infsa.linear_infsa(q, k, v, self.gamma().view(-1, 1, 1), expand=False)
         y = y.transpose(1, 2).reshape(B, y.shape[2], C)  # (B, N, C); linear: (B, 1, C)
-        return self.proj(y)  # linear: (B, 1, C), which the residual add broadcasts to N tokens
+        return self.proj(y)
 
     @torch.no_grad()
-    def _maps(self, q, k):
-        """Per-head maps for pictures: softmax -> P (B,H,N,N) and its CLS row (B,H,N);
+    def maps(self, x):
+        """Per-head maps of input x for pictures: softmax -> P (B,H,N,N) and its CLS row (B,H,N);
         pure -> A_hat (B,H,N,N), its Katz in-centrality (B,H,N) and gamma (H,);
         linear -> scores a (B,H,N)."""
-        q, k = q.float(), k.float()
+        q, k = (t.float() for t in self.heads(x)[:2])
         if self.cfg.attn == "softmax":
             P = infsa.softmax_weights(q, k)
             return {"P": P, "cls": P[:, :, 0, :]}
@@ -184,22 +177,18 @@ class ViT(nn.Module):
             relu_hop.ops()  # the GPU kernel registered before torch.compile traces the model
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.n_classes)
-        for part in (self.blocks, self.head):  # the patch embedding keeps PyTorch's default init
-            part.apply(lambda m: self._init(m, cfg.init_std))
+        # Xavier-uniform scales with width (the usual 0.02 is too small below 128); the patch
+        # embedding keeps PyTorch's init.
+        for m in [*self.blocks.modules(), self.head]:
+            if isinstance(m, nn.Linear):
+                if cfg.init_std > 0:
+                    nn.init.trunc_normal_(m.weight, std=cfg.init_std)  # cut at +-2
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
         if verbose:
             print(f"ViT ({cfg.attn}): {self.num_params() / 1e6:.2f}M parameters, "
                   f"{cfg.n_tokens} tokens")
-
-    @staticmethod
-    def _init(m, std):
-        """std = 0: Xavier-uniform, which scales with width (0.02, ViT/GPT practice at width >=
-        768, is several times too small below 128); std > 0: N(0, std^2) cut at +-2; biases 0."""
-        if isinstance(m, nn.Linear):
-            if std > 0:
-                nn.init.trunc_normal_(m.weight, std=std)
-            else:
-                nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -215,9 +204,9 @@ class ViT(nn.Module):
                                  lr=lr, betas=(0.9, 0.99), fused=fused)
 
     def embed(self, images):
-        """Patch embedding: every p x p patch, widened by o = patch_overlap pixels on each side
-        (zeros past the edge), flattened in (channel, row, column) order, through one Linear:
-        (B, c, H, W) -> (B, h*w, C). A convolution of kernel p + 2o, stride p and padding o."""
+        """(B, c, H, W) -> (B, h*w, C): each p x p patch, widened by o = patch_overlap pixels on
+        every side (zeros past the edge), flattened in (channel, row, column) order through one
+        Linear; a convolution of kernel p + 2o, stride p, padding o."""
         B, c, H, W = images.shape
         p, o = self.cfg.patch_size, self.cfg.patch_overlap
         if o:  # (B, c (p+2o)^2, h*w) -> (B, h*w, c (p+2o)^2); o = 0 takes the cheaper reshape
@@ -238,17 +227,16 @@ class ViT(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, images):
-        """One forward pass: (logits, [each layer's Attention._maps]). Token 0 is CLS; tokens 1..
+        """(logits, [each layer's Attention.maps]) of one forward pass. Token 0 is CLS; tokens 1..
         are the patches in row-major order."""
-        mods = [b.attn for b in self.blocks]
-        for m in mods:
-            m.keep_maps = True
+        maps = []
+        keep = lambda attn, inputs, _: maps.append(attn.maps(inputs[0]))
+        hooks = [b.attn.register_forward_hook(keep) for b in self.blocks]
         try:
-            logits, _ = self(images)
-            return logits, [m.maps for m in mods]
+            return self(images)[0], maps
         finally:
-            for m in mods:
-                m.keep_maps, m.maps = False, None
+            for h in hooks:
+                h.remove()
 
     def gammas(self):
         """Learned gamma per layer and head, (n_layer, n_head); None for softmax."""
