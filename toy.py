@@ -1,8 +1,7 @@
 """
 Five tokens, two graphs: where InfSA's later hops change which token leads, and where they fade.
 
-    python toy.py --out_dir assets            # assets/toy.png, then CAPTION with its numbers
-    python toy.py --gamma 0.3 --out_dir /tmp  # a small discount: token 0 leads on every graph
+    python toy.py --out_dir assets  # assets/toy.png, then CAPTION with its numbers
 """
 import os
 import sys
@@ -17,10 +16,9 @@ from configurator import config_defaults, configure, die
 
 # -----------------------------------------------------------------------------
 out_dir = "."               # where toy.png goes
-gamma = 0.9                 # the discount, in (0, 1)
-walks = 4000                # random walks from every token
 # -----------------------------------------------------------------------------
 DEFAULTS = config_defaults(globals())
+GAMMA, WALKS = 0.9, 4000  # the discount; random walks from every token
 KS, BACK, GAMMAS = range(1, 7), 0.5, torch.linspace(0.001, 0.999, 999).tolist()
 CAPTION = (
     "Tokens 1 and 2 attend to token 0, which attends to 3, then 4 (graph A). A token's score is "
@@ -75,7 +73,7 @@ def view(S, gamma, walks, norm=True):
                            walk=walk_scores(A, gamma, walks))
 
 
-def draw(A, B, raw, gamma):
+def draw(A, B, raw):
     """The graphs; each token's score against K on A and on B; token 0's lead against gamma."""
     fig, ((ag, aA), (aB, al)) = plt.subplots(2, 2, figsize=(9, 6.8), layout="constrained")
     pos, col = [(1, 0), (0, 1), (0, -1), (2, 0), (3, 0)], "C3 0.55 0.55 C0 C2".split()
@@ -93,12 +91,10 @@ def draw(A, B, raw, gamma):
     for a, n, v in ((aA, "A", A), (aB, "B", B)):
         for j in (1, 4, 3, 0):  # (token 2 scores as token 1)
             a.plot([*KS, 7.5], [*v.cK[:, j], v.inf[j]], "o-", c=col[j])
-        if v.walk is not None:
-            a.plot([7.5] * 5, v.walk, "ko", mfc="none", ms=11)
+        a.plot([7.5] * 5, v.walk, "ko", mfc="none", ms=11)
         who = f"token {v.top} first from K = {v.k}" if v.k else "token 0 first at every K"
         a.set(xticks=[*KS, 7.5], xticklabels=[*KS, "∞"], ylabel="score", ylim=(-0.05, 1.4),
-              title=f"{n}: ρ(Â) = {v.rho:.2f}, {who}", xlabel="hops K; ○: random walks"
-              if v.walk is not None else "hops K; no walks: a row of γÂ sums above 1")
+              title=f"{n}: ρ(Â) = {v.rho:.2f}, {who}", xlabel="hops K; ○: random walks")
     for v, c, s in ((A, "k-", "A"), (B, "C1-", "B"),
                     (raw, "k--", "raw A: unnormalised Katz,\nnot what the model computes")):
         al.plot(GAMMAS, v.leads, c, label=s)
@@ -106,26 +102,22 @@ def draw(A, B, raw, gamma):
     al.set(xlabel="γ", ylim=(0, 2.1), title="token 0's lead at K = ∞: c₀ / max_{j>0} c_j")
     al.legend()
     fig.suptitle(rf"score $c_j = \Sigma_i (\Sigma_{{t=1}}^K \gamma^t\hat A^t)_{{ij}}$, "
-                 rf"$\gamma = {gamma}$")
+                 rf"$\gamma = {GAMMA}$")
     return fig
 
 
 def main(argv):
-    opt = configure(argv, DEFAULTS, __doc__, dict(walks=(1, float("inf"))))[0]
-    g, out = opt["gamma"], opt["out_dir"]
-    if not 0 < g < 1:
-        die(f"--gamma must lie in (0, 1); got {g}")
+    out = configure(argv, DEFAULTS, __doc__)[0]["out_dir"]
     if not out or os.path.isfile(out):
         die(f"--out_dir must name a folder; got {out!r}")
-    A, B, raw = (view(graph(b), g, opt["walks"], n) for b, n in ((0, 1), (BACK, 1), (0, 0)))
-    fig, path = draw(A, B, raw, g), os.path.join(out, "toy.png")
+    A, B, raw = (view(graph(b), GAMMA, WALKS, norm) for b, norm in ((0, 1), (BACK, 1), (0, 0)))
+    fig, path = draw(A, B, raw), os.path.join(out, "toy.png")
     try:
-        os.makedirs(out, exist_ok=True)
         runtime.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
-    except (OSError, runtime.WriteError) as e:
+    except runtime.WriteError as e:
         die(f"{e}; pick another --out_dir")
     plt.close(fig)
-    text = CAPTION.format(g=g, A=A, B=B, raw=raw, BACK=BACK) if g == gamma else ""
+    text = CAPTION.format(g=GAMMA, A=A, B=B, raw=raw, BACK=BACK)
     print(f"wrote {path}\n{text}")
     return A, B, raw, text
 

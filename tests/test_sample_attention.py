@@ -91,7 +91,7 @@ def tiny_model(attn, dead=False):
     model = ViT(cfg, verbose=False).eval()
     for block in model.blocks if dead else ():
         block.attn.qkv.weight.data[:16], block.attn.qkv.bias.data[:16] = 0, 0
-    return SimpleNamespace(model=model, vit=cfg, kind=attn, label=attn, mean=torch.zeros(3),
+    return SimpleNamespace(model=model, vit=cfg, label=attn, path=attn, mean=torch.zeros(3),
                            std=torch.ones(3))
 
 
@@ -102,41 +102,54 @@ def test_pure_maps_are_cls_rows_of_powers_of_A_and_katz_in_centrality():
     torch.testing.assert_close(out["cls_Apow1@1"], A[:, :, 0, 1:].mean(1))
     A3 = torch.linalg.matrix_power(A, 3)
     torch.testing.assert_close(out["cls_Apow3@1"], A3[:, :, 0, 1:].mean(1))
-    torch.testing.assert_close(sa.token_scores(run, x, head=1)["cls_Apow3@1"], A3[:, 1, 0, 1:])
     # Katz in-centrality ((I - gamma A^T)^-1 - I) 1, per head with its own gamma
     gamma, eye = maps["gamma"].double().view(1, -1, 1, 1), torch.eye(A.shape[-1]).double()
     katz = (torch.linalg.inv(eye - gamma * A.double().mT) - eye).sum(-1, keepdim=True)  # @ 1
     torch.testing.assert_close(out["katz@1"], katz[..., 0].float()[:, :, 1:].mean(1))
 
 
-def test_an_all_zero_A_hat_is_finite_and_drawn_as_a_dead_head():
+def test_an_all_zero_A_hat_is_finite_and_drawn_as_a_dead_layer():
     run, test = tiny_model("pure", dead=True), data.load("shapes", n_train=0, n_test=16)
     x, y = test["x_test"], test["y_test"]
     assert all((v == 0).all() for v in sa.token_scores(run, x).values())  # Katz through infsa
     with warnings.catch_warnings(action="error"):  # no 0/0 anywhere
-        fig = sa.draw_grid([(run, "katz@2"), (run, "cls_Apow2@2")], x, y, None, [0],
-                           test["classes"], 1)
+        fig = sa.draw_grid([(run, "katz@2"), (run, "cls_Apow2@2")], x, y, None, test["classes"],
+                           rows=1)
         run.map = "katz@2"
-        res = sa.quality(run, x, y, test["mask_test"], SimpleNamespace(cover=0.5, steps=2, head=0))
+        res = sa.quality(run, x, y, test["mask_test"], steps=2)
     assert [ax.get_title() for ax in fig.axes] == [
-        "pure: katz@2\nflat: every patch 0", "pure: cls_Apow2@2\nflat: every patch 0"]
+        "pure: katz@2\nscale 0 to 0", "pure: cls_Apow2@2\nscale 0 to 0"]
     plt.close(fig)
     assert res[0]["ROC-AUC"][0] == 0.5 and np.isfinite(list(res[0].values())).all()
 
 
-def test_a_kind_of_map_shares_one_scale_and_a_flat_map_says_so():
+def test_metrics_refuse_masks_without_object_and_background(capsys):
+    run, test = tiny_model("linear"), data.load("shapes", n_train=0, n_test=4)
+    run.map = "a@2"
+    with pytest.raises(SystemExit) as e:  # cover 0: every patch is object
+        sa.quality(run, test["x_test"], test["y_test"], test["mask_test"], cover=0)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert err == "error: linear: no test image has object and background patches at cover 0"
+
+
+def test_a_kind_of_map_shares_one_scale_named_over_its_column():
     run, test = tiny_model("softmax"), data.load("shapes", n_train=0, n_test=4)
     x, columns = test["x_test"], [(run, "cls@1"), (run, "cls@2")]
     maps = sa.token_scores(run, x)
-    fig = sa.draw_grid(columns, x, test["y_test"], None, [0, 1], test["classes"], -1)
+    fig = sa.draw_grid(columns, x, test["y_test"], None, test["classes"], rows=2)
     top = max(maps["cls@1"][:2].max().item(), maps["cls@2"][:2].max().item())  # one scale
     assert len(fig.axes) == 4 and {ax.images[-1].get_clim() for ax in fig.axes} == {(0, top)}
-    assert all(ax.get_title().endswith(f"scale 0 to {top:.2g}") for ax in fig.axes)
+    assert [ax.get_title() for ax in fig.axes] == [
+        f"softmax: cls@1\nscale 0 to {top:.2g}", f"softmax: cls@2\nscale 0 to {top:.2g}", "", ""]
+    for ax, row, name in zip(fig.axes, (0, 0, 1, 1), ("cls@1", "cls@2") * 2):  # the maps drawn
+        assert np.array_equal(ax.images[-1].get_array(), maps[name][row].view(4, 4).numpy())
     plt.close(fig)
     for p in run.model.blocks[1].attn.qkv.parameters():  # q = k = 0 in layer 2: P uniform
         p.data[:32] = 0
-    fig = sa.draw_grid(columns, x, test["y_test"], None, [0], test["classes"], -1)
-    assert fig.axes[1].get_title() == f"softmax: cls@2\nflat: every patch {1 / 17:.2g}"
+    fig = sa.draw_grid(columns, x, test["y_test"], None, test["classes"], rows=1)
+    torch.testing.assert_close(torch.tensor(fig.axes[1].images[-1].get_array()),
+                               torch.full((4, 4), 1 / 17))
     plt.close(fig)
 
 
@@ -158,8 +171,8 @@ def runs(tmp_path_factory):
 
 def test_compare_with_metrics_end_to_end(runs, tmp_path, capsys):
     out = tmp_path / "png"
-    res = sa.main(["--runs", ",".join(runs), "--metrics", "true", "--n_metric", "30", "--steps",
-                   "4", "--images", "0,47", "--out_dir", str(out), "--device", "cpu"])
+    res = sa.main(["--runs", ",".join(runs), "--metrics", "true", "--out_dir", str(out),
+                   "--device", "cpu"])
     text = capsys.readouterr().out
     for name in ("compare.png", "curves.png", "morf_lerf.png"):
         assert f"wrote {out / name}" in text and (img := plt.imread(out / name)).ndim == 3
@@ -167,10 +180,10 @@ def test_compare_with_metrics_end_to_end(runs, tmp_path, capsys):
     assert "| run | map | MoRF-AOC | LeRF-AUC | ROC-AUC | PR-AUC |" in text
     for kind, name in (("softmax", "cls@2"), ("pure", "katz@2"), ("linear", "a@2")):
         assert f"| {kind} | {name} |" in text
-        assert f"{kind} {' / '.join(map(str, sa.PAPER[kind]))}" in text  # the paper's line
+    assert "\n" + sa.PAPER + "\n" in text  # the paper's line
     assert sorted(os.listdir(out)) == ["compare.png", "curves.png", "morf_lerf.png"]
     for metrics, c in res:
-        assert len(c["morf"]) == 5 and all(0 <= v <= 1 for pair in metrics.values() for v in pair)
+        assert len(c["morf"]) == 9 and all(0 <= v <= 1 for pair in metrics.values() for v in pair)
         assert abs(metrics["ROC-AUC"][1] - 0.5) < 0.1  # random scores: chance
         assert c["morf"][0] == c["lerf"][0] == c["random"][0]  # nothing blanked: the same images
         assert c["morf"][-1] == c["lerf"][-1] == c["random"][-1]  # everything blanked
@@ -178,13 +191,16 @@ def test_compare_with_metrics_end_to_end(runs, tmp_path, capsys):
         assert metrics["LeRF-AUC"] == pytest.approx((sa.area(c["lerf"]), sa.area(c["random"])))
 
 
-def test_single_run_maps_powers_and_one_head(runs, tmp_path, capsys):
-    sa.main(["--runs", runs[1], "--out_dir", str(tmp_path), "--head", "2", "--score_map",
-             "cls_Apow2", "--metrics", "true", "--n_metric", "1000", "--steps", "2"])
+def test_single_run_maps_powers_at_a_layer(runs, tmp_path, capsys, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(sa, "draw_grid", lambda columns, *a: drawn.append(columns) or plt.figure())
+    sa.main(["--runs", runs[1], "--out_dir", str(tmp_path), "--layer", "1", "--metrics", "true"])
     text = capsys.readouterr().out
-    assert f"wrote {tmp_path / 'maps.png'}" in text and "| pure | cls_Apow2@2 |" in text
-    height, width = plt.imread(tmp_path / "maps.png").shape[:2]
-    assert width > height  # katz@1, katz@2, cls_Apow1..3@2: 5 columns, 4 rows
+    assert f"wrote {tmp_path / 'maps.png'}" in text and "| pure | katz@1 |" in text
+    assert [name for _, name in drawn[0]] == ["katz@1", "katz@2", "cls_Apow1@1", "cls_Apow2@1",
+                                              "cls_Apow3@1"]
+    sa.main(["--runs", runs[1], "--out_dir", str(tmp_path)])
+    assert [name for _, name in drawn[1]][2:] == ["cls_Apow1@2", "cls_Apow2@2", "cls_Apow3@2"]
 
 
 def refused(capsys, tmp_path, argv, words):
@@ -202,19 +218,9 @@ def refused(capsys, tmp_path, argv, words):
 def test_errors_are_one_line_and_write_nothing(runs, tmp_path, capsys):
     for argv, words in (
             ([str(tmp_path / "none.pt")], "no checkpoint at"), ([","], "no checkpoint at ;"),
-            ([runs[0], "--images", "0,48"], "indices 0..47, comma separated; got '0,48'"),
-            ([runs[0], "--images", "0,x"], "--images takes"),
-            ([runs[0], "--images", ""], "got ''"), ([runs[0], "--images", "-1"], "got '-1'"),
-            ([runs[0], "--head", "3"], "--head must be in [0, 3)"),
-            ([runs[0], "--layer", "3"], "--layer must be in [0, 3)"),
-            ([runs[2], "--score_map", "katz"], "--score_map must be one of auto | a; got 'katz'"),
-            ([runs[1], "--score_map", "hop2"], "auto | katz | cls_Apow1 | cls_Apow2 | cls_Apow3"),
-            ([f"{runs[0]},{runs[1]}", "--score_map", "katz"], "must be one of auto; got"),
-            ([runs[0], "--metrics", "true", "--steps", "0"], "--steps must be in [1, 17)"),
-            ([runs[0], "--metrics", "true", "--steps", "17"], "--steps must be in [1, 17)"),
-            ([runs[0], "--metrics", "true", "--cover", "0"], "--cover 0.0: no image has object"),
-            ([runs[0], "--device", "foo"], "--device foo is not usable here"),
-            ([runs[0], "--steps", "4"], "--steps 4 does nothing here (it needs metrics)")):
+            ([runs[0], "--layer", "3"], "--layer must be in [0, 3); got 3"),
+            ([runs[0], "--layer", "-1"], "--layer must be"),
+            ([runs[0], "--device", "foo"], "--device foo is not usable here")):
         refused(capsys, tmp_path, ["--runs", *argv], words)
     (tmp_path / "file").write_text("")
     for out, words in (("file", "(File exists); pick another --out_dir"), ("file/x", "cannot")):
@@ -241,7 +247,7 @@ def test_checkpoints_of_older_formats_are_one_line(runs, tmp_path, capsys):
 
 
 def test_a_failed_write_leaves_the_earlier_png_whole(runs, tmp_path, capsys, monkeypatch):
-    argv = ["--runs", runs[2], "--out_dir", str(tmp_path), "--images", "0"]
+    argv = ["--runs", runs[2], "--out_dir", str(tmp_path)]
     sa.main(argv)
     before = (tmp_path / "maps.png").read_bytes()
 
@@ -263,7 +269,7 @@ def test_a_run_on_a_folder_of_other_than_10_classes(tmp_path, capsys):
         Image.new("RGB", (32, 32), (80 * i, 0, 0)).save(tmp_path / "d" / split / c / "0.png")
     run = make_run(tmp_path / "run", "linear", "--dataset", "folder", "--data_dir",
                    str(tmp_path / "d"), "--batch_size", "3")
-    sa.main(["--runs", run, "--images", "0,2", "--out_dir", ""])  # "": the run's folder
+    sa.main(["--runs", run, "--out_dir", ""])  # "": the run's folder; 3 test images drawn
     assert f"wrote {tmp_path / 'run' / 'maps.png'}" in capsys.readouterr().out
     for split in ("train", "test"):
         (tmp_path / "d" / split / "bee").rename(tmp_path / "d" / split / "bees")
