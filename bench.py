@@ -1,8 +1,8 @@
 """
-Speed, memory and energy of the paper's InfViT 4L-64H on one GPU per attention kind, 224^2 to
-9216^2 images: two warm-up calls, then --runs or more timed by CUDA events; s = their median.
-MFU = matmul FLOP/s (ViT.flops_per_image) / the bf16 matmul rate measured at the start. Energy:
-NVML's counter over the timed calls, E joules in t s: J/image = E / images; above idle,
+Speed, memory and energy of the paper's InfViT 4L-64H on one GPU, per attention kind and image
+size: two warm-up calls, then --runs or more timed by CUDA events; s = their median. MFU =
+matmul FLOP/s (ViT.flops_per_image) / the bf16 matmul rate measured at the start. Energy: NVML's
+counter over the timed calls, E joules in t s: J/image = E / images; above idle,
 (E - P t) / images, P = the idle GPU's watts measured at the start.
 """
 import ctypes
@@ -40,8 +40,8 @@ cpu = False                 # a smoke run on the CPU: 2 layers, CPU_SIZES unless
 DEFAULTS = config_defaults(globals())
 RANGES = dict(runs=(1, math.inf), budget_s=(0.01, math.inf), chunk_gb=(1e-6, math.inf))
 CPU_SIZES, CPU_MAX, MATMUL_N, ENERGY_S, IDLE_S = "32,64", 256, 8192, 5.0, 5.0
-COLUMNS = "mode kind compiled image tokens batch status img_s s runs peak_gb mfu j_img " \
-          "j_img_above_idle"
+COLUMNS = ("mode kind compiled image tokens batch status img_s s runs peak_gb mfu j_img "
+           "j_img_above_idle").split()
 
 
 def chunked_pure_infsa(q, k, v, gamma, hops, chunk, eps=1e-6):
@@ -149,7 +149,7 @@ def measure(mode, kind, S, cfg, B, dev, opt, read=None, idle_w=0.0):
         row.update(runs=n or 1, s=s, img_s=B / s)
         if cuda:
             row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    except Exception as e:  # noqa: BLE001 -- one configuration must not end the sweep
+    except Exception as e:  # one configuration must not end the sweep
         msg = str(e).replace("\n", " ")
         oom = "out of memory" in msg.lower() or "can't allocate memory" in msg
         row["status"] = "oom" if oom else f"error: {msg[:160]}"
@@ -163,12 +163,12 @@ def table(res):
     def line(cells):
         return "| " + " | ".join(f"{c:.4g}" if type(c) is float else str(c) for c in cells) + " |"
     mm, na = res["matmul_tflops"], res["energy_na"]
-    t = [" | ".join(f"{k}: {v}" for k, v in res.items() if k != "rows") + "\n",
-         line(COLUMNS.split()), line(["---"] * 14)]
+    t = [" | ".join(f"{k}: {v}" for k, v in res.items() if k != "rows") + "\n", line(COLUMNS),
+         line(["---"] * len(COLUMNS))]
     for r in res["rows"]:
-        r = {**r, "image": f"{r['image']}²", "mfu": r.get("s") and mm and r["flops"] / r["s"]
-             / mm / 1e12}
-        cells = ["-" if r.get(c) is None else r[c] for c in COLUMNS.split()]
+        mfu = r.get("s") and mm and r["flops"] / r["s"] / mm / 1e12
+        r = {**r, "image": f"{r['image']}²", "mfu": mfu}
+        cells = ["-" if r.get(c) is None else r[c] for c in COLUMNS]
         t.append(line(cells[:-2] + ["n/a"] * 2 if na else cells))
     pairs = (("linear", "softmax-mat"), ("linear", "softmax"), ("pure", "pure-chunked"))
     for key in ("img_s", "j_img")[:1 if na else 2]:
@@ -191,17 +191,20 @@ def main(argv):
     for mode, kk, sk in (("infer", "kinds", "sizes"), ("train", "train_kinds", "train_sizes")):
         ks, Ss = [k for k in opt[kk].split(",") if k], opt[sk].split(",")
         if ks and not all(S.isdigit() and 0 < int(S) <= (CPU_MAX if cpu else 1e9) for S in Ss):
-            die(f"--{sk} takes positive integers (else nothing to measure)" + f"; --cpu true is a "
-                f"smoke run: images up to {CPU_MAX}²" * cpu + f"; got {opt[sk]} in --{sk}")
+            smoke = f"; --cpu true is a smoke run: images up to {CPU_MAX}²" if cpu else ""
+            die(f"--{sk} takes positive integers (else nothing to measure){smoke}; got {opt[sk]} "
+                f"in --{sk}")
         for k, S in [(k, int(S)) for k in ks for S in Ss]:
             if k not in KINDS:
                 die(f"--{kk}: unknown kind {k!r}; kinds are {', '.join(KINDS)}")
             attn = k.split("-")[0]
             try:
-                plan.append((mode, k, S, model.paper_4l64h(attn, S) if not cpu else model.ViTConfig(
-                    image_size=S, patch_size=8, n_layer=2, n_embd=64, mlp_ratio=4, attn=attn)))
+                cfg = model.paper_4l64h(attn, S) if not cpu else model.ViTConfig(
+                    image_size=S, patch_size=8, n_layer=2, n_embd=64, mlp_ratio=4, attn=attn)
             except ValueError as e:
                 die(f"{e}; change --{sk}")
+            B = opt["batch"] or (2 if cpu else min(64, max(1, round(8 * (1024 / S) ** 2))))
+            plan.append((mode, k, S, cfg, B))
 
     def save():  # a failed write is one line; files written before it stay whole
         try:
@@ -227,9 +230,8 @@ def main(argv):
             a = torch.randn(MATMUL_N, MATMUL_N, device=dev, dtype=torch.bfloat16)
             s = statistics.median(timed(lambda: a @ a, 13, True)[3:])
             res["matmul_tflops"] = round(2 * MATMUL_N ** 3 / s / 1e12)
-        for mode, k, S, c in plan:
-            B = opt["batch"] or (2 if cpu else min(64, max(1, round(8 * (1024 / S) ** 2))))
-            res["rows"].append(measure(mode, k, S, c, B, dev, opt, read, res["idle_w"]))
+        for mode, k, S, cfg, B in plan:
+            res["rows"].append(measure(mode, k, S, cfg, B, dev, opt, read, res["idle_w"]))
             save()
     print(table(res))
     return res

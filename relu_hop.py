@@ -3,17 +3,13 @@ One Pure-InfSA hop as a fused GPU kernel, and Pure-InfSA built from it: never an
 
     S = scale q k^T (scale = 1 / sqrt(d_h)),  o_i = sum_j ReLU(s_ij) z_j,  s2_i = sum_j ReLU(s_ij)^2
 
-A program holds BM queries of one head and streams keys and values past them in tiles of BN: per
-tile q k^T, a ReLU and ReLU(S) z, summed in fp32. ReLU needs none of FlashAttention's running
-maximum or rescaling, and ReLU(scale r) = scale ReLU(r): scale is applied once, to the sums. The
-backward pass recomputes S tile by tile, in one kernel over key tiles and one over query tiles:
+A program holds BM queries of one head and streams tiles of BN keys and values past them: per
+tile q k^T, a ReLU and ReLU(S) z, summed in fp32. Unlike softmax, ReLU needs no running maximum,
+and ReLU(scale r) = scale ReLU(r): scale is applied once, to the sums. The backward recomputes S
+tile by tile, in one kernel over key tiles and one over query tiles:
 
     dS_ij = [s_ij > 0] (dO_i . z_j + 2 ds2_i s_ij),  dq = scale dS k,  dk = scale dS^T q,
     dz = ReLU(S)^T dO
-
-ops() registers the hop as a torch.library.triton_op with its backward, which torch.compile
-traces (CUDA graphs too). Without a GPU the kernels run under Triton's interpreter
-(TRITON_INTERPRET=1 before this import).
 """
 import math
 import os
@@ -29,31 +25,30 @@ try:
 except ImportError:  # pure_infsa_fused refuses; tl.constexpr only annotates arguments
     triton, tl = None, SimpleNamespace(constexpr=None)
 
-# where the kernels can run: a GPU, or Triton's interpreter
+# where the kernels can run: a GPU, or Triton's interpreter (TRITON_INTERPRET=1 before this import)
 AVAILABLE = triton is not None and (torch.cuda.is_available()
                                     or os.environ.get("TRITON_INTERPRET") == "1")
-# (BM queries, BN keys, warps, pipeline stages) per kernel: the fastest of 7-9 tried on an H200
-# at d_h = 16 (bf16, 64 heads, 16,385 tokens: forward 381, backward 222 and 347 TFLOP/s)
+# (BM queries, BN keys, warps, pipeline stages) per kernel: the fastest tried on an H200, d_h = 16
 CONFIG = {"fwd": (128, 64, 4, 3), "bwd_kz": (32, 128, 4, 3), "bwd_q": (128, 64, 4, 3)}
 
 
 def _jit(fn):
-    """triton.jit where Triton is installed, specialised on the strides only: the head and token
-    counts would compile again for each kind of integer (1, a multiple of 16, other)."""
+    """triton.jit, not specialised on H and N: each kind of count (1, a multiple of 16, other)
+    would compile again."""
     return triton.jit(fn, do_not_specialize=["H", "N"]) if triton is not None else fn
 
 
 @_jit
 def _rows(P, r, cols, stride, N, D):
-    """The tile P[r, cols] of an (N, D) matrix of row stride `stride`; rows past N and columns
-    past D read as 0, as zero-padding would give."""
+    """The tile P[r, cols] of an (N, D) matrix of row stride `stride`; entries past N or D read
+    as 0, as zero-padding would give."""
     mask = (r[:, None] < N) & (cols[None, :] < D)
     return tl.load(P + r[:, None] * stride + cols[None, :], mask=mask, other=0.0)
 
 
 @_jit
 def _put(P, r, cols, stride, N, D, value):
-    """Store value into the tile P[r, cols]; rows past N, columns past D skipped."""
+    """Store value into the tile P[r, cols], skipping entries past N or D."""
     mask = (r[:, None] < N) & (cols[None, :] < D)
     tl.store(P + r[:, None] * stride + cols[None, :], value, mask=mask)
 
@@ -146,13 +141,14 @@ def _hop_bwd_q(Q, K, Z, DO, DS2, DQo, sb, sh, sn, zb, zh, zn, H, N, scale, D: tl
 
 
 def _width(d):
-    """The kernels' width for a head size d: the next power of two, at least 16 (tl.dot's)."""
+    """The kernels' width for a head size d: the next power of two, at least 16 (tl.dot's). The
+    extra columns load as 0: exact, they add nothing to q . k."""
     return max(16, 1 << (d - 1).bit_length())
 
 
 def _launch(kernel, cfg, over, tensors, scale, with_s2):
     """kernel over a grid of (tiles of `over`, "q" or "k"; heads) with CONFIG[cfg]; tensors (q, k,
-    z, *rest), (B, H, N, d). Registers hold a tile's fp32 sums: wider heads get fewer rows."""
+    z, *rest), (B, H, N, d). Wider heads get fewer rows, so a tile's fp32 sums fit in registers."""
     BM, BN, warps, stages = CONFIG[cfg]
     q, k, z = tensors[:3]
     B, H, N, d = q.shape
@@ -161,7 +157,7 @@ def _launch(kernel, cfg, over, tensors, scale, with_s2):
     BM, BN = (rows(BM), BN) if over == "q" else (BM, rows(BN))
     grid = (triton.cdiv(N, BM if over == "q" else BN), B * H)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # ieee: fp32 products exact to fp32
-    # wrap_triton lets torch.compile see the kernel; the interpreter's plain functions it refuses
+    # wrap_triton lets torch.compile see the kernel; it refuses the interpreter's plain functions
     jit = isinstance(kernel, triton.runtime.JITFunction)
     run = torch.library.wrap_triton(kernel) if jit else kernel
     run[grid](*tensors, *q.stride()[:3], *z.stride()[:3], H, N, scale, D=d, DVR=z.shape[-1], DK=DK,
@@ -170,17 +166,17 @@ def _launch(kernel, cfg, over, tensors, scale, with_s2):
 
 def _kernel_layout(q, k, z):
     """q, k, z with unit stride along d, q and k with one set of strides: the model's q, k, v
-    (views of one qkv tensor) already are, and are read in place."""
+    (views of one qkv tensor) already are."""
     q, k, z = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, z))
     return (q, k, z) if q.stride() == k.stride() else (q.contiguous(), k.contiguous(), z)
 
 
-_ops = {}  # the registered custom op, filled by ops() on first use
+_ops = {}  # filled by ops()
 
 
 def ops():
-    """The custom op infsa::relu_hop with its backward, registered on first use (it imports
-    torch's compiler); model.ViT registers it before torch.compile traces the model."""
+    """The custom op infsa::relu_hop with its backward, as a torch.library.triton_op that
+    torch.compile traces; registered on first use (it imports torch's compiler)."""
     if _ops:
         return _ops["relu_hop"]
 
@@ -230,10 +226,8 @@ def pure_infsa_fused(q, k, v, gamma, hops=3, eps=1e-6):
 
         A_hat z = ReLU(S) z / (||ReLU(S)||_F + eps),   ||ReLU(S)||_F^2 = sum_i s2_i (first hop),
 
-    each ReLU(S) z one relu_hop call: O(N d) memory. q, k, v fp32 / bf16 / fp16; gamma a float or
-    a tensor against (..., 1, 1), which gets its gradient; gamma / (||ReLU(S)||_F + eps) in fp32,
-    applied in the data's dtype (as in infsa). A head size that is not a power of two >= 16 loads
-    as zero-padded columns (exact: they add nothing to q . k)."""
+    each ReLU(S) z one relu_hop call: O(N d) memory. gamma, a float or a tensor against (..., 1, 1):
+    gamma / (||ReLU(S)||_F + eps) in fp32, applied in the data's dtype (as in infsa)."""
     if not AVAILABLE:
         raise RuntimeError("relu_hop needs Triton and a GPU (or Triton's interpreter, "
                            "TRITON_INTERPRET=1); infsa.pure_infsa computes the same sum")
