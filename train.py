@@ -132,7 +132,7 @@ def train(argv, stop):
     dev, rank, world = runtime.setup_device(cfg.device)
     master, out = rank == 0, cfg.out_dir
     diverged = f"stopped; {out}/ckpt.pt is the last good checkpoint (if any); try a lower --lr"
-    cfg.dtype, ctx, scaler = runtime.precision(dev, cfg.dtype)  # the run's precision
+    cfg.dtype, ctx, scaler = runtime.precision(dev, cfg.dtype)
     # ---- data
     train_data, eval_data, test_data, classes, mean, std = loader.loaders(cfg, dev, rank, world)
     seen = dict(classes=list(classes), train_images=len(train_data.y), eval_images=len(eval_data.y))
@@ -197,8 +197,8 @@ def train(argv, stop):
                 scaler.scale(loss).backward()
                 if world > 1:
                     torch.distributed.all_reduce(flat)  # the sum of every rank's gradients ...
-                    flat /= world  # ... averaged: each rank's is the mean over its share
-                scaler.unscale_(opt)  # fp16: the gradients as they are; otherwise nothing to do
+                    flat /= world  # ... averaged, as each rank's is a mean over its share
+                scaler.unscale_(opt)  # fp16: the true gradients, for clipping
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 scaler.step(opt)  # the update; fp16: skipped when a gradient overflowed
