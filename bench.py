@@ -21,9 +21,9 @@ import torch
 import infsa
 import model
 import runtime
-from configurator import config_defaults, configure, die
+from configurator import config_defaults, configure, die, read_config_file
 
-KINDS = ("linear", "softmax", "softmax-mat", "pure", "pure-chunked")
+KINDS = ("linear", "softmax", "softmax-mat", "pure", "pure-chunked", "pure-padded")
 # -----------------------------------------------------------------------------
 out_dir = "bench_out"       # bench.json and bench.md go here; never replaced
 kinds = "linear,softmax-mat,softmax,pure"  # inference rows, in this order
@@ -36,9 +36,12 @@ budget_s = 60.0             # seconds of timed calls per row, at most
 compile = False             # torch.compile every model
 chunk_gb = 48.0             # pure-chunked: rows of A_hat per block to fit this many GB
 cpu = False                 # a smoke run on the CPU: 2 layers, CPU_SIZES unless given
+vit = "paper"               # paper: InfViT 4L-64H (d_h = 16) | cifar: config/cifar.py's (48)
 # -----------------------------------------------------------------------------
 DEFAULTS = config_defaults(globals())
-RANGES = dict(runs=(1, math.inf), budget_s=(0.01, math.inf), chunk_gb=(1e-6, math.inf))
+RANGES = dict(vit=("paper", "cifar"), runs=(1, math.inf), budget_s=(0.01, math.inf),
+              chunk_gb=(1e-6, math.inf))
+CIFAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "cifar.py")
 CPU_SIZES, CPU_MAX, MATMUL_N, ENERGY_S, IDLE_S = "32,64", 256, 8192, 5.0, 5.0
 COLUMNS = ("mode kind compiled image tokens batch status img_s s runs peak_gb mfu j_img "
            "j_img_above_idle").split()
@@ -100,7 +103,8 @@ def energy_counter(dev):
 
 def measure(mode, kind, S, cfg, B, dev, opt, read=None, idle_w=0.0):
     """One row: inference in bf16, or a training step (SGD) in fp32 under bf16 autocast.
-    softmax-mat builds P in full; pure-chunked holds 2^i rows of S, 10 bytes a score."""
+    softmax-mat builds P in full; pure-chunked holds 2^i rows of S, 10 bytes a score;
+    pure-padded takes model.pure_attention's padded products at any N, never the kernels."""
     cuda, train, N = dev.type == "cuda", mode == "train", cfg.n_tokens
     with torch.device("meta"):
         flops = B * model.ViT(cfg, verbose=False).flops_per_image(train)
@@ -111,7 +115,8 @@ def measure(mode, kind, S, cfg, B, dev, opt, read=None, idle_w=0.0):
     swap = {"softmax-mat": mock.patch.object(infsa, "softmax_attention", lambda *qkv:
                                              infsa.softmax_attention_materialized(*qkv)[0]),
             "pure-chunked": mock.patch.object(model, "pure_attention",
-                                              lambda *a: chunked_pure_infsa(*a, C))}
+                                              lambda *a: chunked_pure_infsa(*a, C)),
+            "pure-padded": mock.patch.object(model, "FUSED_MIN_TOKENS", math.inf)}
     torch._dynamo.reset()  # each row compiles afresh
     try:
         dt = torch.bfloat16 if cuda and not train else torch.float32
@@ -201,6 +206,10 @@ def main(argv):
             try:
                 cfg = model.paper_4l64h(attn, S) if not cpu else model.ViTConfig(
                     image_size=S, patch_size=8, n_layer=2, n_embd=64, mlp_ratio=4, attn=attn)
+                if opt["vit"] == "cifar" and not cpu:  # the shape config/cifar.py trains
+                    keys = model.ViTConfig.__dataclass_fields__
+                    shape = {k: v for k, v in read_config_file(CIFAR) if k in keys}
+                    cfg = model.ViTConfig(**shape, image_size=S, attn=attn)
             except ValueError as e:
                 die(f"{e}; change --{sk}")
             B = opt["batch"] or (2 if cpu else min(64, max(1, round(8 * (1024 / S) ** 2))))

@@ -85,6 +85,35 @@ def test_cpu_smoke_run_defaults_to_tiny_sizes(tmp_path, monkeypatch):
     assert planned and {S for _, _, S in planned} == {32, 64} and res["matmul_tflops"] is None
 
 
+def test_pure_padded_never_takes_the_kernels_and_cifar_is_config_cifars_shape(tmp_path,
+                                                                              monkeypatch):
+    """pure-padded runs model.pure_attention with no token count large enough for the kernels;
+    --vit cifar measures the ViT that config/cifar.py trains (d_h = 48), at each size."""
+    thresholds, shapes, pure_attention = [], [], model.pure_attention
+
+    def spy(*a):
+        thresholds.append(model.FUSED_MIN_TOKENS)
+        return pure_attention(*a)
+    monkeypatch.setattr(model, "pure_attention", spy)
+    bench.main(["--cpu", "true", "--out_dir", str(tmp_path / "a"), "--kinds", "pure,pure-padded",
+                "--sizes", "32", "--train_kinds", "", "--runs", "1", "--budget_s", "0.05"])
+    assert 256 in thresholds and float("inf") in thresholds and model.FUSED_MIN_TOKENS == 256
+
+    def measure(mode, k, S, cfg, B, dev, opt, *energy):
+        shapes.append((cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.patch_size, cfg.n_tokens, B))
+        return dict(mode=mode, kind=k, image=S, tokens=cfg.n_tokens, batch=B, compiled=False,
+                    status="ok", flops=1)
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "GPU")
+    monkeypatch.setattr(bench, "timed", lambda fn, n, cuda: [1.0] * n)
+    monkeypatch.setattr(bench, "energy_counter", lambda dev: (None, "faked"))
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: torch.zeros(1))
+    bench.main(["--vit", "cifar", "--out_dir", str(tmp_path / "b"), "--kinds", "pure",
+                "--sizes", "32,64", "--train_kinds", "", "--batch", "512"])
+    assert shapes == [(6, 8, 384, 4, 65, 512), (6, 8, 384, 4, 257, 512)]
+
+
 def test_flop_counts_agree_with_a_hand_count_and_with_pytorch(smoke, monkeypatch):
     _, res = smoke
     # tiny linear config at 64 px: patch 8 -> 64 patches + CLS = 65 tokens, width 64, 4 heads,
