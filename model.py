@@ -64,7 +64,7 @@ def paper_4l64h(attn="linear", image_size=224):
                      n_embd=1024, mlp_ratio=4.0, attn=attn)
 
 
-# From this many tokens CUDA runs relu_hop.py's kernels, slower below (RESULTS.md §4).
+# From this many tokens CUDA runs relu_hop.py's kernels; below, padded products (RESULTS.md §4).
 FUSED_MIN_TOKENS = 256
 
 

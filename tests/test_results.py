@@ -5,11 +5,13 @@ import re
 
 import pytest
 
+import model
 from tests.test_readme import (
     CIFAR,
     FLAT,
     KINDS,
     RESULTS,
+    ROOT,
     SEARCH,
     bench_row,
     close,
@@ -56,6 +58,23 @@ def test_kernel_speedup_is_the_ratio_of_the_benchmarks():
     assert close(m[1], kernel()["img_s"] / kernel("pure-chunked")["img_s"], 0)
     assert close(m[2], kernel()["flops"] / kernel()["s"] / 1e12, 0)
 
+
+
+def test_kernels_against_padded_products_are_the_benchmarks():
+    """Each ratio is img/s of pure ÷ pure-padded in its row of bench_pad_*.json, and `pure` ran
+    the kernels there (above model.FUSED_MIN_TOKENS), where it is faster."""
+    rows = table_after(RESULTS, "| ViT | image | tokens | batch |")
+    for row in rows:
+        run = load(ROOT / "assets" / f"bench_pad_{'cifar' if 'cifar' in row[0] else 'paper'}.json")
+        image, tokens, batch = int(row[1].rstrip("²")), int(row[2].replace(",", "")), int(row[3])
+        assert tokens >= model.FUSED_MIN_TOKENS  # the command as shown, less its --out_dir:
+        assert run["command"].split(" --out_dir")[0] + "\n" in RESULTS
+        for mode, cell in (("infer", row[4]), ("train", row[5])):
+            r = {x["kind"]: x for x in run["rows"] if (x["mode"], x["image"]) == (mode, image)}
+            assert (r["pure"]["tokens"], r["pure"]["batch"]) == (tokens, batch)
+            assert close(cell.rstrip("×"), r["pure"]["img_s"] / r["pure-padded"]["img_s"], 2)
+            assert r["pure"]["img_s"] > r["pure-padded"]["img_s"]
+    assert len(rows) == 3
 
 # ---- §5: CIFAR-10
 

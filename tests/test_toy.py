@@ -210,3 +210,27 @@ def test_a_uniform_background_never_reranks_graph_a():
             sums = [infsa.neumann_series(A.T, torch.ones(5, 1, dtype=A.dtype), gamma, K)[:, 0]
                     for K in range(1, 6)] + [infsa.katz_centrality(A, gamma)]
             assert all(int(c.argmax()) == 0 for c in sums), (b, gamma)
+
+
+def test_the_numbers_in_results_are_the_figures(run):
+    """RESULTS §3 quotes the figure's numbers: each one against what toy.py computes."""
+    from tests.test_readme import FLAT
+    _, A, B, raw, _ = run
+    m = re.search(rf"‖A‖_F = {N}, so each edge carries γ/{N}\) token 0 leads at every K \({N}\): "
+                  rf"later hops lift tokens 3 and 4 to {N} and {N} and stop, since Â⁴ = 0\. One "
+                  rf"extra edge 4 → 3 of weight {N} \(graph B, ρ\(Â\) = {N}\) gives token 3 a loop "
+                  rf"that keeps handing weight back: it leads from K = {N} \({N} to {N} at K = ∞\) "
+                  rf"for every γ above {N}\. .* ranks token {N} first for every γ above {N} "
+                  rf"\({N} / {N} / {N} for tokens 0 / 3 / 4\)\.", FLAT)
+    F, F2, a0, a3, a4, back, rho, k, b3, b0, bg, top, rg, r0, r3, r4 = map(float, m.groups())
+    assert F == F2 == A.F and back == toy.BACK and torch.linalg.matrix_power(A.A, 4).eq(0).all()
+    assert [close(q, v) for q, v in ((a0, A.inf[0]), (rho, B.rho), (b3, B.inf[3]), (b0, B.inf[0]),
+                                     (bg, B.g), (rg, raw.g), (r0, raw.inf[0]), (r3, raw.inf[3]),
+                                     (r4, raw.inf[4]))] == [True] * 9
+    assert abs(a3 - A.inf[3]) < 5e-4 and abs(a4 - A.inf[4]) < 5e-4 and A.k is None  # 3 decimals
+    assert k == B.k and top == raw.top == 4
+    walks = re.search(rf"Random walks on the absorbing chain γÂ \(([\d,]+) per token\) agree "
+                      rf"with the closed form within {N}\.", FLAT)
+    assert int(walks[1].replace(",", "")) == toy.WALKS
+    error = max((v.walk - v.inf).abs().max() for v in (A, B))
+    assert error <= float(walks[2]) < error + 0.01
