@@ -36,7 +36,7 @@ budget_s = 60.0             # seconds of timed calls per row, at most
 compile = False             # torch.compile every model
 chunk_gb = 48.0             # pure-chunked: rows of A_hat per block to fit this many GB
 cpu = False                 # a smoke run on the CPU: 2 layers, CPU_SIZES unless given
-vit = "paper"               # paper: InfViT 4L-64H (d_h = 16) | cifar: config/cifar.py's (48)
+vit = "paper"               # paper: InfViT 4L-64H, d_h 16 (--cpu: 2 small layers) | cifar: 48
 # -----------------------------------------------------------------------------
 DEFAULTS = config_defaults(globals())
 RANGES = dict(vit=("paper", "cifar"), runs=(1, math.inf), budget_s=(0.01, math.inf),
@@ -193,6 +193,8 @@ def main(argv):
         die("no CUDA device: use --cpu true for the smoke run")
     if cpu:
         opt.update({k: CPU_SIZES for k in ("sizes", "train_sizes") if k not in given})
+    cifar = opt["vit"] == "cifar" and {  # the shape config/cifar.py trains, on any device
+        k: v for k, v in read_config_file(CIFAR) if k in model.ViTConfig.__dataclass_fields__}
     for mode, kk, sk in (("infer", "kinds", "sizes"), ("train", "train_kinds", "train_sizes")):
         ks, Ss = [k for k in opt[kk].split(",") if k], opt[sk].split(",")
         if ks and not all(S.isdigit() and 0 < int(S) <= (CPU_MAX if cpu else 1e9) for S in Ss):
@@ -204,12 +206,10 @@ def main(argv):
                 die(f"--{kk}: unknown kind {k!r}; kinds are {', '.join(KINDS)}")
             attn = k.split("-")[0]
             try:
-                cfg = model.paper_4l64h(attn, S) if not cpu else model.ViTConfig(
-                    image_size=S, patch_size=8, n_layer=2, n_embd=64, mlp_ratio=4, attn=attn)
-                if opt["vit"] == "cifar" and not cpu:  # the shape config/cifar.py trains
-                    keys = model.ViTConfig.__dataclass_fields__
-                    shape = {k: v for k, v in read_config_file(CIFAR) if k in keys}
-                    cfg = model.ViTConfig(**shape, image_size=S, attn=attn)
+                cfg = (model.ViTConfig(**cifar, image_size=S, attn=attn) if cifar
+                       else model.paper_4l64h(attn, S) if not cpu else model.ViTConfig(
+                           image_size=S, patch_size=8, n_layer=2, n_embd=64, mlp_ratio=4,
+                           attn=attn))
             except ValueError as e:
                 die(f"{e}; change --{sk}")
             B = opt["batch"] or (2 if cpu else min(64, max(1, round(8 * (1024 / S) ** 2))))

@@ -88,7 +88,8 @@ def test_cpu_smoke_run_defaults_to_tiny_sizes(tmp_path, monkeypatch):
 def test_pure_padded_never_takes_the_kernels_and_cifar_is_config_cifars_shape(tmp_path,
                                                                               monkeypatch):
     """pure-padded runs model.pure_attention with no token count large enough for the kernels;
-    --vit cifar measures the ViT that config/cifar.py trains (d_h = 48), at each size."""
+    --vit cifar measures the ViT that config/cifar.py trains (d_h = 48), at each size, on any
+    device."""
     thresholds, shapes, pure_attention = [], [], model.pure_attention
 
     def spy(*a):
@@ -104,13 +105,8 @@ def test_pure_padded_never_takes_the_kernels_and_cifar_is_config_cifars_shape(tm
         return dict(mode=mode, kind=k, image=S, tokens=cfg.n_tokens, batch=B, compiled=False,
                     status="ok", flops=1)
     monkeypatch.setattr(bench, "measure", measure)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "GPU")
-    monkeypatch.setattr(bench, "timed", lambda fn, n, cuda: [1.0] * n)
-    monkeypatch.setattr(bench, "energy_counter", lambda dev: (None, "faked"))
-    monkeypatch.setattr(torch, "randn", lambda *a, **k: torch.zeros(1))
-    bench.main(["--vit", "cifar", "--out_dir", str(tmp_path / "b"), "--kinds", "pure",
-                "--sizes", "32,64", "--train_kinds", "", "--batch", "512"])
+    bench.main(["--cpu", "true", "--vit", "cifar", "--out_dir", str(tmp_path / "b"), "--kinds",
+                "pure", "--sizes", "32,64", "--train_kinds", "", "--batch", "512"])
     assert shapes == [(6, 8, 384, 4, 65, 512), (6, 8, 384, 4, 257, 512)]
 
 

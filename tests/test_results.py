@@ -59,7 +59,6 @@ def test_kernel_speedup_is_the_ratio_of_the_benchmarks():
     assert close(m[2], kernel()["flops"] / kernel()["s"] / 1e12, 0)
 
 
-
 def test_kernels_against_padded_products_are_the_benchmarks():
     """Each ratio is img/s of pure ÷ pure-padded in its row of bench_pad_*.json, and `pure` ran
     the kernels there (above model.FUSED_MIN_TOKENS), where it is faster."""
@@ -75,6 +74,7 @@ def test_kernels_against_padded_products_are_the_benchmarks():
             assert close(cell.rstrip("×"), r["pure"]["img_s"] / r["pure-padded"]["img_s"], 2)
             assert r["pure"]["img_s"] > r["pure-padded"]["img_s"]
     assert len(rows) == 3
+
 
 # ---- §5: CIFAR-10
 

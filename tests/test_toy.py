@@ -10,6 +10,7 @@ import torch
 import infsa
 import runtime
 import toy
+from tests.test_readme import FLAT
 
 N = r"(\d+\.\d+|\d+)"  # a number quoted in a sentence
 I = torch.eye(5, dtype=torch.float64)
@@ -214,7 +215,6 @@ def test_a_uniform_background_never_reranks_graph_a():
 
 def test_the_numbers_in_results_are_the_figures(run):
     """RESULTS §3 quotes the figure's numbers: each one against what toy.py computes."""
-    from tests.test_readme import FLAT
     _, A, B, raw, _ = run
     m = re.search(rf"‖A‖_F = {N}, so each edge carries γ/{N}\) token 0 leads at every K \({N}\): "
                   rf"later hops lift tokens 3 and 4 to {N} and {N} and stop, since Â⁴ = 0\. One "
