@@ -23,7 +23,8 @@ import model
 import runtime
 from configurator import config_defaults, configure, die, read_config_file
 
-KINDS = ("linear", "softmax", "softmax-mat", "pure", "pure-chunked", "pure-padded")
+KINDS = ("linear", "softmax", "softmax-mat", "pure", "pure-chunked", "pure-padded",
+         "pure-fused")
 # -----------------------------------------------------------------------------
 out_dir = "bench_out"       # bench.json and bench.md go here; never replaced
 kinds = "linear,softmax-mat,softmax,pure"  # inference rows, in this order
@@ -104,7 +105,7 @@ def energy_counter(dev):
 def measure(mode, kind, S, cfg, B, dev, opt, read=None, idle_w=0.0):
     """One row: inference in bf16, or a training step (SGD) in fp32 under bf16 autocast.
     softmax-mat builds P in full; pure-chunked holds 2^i rows of S, 10 bytes a score;
-    pure-padded takes model.pure_attention's padded products at any N, never the kernels."""
+    pure-padded, pure-fused: model.pure_attention's padded products, or its kernels, at any N."""
     cuda, train, N = dev.type == "cuda", mode == "train", cfg.n_tokens
     with torch.device("meta"):
         flops = B * model.ViT(cfg, verbose=False).flops_per_image(train)
@@ -116,7 +117,8 @@ def measure(mode, kind, S, cfg, B, dev, opt, read=None, idle_w=0.0):
                                              infsa.softmax_attention_materialized(*qkv)[0]),
             "pure-chunked": mock.patch.object(model, "pure_attention",
                                               lambda *a: chunked_pure_infsa(*a, C)),
-            "pure-padded": mock.patch.object(model, "FUSED_MIN_TOKENS", math.inf)}
+            "pure-padded": mock.patch.object(model, "FUSED_MIN_TOKENS", math.inf),
+            "pure-fused": mock.patch.object(model, "FUSED_MIN_TOKENS", 0)}
     torch._dynamo.reset()  # each row compiles afresh
     try:
         dt = torch.bfloat16 if cuda and not train else torch.float32

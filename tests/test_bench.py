@@ -85,9 +85,10 @@ def test_cpu_smoke_run_defaults_to_tiny_sizes(tmp_path, monkeypatch):
     assert planned and {S for _, _, S in planned} == {32, 64} and res["matmul_tflops"] is None
 
 
-def test_pure_padded_never_takes_the_kernels_and_cifar_is_config_cifars_shape(tmp_path,
-                                                                              monkeypatch):
-    """pure-padded runs model.pure_attention with no token count large enough for the kernels;
+def test_pure_padded_and_fused_move_the_kernels_threshold_and_cifar_is_its_shape(tmp_path,
+                                                                                 monkeypatch):
+    """pure-padded runs model.pure_attention with no token count large enough for the kernels,
+    pure-fused with every count large enough, pure with the model's threshold;
     --vit cifar measures the ViT that config/cifar.py trains (d_h = 48), at each size, on any
     device."""
     thresholds, shapes, pure_attention = [], [], model.pure_attention
@@ -96,9 +97,11 @@ def test_pure_padded_never_takes_the_kernels_and_cifar_is_config_cifars_shape(tm
         thresholds.append(model.FUSED_MIN_TOKENS)
         return pure_attention(*a)
     monkeypatch.setattr(model, "pure_attention", spy)
-    bench.main(["--cpu", "true", "--out_dir", str(tmp_path / "a"), "--kinds", "pure,pure-padded",
+    bench.main(["--cpu", "true", "--out_dir", str(tmp_path / "a"), "--kinds",
+                "pure,pure-padded,pure-fused",
                 "--sizes", "32", "--train_kinds", "", "--runs", "1", "--budget_s", "0.05"])
-    assert 256 in thresholds and float("inf") in thresholds and model.FUSED_MIN_TOKENS == 256
+    assert list(dict.fromkeys(thresholds)) == [256, float("inf"), 0]  # row by row
+    assert model.FUSED_MIN_TOKENS == 256
 
     def measure(mode, k, S, cfg, B, dev, opt, *energy):
         shapes.append((cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.patch_size, cfg.n_tokens, B))
