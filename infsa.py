@@ -35,9 +35,9 @@ def frobenius_norm(S):
 def affinity(q, k, eps=1e-6):
     """A_hat = S / (||S||_F + eps),  S = relu_scores(q, k).
 
-    Normalised over the whole matrix, not per row (row sums vary): A_hat >= 0, ||A_hat||_F = 1
-    (or A_hat = 0 if no affinity is > 0), so its spectral norm and radius are <= 1. Invariant to
-    positive rescaling of q or k (up to eps)."""
+    Normalised over the whole matrix, not per row (row sums vary): A_hat >= 0, ||A_hat||_F < 1
+    (1 up to eps; A_hat = 0 if no affinity is > 0), so its spectral norm and radius are < 1.
+    Invariant to positive rescaling of q or k (up to eps)."""
     _check_qkv(q, k)
     S = relu_scores(q, k)
     return (S / (frobenius_norm(S) + eps)).to(S.dtype)
