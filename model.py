@@ -64,8 +64,9 @@ def paper_4l64h(attn="linear", image_size=224):
                      n_embd=1024, mlp_ratio=4.0, attn=attn)
 
 
-# From this many tokens CUDA runs relu_hop.py's kernels; below, padded products (RESULTS.md §4).
-FUSED_MIN_TOKENS = 256
+# From this many tokens CUDA runs relu_hop.py's kernels, below it padded products: with d_h = 16
+# the kernels lose at 65 tokens and win from 101 (RESULTS.md §4).
+FUSED_MIN_TOKENS = 100
 
 
 def pure_attention(q, k, v, gamma, hops, eps=1e-6):

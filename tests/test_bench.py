@@ -92,6 +92,7 @@ def test_pure_padded_and_fused_move_the_kernels_threshold_and_cifar_is_its_shape
     --vit cifar measures the ViT that config/cifar.py trains (d_h = 48), at each size, on any
     device."""
     thresholds, shapes, pure_attention = [], [], model.pure_attention
+    threshold = model.FUSED_MIN_TOKENS
 
     def spy(*a):
         thresholds.append(model.FUSED_MIN_TOKENS)
@@ -100,8 +101,8 @@ def test_pure_padded_and_fused_move_the_kernels_threshold_and_cifar_is_its_shape
     bench.main(["--cpu", "true", "--out_dir", str(tmp_path / "a"), "--kinds",
                 "pure,pure-padded,pure-fused",
                 "--sizes", "32", "--train_kinds", "", "--runs", "1", "--budget_s", "0.05"])
-    assert list(dict.fromkeys(thresholds)) == [256, float("inf"), 0]  # row by row
-    assert model.FUSED_MIN_TOKENS == 256
+    assert list(dict.fromkeys(thresholds)) == [threshold, float("inf"), 0]  # row by row
+    assert model.FUSED_MIN_TOKENS == threshold
 
     def measure(mode, k, S, cfg, B, dev, opt, *energy):
         shapes.append((cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.patch_size, cfg.n_tokens, B))

@@ -1,6 +1,7 @@
 """RESULTS.md's GPU numbers are the ones in the committed run summaries (assets/): the Triton
 kernels (§4), CIFAR-10 and its recipe search (§5), several processes and streaming (§7).
 The README, the CPU runs, the commands and the scaling table: test_readme.py."""
+import math
 import re
 
 import pytest
@@ -60,20 +61,33 @@ def test_kernel_speedup_is_the_ratio_of_the_benchmarks():
 
 
 def test_kernels_against_padded_products_are_the_benchmarks():
-    """Each ratio is img/s of pure ÷ pure-padded in its row of bench_pad_*.json, and `pure` ran
-    the kernels there (above model.FUSED_MIN_TOKENS), where it is faster."""
-    rows = table_after(RESULTS, "| ViT | image | tokens | batch |")
-    for row in rows:
-        run = load(ROOT / "assets" / f"bench_pad_{'cifar' if 'cifar' in row[0] else 'paper'}.json")
-        image, tokens, batch = int(row[1].rstrip("²")), int(row[2].replace(",", "")), int(row[3])
-        assert tokens >= model.FUSED_MIN_TOKENS  # the command as shown, less its --out_dir:
+    """Each ratio is img/s of pure-fused (the kernels) ÷ pure-padded in its row of a
+    bench_fused_*.json, whose command RESULTS shows; with heads of 16 the kernels lose in the
+    last row below model.FUSED_MIN_TOKENS and win in every row from it, in both modes."""
+    runs = [load(p) for p in sorted((ROOT / "assets").glob("bench_fused_*.json"))]
+    for run in runs:  # the command as shown, less its --out_dir
         assert run["command"].split(" --out_dir")[0] + "\n" in RESULTS
-        for mode, cell in (("infer", row[4]), ("train", row[5])):
-            r = {x["kind"]: x for x in run["rows"] if (x["mode"], x["image"]) == (mode, image)}
-            assert (r["pure"]["tokens"], r["pure"]["batch"]) == (tokens, batch)
-            assert close(cell.rstrip("×"), r["pure"]["img_s"] / r["pure-padded"]["img_s"], 2)
-            assert r["pure"]["img_s"] > r["pure-padded"]["img_s"]
-    assert len(rows) == 3
+    rows, faster = table_after(RESULTS, "| tokens | `config/cifar.py`"), {}
+    for tokens, cifar, paper_image_batch, paper in rows:
+        tokens = int(tokens.replace(",", ""))
+        image, batch = (int(x) for x in paper_image_batch.replace("²", "").split(", "))
+        cifar_image = 4 * math.isqrt(tokens - 1)  # patch 4, and CLS
+        for vit, cell, S, B in (("cifar", cifar, cifar_image, 512), ("paper", paper, image, batch)):
+            if not cell:
+                continue
+            (run,) = [r for r in runs if ("--vit cifar" in r["command"]) == (vit == "cifar")
+                      and any(x["image"] == S for x in r["rows"])]
+            for mode, shown in zip(("infer", "train"), cell.split(" / ")):
+                r = {x["kind"]: x for x in run["rows"] if (x["mode"], x["image"]) == (mode, S)}
+                assert (r["pure-fused"]["tokens"], r["pure-fused"]["batch"]) == (tokens, B)
+                ratio = r["pure-fused"]["img_s"] / r["pure-padded"]["img_s"]
+                assert close(shown.rstrip("×"), ratio, 2), (vit, tokens, mode)
+                if vit == "paper":
+                    faster[tokens, mode] = ratio > 1
+    below = max(t for t, _ in faster if t < model.FUSED_MIN_TOKENS)
+    assert not all(faster[below, m] for m in ("infer", "train"))
+    assert all(ok for (t, _), ok in faster.items() if t >= model.FUSED_MIN_TOKENS)
+    assert len(rows) == 6
 
 
 # ---- §5: CIFAR-10
