@@ -177,12 +177,14 @@ def table(res):
         r = {**r, "image": f"{r['image']}²", "mfu": mfu}
         cells = ["-" if r.get(c) is None else r[c] for c in COLUMNS]
         t.append(line(cells[:-2] + ["n/a"] * 2 if na else cells))
-    pairs = (("linear", "softmax-mat"), ("linear", "softmax"), ("pure", "pure-chunked"))
-    for key in ("img_s", "j_img")[:1 if na else 2]:
+    pairs = [(a, b) for a, b in (("linear", "softmax-mat"), ("linear", "softmax"),
+                                 ("pure", "pure-chunked"), ("pure-fused", "pure-padded"))
+             if {a, b} <= {r["kind"] for r in res["rows"]}]  # the pairs this run measured
+    for key in ("img_s", "j_img")[:1 if na else 2] if pairs else ():
         v = {(r["kind"], r["image"]): r.get(key) for r in res["rows"]
              if r["mode"] == "infer" and not r["compiled"]}
         t += [f"\n{key} ratios, inference:\n", line(["image"] + [f"{a} ÷ {b}" for a, b in pairs]),
-              line(["---"] * 4)]
+              line(["---"] * (1 + len(pairs)))]
         t += [line([f"{S}²"] + [f"{v[a, S] / v[b, S]:.3g}×" if v.get((a, S)) and v.get((b, S))
                                 else "-" for a, b in pairs]) for S in sorted({S for _, S in v})]
     return "\n".join(t) + "\n"

@@ -62,7 +62,7 @@ def test_smoke_run_has_a_row_for_every_kind_and_size(smoke):
         (r,) = rows_of(res, mode="train", kind=kind, image=64)
         assert r["status"] == "ok" and r["img_s"] > 0
     md = (out / "bench.md").read_text()
-    assert "| 64² |" in md and "pure ÷ pure-chunked" in md
+    assert "| 64² |" in md and "pure ÷ pure-chunked" in md and "pure-fused ÷ pure-padded" in md
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md"]  # md: all of it
     assert "matmul_tflops: None" in md and "%" not in md  # no MFU on the CPU
     # no energy counter on the CPU: said once, n/a in every row, no J/image anywhere
@@ -198,7 +198,8 @@ def test_energy_per_image_from_the_counter(tmp_path, monkeypatch):
     assert "idle_w: 50.0" in md
     assert f"| {lin['j_img']:.4g} | {lin['j_img_above_idle']:.4g} |" in md
     energy_ratios = md.split("j_img ratios")[1]
-    assert f"| 32² | - | {lin['j_img'] / soft['j_img']:.3g}× | - |" in energy_ratios, md
+    assert f"| 32² | {lin['j_img'] / soft['j_img']:.3g}× |" in energy_ratios, md
+    assert "softmax-mat" not in md and "pure" not in md  # ratios of the kinds this run measured
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["j_img"] == lin["j_img"]
 
 
