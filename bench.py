@@ -61,6 +61,13 @@ def chunked_pure_infsa(q, k, v, gamma, hops, chunk, eps=1e-6):
     return y
 
 
+def chunk_rows(gb, B, H, N):
+    """Rows of S a block for pure-chunked: all N if B H N^2 scores at 10 bytes fit in gb GB, else
+    the largest power of two that fits (at least 16)."""
+    fit = gb * 1e9 / (10 * B * H * N)
+    return N if fit >= N else max(16, 2 ** int(math.log2(fit)))
+
+
 def timed(fn, n, cuda):
     """Seconds of each of n calls: CUDA events (one sync at the end), or the clock."""
     if not cuda:
@@ -104,15 +111,14 @@ def energy_counter(dev):
 
 def measure(mode, kind, S, cfg, B, dev, opt, read=None, idle_w=0.0):
     """One row: inference in bf16, or a training step (SGD) in fp32 under bf16 autocast.
-    softmax-mat builds P in full; pure-chunked holds 2^i rows of S, 10 bytes a score;
+    softmax-mat builds P in full; pure-chunked holds chunk_rows of S at a time;
     pure-padded, pure-fused: model.pure_attention's padded products, or its kernels, at any N."""
     cuda, train, N = dev.type == "cuda", mode == "train", cfg.n_tokens
     with torch.device("meta"):
         flops = B * model.ViT(cfg, verbose=False).flops_per_image(train)
     row = dict(mode=mode, kind=kind, image=S, tokens=N, batch=B, compiled=opt["compile"],
                status="ok", flops=flops)
-    fit = opt["chunk_gb"] * 1e9 / (10 * B * cfg.n_head * N)
-    C = N if fit >= N else max(16, 2 ** int(math.log2(fit)))
+    C = chunk_rows(opt["chunk_gb"], B, cfg.n_head, N)
     swap = {"softmax-mat": mock.patch.object(infsa, "softmax_attention", lambda *qkv:
                                              infsa.softmax_attention_materialized(*qkv)[0]),
             "pure-chunked": mock.patch.object(model, "pure_attention",
@@ -190,6 +196,17 @@ def table(res):
     return "\n".join(t) + "\n"
 
 
+def vit_config(attn, S, cifar, cpu):
+    """The ViT of a row at S x S images: config/cifar.py's shape (cifar, its ViTConfig fields),
+    else 2 small layers on the CPU, else the paper's 4L-64H."""
+    if cifar:
+        return model.ViTConfig(**cifar, image_size=S, attn=attn)
+    if cpu:
+        return model.ViTConfig(image_size=S, patch_size=8, n_layer=2, n_embd=64, mlp_ratio=4,
+                               attn=attn)
+    return model.paper_4l64h(attn, S)
+
+
 def main(argv):
     opt, given = configure(argv, DEFAULTS, __doc__, RANGES)
     cpu, out, plan = opt["cpu"], opt["out_dir"], []
@@ -210,10 +227,7 @@ def main(argv):
                 die(f"--{kk}: unknown kind {k!r}; kinds are {', '.join(KINDS)}")
             attn = k.split("-")[0]
             try:
-                cfg = (model.ViTConfig(**cifar, image_size=S, attn=attn) if cifar
-                       else model.paper_4l64h(attn, S) if not cpu else model.ViTConfig(
-                           image_size=S, patch_size=8, n_layer=2, n_embd=64, mlp_ratio=4,
-                           attn=attn))
+                cfg = vit_config(attn, S, cifar, cpu)
             except ValueError as e:
                 die(f"{e}; change --{sk}")
             B = opt["batch"] or (2 if cpu else min(64, max(1, round(8 * (1024 / S) ** 2))))

@@ -216,12 +216,13 @@ def test_a_uniform_background_never_reranks_graph_a():
 def test_the_numbers_in_results_are_the_figures(run):
     """RESULTS §3 quotes the figure's numbers: each one against what toy.py computes."""
     _, A, B, raw, _ = run
-    m = re.search(rf"‖A‖_F = {N}, so each edge carries γ/{N}\) token 0 leads at every K \({N}\): "
-                  rf"later hops lift tokens 3 and 4 to {N} and {N} and stop, since Â⁴ = 0\. One "
-                  rf"extra edge 4 → 3 of weight {N} \(graph B, ρ\(Â\) = {N}\) gives token 3 a loop "
-                  rf"that keeps handing weight back: it leads from K = {N} \({N} to {N} at K = ∞\) "
-                  rf"for every γ above {N}\. .* ranks token {N} first for every γ above {N} "
-                  rf"\({N} / {N} / {N} for tokens 0 / 3 / 4\)\.", FLAT)
+    m = re.search(rf"‖A‖_F = {N}, so each edge carries γ/{N}\) token 0 leads at every K "
+                  rf"\({N}\): later hops lift tokens 3 and 4 to {N} and {N} and stop, since "
+                  rf"Â⁴ = 0\. One extra edge 4 → 3 of weight {N} \(graph B, ρ\(Â\) = {N}\) "
+                  rf"gives token 3 a loop that keeps handing weight back: it leads from "
+                  rf"K = {N} \({N} to {N} at K = ∞\) for every γ above {N}\. .* ranks token "
+                  rf"{N} first for every γ above {N} \({N} / {N} / {N} for tokens 0 / 3 / 4\)\.",
+                  FLAT)
     F, F2, a0, a3, a4, back, rho, k, b3, b0, bg, top, rg, r0, r3, r4 = map(float, m.groups())
     assert F == F2 == A.F and back == toy.BACK and torch.linalg.matrix_power(A.A, 4).eq(0).all()
     assert [close(q, v) for q, v in ((a0, A.inf[0]), (rho, B.rho), (b3, B.inf[3]), (b0, B.inf[0]),
