@@ -233,12 +233,6 @@ def main(argv):
             B = opt["batch"] or (2 if cpu else min(64, max(1, round(8 * (1024 / S) ** 2))))
             plan.append((mode, k, S, cfg, B))
 
-    def save():  # a failed write is one line; files written before it stay whole
-        try:
-            runtime.write_atomic(f"{out}/bench.json", lambda f: json.dump(res, f, indent=1))
-            runtime.write_atomic(f"{out}/bench.md", lambda f: f.write(table(res)))
-        except runtime.WriteError as e:
-            die(str(e))
     with runtime.run_folder(out, True, False):
         for f in ("bench.json", "bench.md"):
             if os.path.lexists(f"{out}/{f}"):
@@ -259,7 +253,11 @@ def main(argv):
             res["matmul_tflops"] = round(2 * MATMUL_N ** 3 / s / 1e12)
         for mode, k, S, cfg, B in plan:
             res["rows"].append(measure(mode, k, S, cfg, B, dev, opt, read, res["idle_w"]))
-            save()
+            try:  # a failed write is one line; files written before it stay whole
+                runtime.write_atomic(f"{out}/bench.json", lambda f: json.dump(res, f, indent=1))
+                runtime.write_atomic(f"{out}/bench.md", lambda f: f.write(table(res)))
+            except runtime.WriteError as e:
+                die(str(e))
     print(table(res))
     return res
 

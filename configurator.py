@@ -97,13 +97,12 @@ def configure(argv, defaults, doc="", allowed=None):
 def resumed(run, config, given, fixed, where):
     """A resumed run's config: its own (`run`) with the keys this command line set (`given`),
     each change printed; a key in `fixed` cannot change."""
-    for k in sorted(given):
-        if config[k] != run[k] and k in fixed:
+    for k in sorted(k for k in given if config[k] != run[k]):
+        if k in fixed:
             die(f"the run in {where} has {k}={run[k]!r}; a resumed run cannot change it (drop "
                 f"--{k}, or start a new run in another --out_dir)")
-        if config[k] != run[k]:
-            print(f"resume: {k} = {config[k]!r} (the run had {run[k]!r})")
-    return {**run, **{k: config[k] for k in given if k != "init_from"}}
+        print(f"resume: {k} = {config[k]!r} (the run had {run[k]!r})")
+    return {**run, **{k: config[k] for k in given}}
 
 
 def refuse_unused(config, defaults, applies):

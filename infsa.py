@@ -120,7 +120,7 @@ def pagerank(A, alpha=0.85, iters=100):
         raise ValueError(f"alpha must lie in (0, 1) (the follow-a-link probability); got {alpha}")
     N = A.shape[-1]
     rows = A.sum(-1, keepdim=True)
-    P = torch.where(rows > 0, A / rows.clamp_min(1e-30), torch.full_like(A, 1.0 / N))
+    P = torch.where(rows > 0, A / rows.clamp_min(1e-30), 1.0 / N)
     pi = torch.full(A.shape[:-1], 1.0 / N, dtype=A.dtype, device=A.device)  # (..., N)
     for _ in range(iters):
         pi = alpha * (pi.unsqueeze(-2) @ P).squeeze(-2) + (1 - alpha) / N

@@ -234,8 +234,8 @@ def pure_infsa_fused(q, k, v, gamma, hops=3, eps=1e-6):
     infsa._check_qkv(q, k, v)
     infsa._check_gamma(gamma)
     infsa._check_hops(hops)
-    dtypes = {q.dtype, k.dtype, v.dtype}
-    if len(dtypes) > 1 or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    supported = (torch.float32, torch.bfloat16, torch.float16)
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in supported:
         raise ValueError(f"relu_hop runs fp32, bf16 or fp16, one dtype for q, k, v; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
     *lead, N, d = q.shape
